@@ -1,0 +1,27 @@
+# Quick start: `make run` (web UI / example generation) and `make test`.
+# Both create .venv and install the project on first use, and re-install when pyproject.toml or
+# constraints.txt change. constraints.txt pins the torch build that lies on this machine's disk.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loraloom-installed
+EXTRAS ?= ui,eval,dev
+
+.PHONY: run test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/loraloom generate assets/examples/tiny_sd1.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,48 @@
+"""The `loraloom` command line. Each subcommand lives in `app/cmd_<name>.py`, which defines
+`register(subparsers)`: it adds its parser and sets `func` (called with the parsed arguments, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+
+from composition.errors import LoraloomError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraloom", description="Compose several LoRAs in one diffusion generation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import app
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(app.__path__) if m.name.startswith("cmd_")):
+        importlib.import_module(f"app.{mod}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoraloomError as err:
+        print(f"loraloom: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraloom: interrupted; everything written so far is kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

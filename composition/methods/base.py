@@ -1,0 +1,152 @@
+"""The surface every composition method shares: a parameter dataclass, `prepare`, `denoise`; a name registry.
+
+A method answers two questions per step (see ARCHITECTURE.md): routing (which LoRA applies to which batch
+row and layer) and combining (how branch predictions become one noise prediction). It talks to the pipeline
+only through a `DenoiseContext`, so the same method runs on SD 1.x/2.x and SDXL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from ..conditioning import Conditioning
+from ..lora import LoRA
+from ..routing import LoRARouter, Routing
+
+
+@dataclass(frozen=True)
+class ActiveLoRA:
+    """A LoRA chosen for this generation, with its user weight (multiplied by the method's LoRA scale)."""
+
+    name: str
+    weight: float
+    lora: LoRA
+
+    @property
+    def category(self) -> str | None:
+        return self.lora.category
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the sampler is: loop index `index` of `count` model evaluations, at scheduler timestep `timestep`."""
+
+    index: int
+    count: int
+    timestep: torch.Tensor
+
+    @property
+    def fraction(self) -> float:
+        """tau in [0, 1): the share of the run already done (0 = first, noisiest step)."""
+        return self.index / self.count
+
+
+class DenoiseContext(Protocol):
+    """What a method may ask of the pipeline during one generation."""
+
+    loras: Sequence[ActiveLoRA]
+    guidance_scale: float
+    unet_router: LoRARouter
+
+    def encode(self, text_gates: Sequence[Mapping[str, float]]) -> list[tuple[Conditioning, Conditioning]]:
+        """(negative, positive) conditioning of the prompt for each text-encoder gate setting, encoded once."""
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        conditioning: Conditioning,
+        routing: Routing,
+        layer_gates: Mapping[str, Mapping[str, float]] | None = None,
+        max_batch: int | None = None,
+    ) -> torch.Tensor:
+        """UNet output for each row under `routing` (chunked into calls of at most `max_batch` rows)."""
+
+    def enter(self, cm: AbstractContextManager) -> Any:
+        """Keep a context (e.g. fused weights) open until the generation ends, even on error."""
+
+
+def param(default, help: str, **extra):
+    """A method parameter with its help text (shown by the CLI and as UI tooltips)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+class Method:
+    """Base class: subclasses set `name`, `Params` (a dataclass with the paper's defaults) and implement
+    `prepare(ctx)` (once per generation) and `denoise(ctx, latents, step)` (once per step)."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = object
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: Any = None, **overrides):
+        if params is None:
+            params = self.Params(**overrides)
+        elif isinstance(params, Mapping):
+            params = self.Params(**{**params, **overrides})
+        elif overrides:
+            params = dataclasses.replace(params, **overrides)
+        self.params = params
+
+    def prepare(self, ctx: DenoiseContext) -> None:
+        raise NotImplementedError
+
+    def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
+
+
+def make_method(name: str, params: Mapping[str, Any] | Any | None = None) -> Method:
+    """Instantiate a registered method; unknown parameter names give a clear error."""
+    cls = get_method(name)
+    if isinstance(params, Mapping):
+        known = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"method {name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(params)
+
+
+def describe_params(cls: type[Method]) -> list[dict]:
+    """The parameter dataclass as data: name, type, default, help (drives CLI help and UI controls)."""
+    out = []
+    for f in dataclasses.fields(cls.Params):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append({"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                    "default": default, "help": f.metadata.get("help", ""), **{k: v for k, v in f.metadata.items() if k != "help"}})
+    return out
+
+
+def params_to_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+def cfg_pair(cond: tuple[Conditioning, Conditioning]) -> Conditioning:
+    """Stack (negative, positive) into the usual CFG batch [negative; positive]."""
+    return Conditioning.cat([cond[0], cond[1]])

@@ -1,0 +1,42 @@
+"""LoRA Merge: all LoRAs active at once in every layer (the ComposLoRA baseline, Zhong et al. 2024, sec. 3.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..routing import Routing
+from .base import DenoiseContext, Method, Step, cfg_pair, param, register
+from .guidance import classifier_free_guidance
+
+
+@dataclass
+class MergeParams:
+    lora_scale: float = param(0.8, "Global LoRA scale (ComposLoRA: 0.8); each LoRA's own weight multiplies it. "
+                                   "Merge applies every LoRA at this scale, not divided by their number.")
+    fuse: bool = param(True, "Add the LoRA updates into the UNet weights for the run (as fast as the base model); "
+                             "the original weights are restored bit-exactly afterwards.")
+
+
+@register
+class Merge(Method):
+    """W' = W + lambda * sum_i w_i * (alpha_i / r_i) B_i A_i in every adapted layer; one UNet call per step."""
+
+    name = "merge"
+    Params = MergeParams
+    description = "All LoRAs summed into the weights (baseline)."
+
+    def prepare(self, ctx: DenoiseContext) -> None:
+        gates = {l.name: l.weight * self.params.lora_scale for l in ctx.loras}
+        # The text encoder sees every LoRA too, as in the reference implementation.
+        self.cond = cfg_pair(ctx.encode([gates])[0])
+        if self.params.fuse:
+            ctx.enter(ctx.unet_router.fused(gates))
+            self.routing = Routing.none()
+        else:
+            self.routing = Routing.uniform(gates)
+
+    def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
+        eps_u, eps_c = ctx.predict(torch.cat([latents, latents]), step, self.cond, self.routing).chunk(2)
+        return classifier_free_guidance(eps_u, eps_c, ctx.guidance_scale)

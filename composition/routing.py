@@ -1,0 +1,257 @@
+"""The routing layer: every loaded LoRA stays resident as factors; gates say how much of each applies per batch row.
+
+A `LoRARouter` owns one model (UNet or text encoder). It installs a routed forward on each targeted
+`nn.Linear`/`nn.Conv2d` once (the module object, its parameters and its state-dict keys are untouched) and
+computes
+
+    y = base(x) + sum_k gate[row, k] * layer_gate[layer, k] * (alpha_k / r_k) * up_k(down_k(x))
+
+for the rows each adapter is routed to. Methods change the routing between steps with `set_routing`, which
+only rebuilds small per-layer lists: no module surgery, no `set_adapters` walk over the model.
+Rows are given as contiguous blocks (`RowBlock`), so a batch whose rows use different LoRAs computes each
+adapter on its own rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterNameError, IncompatibleLoRA
+from .lora import LoRA, LoRALayer
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Adapters (name -> gate) applied to a contiguous block of batch rows (`rows=None`: every row)."""
+
+    rows: slice | None
+    gates: tuple[tuple[str, float], ...]
+
+    @staticmethod
+    def of(rows: slice | None, gates: Mapping[str, float]) -> "RowBlock":
+        return RowBlock(rows, tuple((k, float(v)) for k, v in gates.items()))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which adapters apply to which rows of a batch. Build with `Routing.uniform` or `Routing.blocks`."""
+
+    blocks: tuple[RowBlock, ...] = ()
+
+    @staticmethod
+    def none() -> "Routing":
+        return Routing(())
+
+    @staticmethod
+    def uniform(gates: Mapping[str, float]) -> "Routing":
+        """Every row gets the same adapters (Merge, Switch)."""
+        return Routing((RowBlock.of(None, gates),))
+
+    @staticmethod
+    def blocks(sizes_and_gates: Sequence[tuple[int, Mapping[str, float]]]) -> "Routing":
+        """Consecutive row blocks, e.g. [(2, {"a": .8}), (2, {"b": .8})] for two CFG pairs (Composite)."""
+        out, start = [], 0
+        for n, gates in sizes_and_gates:
+            out.append(RowBlock.of(slice(start, start + n), gates))
+            start += n
+        return Routing(tuple(out))
+
+    @property
+    def num_rows(self) -> int | None:
+        stops = [b.rows.stop for b in self.blocks if b.rows is not None]
+        return max(stops) if stops else None
+
+    def rows(self, start: int, stop: int) -> "Routing":
+        """The routing of rows [start, stop), renumbered from 0 (for chunked batches)."""
+        out = []
+        for b in self.blocks:
+            if b.rows is None:
+                out.append(b)
+                continue
+            lo, hi = max(b.rows.start, start), min(b.rows.stop, stop)
+            if lo < hi:
+                out.append(RowBlock(slice(lo - start, hi - start), b.gates))
+        return Routing(tuple(out))
+
+
+@dataclass
+class RoutedLayer:
+    """One routed module: the factors of every adapter that targets it and the terms active for this call."""
+
+    module: nn.Module
+    name: str
+    factors: dict[str, LoRALayer] = field(default_factory=dict)
+    active: list = field(default_factory=list)  # [(down, up, weight, rows)]
+
+    def __post_init__(self):
+        self.is_conv = isinstance(self.module, nn.Conv2d)
+        self.base_forward = type(self.module).forward.__get__(self.module)
+
+    def low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weight: float) -> torch.Tensor:
+        if self.is_conv:
+            m = self.module
+            h = F.conv2d(x, down, None, m.stride, m.padding, m.dilation, m.groups)
+            return F.conv2d(h * weight, up)
+        return F.linear(F.linear(x, down) * weight, up)
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_forward(x, *args, **kwargs)
+        for down, up, weight, rows in self.active:
+            if rows is None:
+                y = y + self.low_rank(x, down, up, weight)
+            else:
+                y[rows] += self.low_rank(x[rows], down, up, weight)
+        return y
+
+
+class LoRARouter:
+    """Routes the resident LoRAs of one model (a UNet or a text encoder)."""
+
+    def __init__(self, model: nn.Module, component: str):
+        self.model = model
+        self.component = component
+        self.layers: dict[str, RoutedLayer] = {}
+        self.adapters: dict[str, LoRA] = {}
+        self._fused: dict[str, torch.Tensor] | None = None
+        self._routing: Routing = Routing.none()
+
+    # --- adapters -------------------------------------------------------------------------------------------
+    def check(self, lora: LoRA) -> None:
+        """Refuse a LoRA whose modules are missing or shaped differently, before anything is changed."""
+        problems: list[str] = []
+        modules = dict(self.model.named_modules())
+        for path, layer in lora.layers.get(self.component, {}).items():
+            module = modules.get(path)
+            if module is None:
+                problems.append(f"{path}: no such module")
+                continue
+            if isinstance(module, nn.Linear):
+                expected = (module.out_features, module.in_features)
+                got = (layer.up.shape[0], layer.down.shape[1])
+                if layer.is_conv:
+                    problems.append(f"{path}: conv factors for a Linear layer")
+                elif got != expected:
+                    problems.append(f"{path}: LoRA is {got[1]}->{got[0]}, model layer is {expected[1]}->{expected[0]}")
+            elif isinstance(module, nn.Conv2d):
+                expected = (module.out_channels, module.in_channels // module.groups)
+                if not layer.is_conv:
+                    problems.append(f"{path}: linear factors for a Conv2d layer")
+                elif (layer.up.shape[0], layer.down.shape[1]) != expected or tuple(layer.down.shape[2:]) != tuple(module.kernel_size):
+                    problems.append(f"{path}: LoRA shape {tuple(layer.down.shape)} does not fit conv {tuple(module.weight.shape)}")
+            else:
+                problems.append(f"{path}: is a {type(module).__name__}, not Linear/Conv2d")
+        if problems:
+            total = len(lora.layers.get(self.component, {}))
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise IncompatibleLoRA(
+                lora.path,
+                f"{len(problems)} of {total} {self.component} layers do not fit this model ({shown}).",
+                "this LoRA was made for another base model; use a LoRA trained on this model's family.",
+            )
+
+    def add(self, lora: LoRA) -> None:
+        """Make a LoRA resident (checked first; on error nothing changes). Its factors are moved to the model."""
+        if lora.name in self.adapters:
+            raise AdapterNameError(f"an adapter named {lora.name!r} is already loaded in the {self.component}; pick another name.")
+        self.check(lora)
+        layers = lora.layers.get(self.component, {})
+        if not layers:
+            return
+        modules = dict(self.model.named_modules())
+        for path, layer in layers.items():
+            weight = modules[path].weight
+            layer.down = layer.down.to(device=weight.device, dtype=weight.dtype)
+            layer.up = layer.up.to(device=weight.device, dtype=weight.dtype)
+            routed = self.layers.get(path)
+            if routed is None:
+                routed = RoutedLayer(modules[path], path)
+                modules[path].forward = routed  # instance attribute shadows the class forward
+                self.layers[path] = routed
+            routed.factors[lora.name] = layer
+        self.adapters[lora.name] = lora
+        self.set_routing(self._routing)
+
+    def remove(self, name: str) -> None:
+        if name not in self.adapters:
+            return
+        for path in list(self.layers):
+            routed = self.layers[path]
+            routed.factors.pop(name, None)
+            if not routed.factors:
+                del routed.module.forward
+                del self.layers[path]
+        del self.adapters[name]
+        self.set_routing(Routing(tuple(
+            RowBlock(b.rows, tuple((k, w) for k, w in b.gates if k != name)) for b in self._routing.blocks
+        )))
+
+    def detach(self) -> None:
+        """Remove every adapter and restore every module's own forward."""
+        for name in list(self.adapters):
+            self.remove(name)
+
+    # --- routing --------------------------------------------------------------------------------------------
+    @property
+    def routing(self) -> Routing:
+        return self._routing
+
+    def set_routing(self, routing: Routing | None, layer_gates: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        """Set which adapters apply to which rows; `layer_gates[module path][adapter]` multiplies per layer.
+
+        Adapters unknown to this model are ignored (a LoRA may have no text-encoder part).
+        """
+        routing = routing or Routing.none()
+        for routed in self.layers.values():
+            routed.active = []
+        for block in routing.blocks:
+            for name, gate in block.gates:
+                if name not in self.adapters or gate == 0.0:
+                    continue
+                for path, routed in self.layers.items():
+                    layer = routed.factors.get(name)
+                    if layer is None:
+                        continue
+                    g = gate
+                    if layer_gates is not None:
+                        g *= layer_gates.get(path, {}).get(name, 1.0)
+                        if g == 0.0:
+                            continue
+                    routed.active.append((layer.down, layer.up, g * layer.scale, block.rows))
+        self._routing = routing
+
+    # --- fusing ---------------------------------------------------------------------------------------------
+    @contextmanager
+    def fused(self, gates: Mapping[str, float]):
+        """Add gate * delta of the given adapters into the base weights; restore them bit-exactly on exit.
+
+        While fused, routing is cleared (the fused adapters are already in the weights).
+        """
+        if self._fused is not None:
+            raise RuntimeError(f"{self.component}: already fused")
+        saved_routing = self._routing
+        self._fused = {}
+        try:
+            with torch.no_grad():
+                for path, routed in self.layers.items():
+                    terms = [(routed.factors[n], g) for n, g in gates.items() if n in routed.factors and g != 0.0]
+                    if not terms:
+                        continue
+                    weight = routed.module.weight
+                    self._fused[path] = weight.detach().clone()
+                    delta = sum(g * layer.delta(torch.float32) for layer, g in terms)
+                    weight.copy_((weight.float() + delta).to(weight.dtype))
+            self.set_routing(None)
+            yield self
+        finally:
+            with torch.no_grad():
+                for path, original in (self._fused or {}).items():
+                    self.layers[path].module.weight.copy_(original)
+            self._fused = None
+            self.set_routing(saved_routing)
+

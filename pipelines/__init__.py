@@ -1,0 +1,16 @@
+"""Diffusers pipelines that run a composition step by step, and the specs/PNG metadata of what they make."""
+
+from .composed import ComposedPipeline, GenerationOutput
+from .loading import ModelLoadError, load_base_pipeline, pipeline_family
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_names
+
+__all__ = [
+    "DEFAULT_SCHEDULER",
+    "ComposedPipeline",
+    "GenerationOutput",
+    "ModelLoadError",
+    "load_base_pipeline",
+    "make_scheduler",
+    "pipeline_family",
+    "scheduler_names",
+]

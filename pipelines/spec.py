@@ -1,0 +1,183 @@
+"""The spec of one generated image, and its PNG metadata.
+
+Every PNG loraloom writes carries the full `GenerationSpec` as JSON in a `loraloom` text chunk (so
+`loraloom generate --from-png` can remake it and `loraloom eval` can score it), plus an A1111-style
+`parameters` chunk that other tools read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from composition.errors import SpecError
+
+SPEC_CHUNK = "loraloom"
+A1111_CHUNK = "parameters"
+SPEC_FORMAT = 1
+
+A1111_SAMPLERS = {
+    "dpmsolver++": ("DPM++ 2M", None), "dpmsolver++-karras": ("DPM++ 2M", "Karras"), "dpmsolver++-sde": ("DPM++ 2M SDE", None),
+    "ddim": ("DDIM", None), "ddpm": ("DDPM", None), "euler": ("Euler", None), "euler-a": ("Euler a", None),
+    "heun": ("Heun", None), "lms": ("LMS", None), "pndm": ("PLMS", None), "unipc": ("UniPC", None),
+}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("loraloom")
+    except Exception:  # not installed (running from a checkout)
+        return "0+unknown"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoRARef:
+    """A LoRA as a spec names it: file, user weight, and what the user says it is."""
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    category: str | None = None
+    triggers: list[str] = field(default_factory=list)
+    sha256: str | None = None
+
+    @property
+    def adapter_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclass
+class GenerationSpec:
+    """Everything that decides one image."""
+
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[LoRARef] = field(default_factory=list)
+    method: str = "merge"
+    method_params: dict = field(default_factory=dict)
+    steps: int = 30
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "dpmsolver++"
+    seed: int = 0
+    family: str | None = None
+    dtype: str = "float32"
+    version: str = field(default_factory=_version)
+    format: int = SPEC_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+
+    @staticmethod
+    def from_dict(data: dict) -> "GenerationSpec":
+        if not isinstance(data, dict):
+            raise SpecError("a generation spec must be a JSON object")
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(GenerationSpec)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"unknown spec field(s): {sorted(unknown)}")
+        loras = []
+        for item in data.pop("loras", []) or []:
+            if isinstance(item, str):
+                item = {"path": item}
+            try:
+                loras.append(LoRARef(**item))
+            except TypeError as err:
+                raise SpecError(f"bad LoRA entry {item!r}: {err}") from None
+        try:
+            return GenerationSpec(loras=loras, **data)
+        except TypeError as err:
+            raise SpecError(f"bad generation spec: {err}") from None
+
+    def identity(self) -> str:
+        """Hash of what decides the pixels (not the loraloom version), for file names and de-duplication."""
+        d = self.to_dict()
+        d.pop("version", None)
+        for lora in d["loras"]:
+            lora.pop("sha256", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def file_name(self) -> str:
+        return f"{self.method}_s{self.seed}_{self.identity()}.png"
+
+    def a1111_parameters(self) -> str:
+        """The A1111 `parameters` text: prompt with <lora:name:weight> tags, negative prompt, settings line."""
+        tags = " ".join(f"<lora:{l.adapter_name}:{l.weight:g}>" for l in self.loras)
+        sampler, schedule = A1111_SAMPLERS.get(self.scheduler, (self.scheduler, None))
+        settings = [f"Steps: {self.steps}", f"Sampler: {sampler}"]
+        if schedule:
+            settings.append(f"Schedule type: {schedule}")
+        settings += [f"CFG scale: {self.guidance_scale:g}", f"Seed: {self.seed}"]
+        if self.width and self.height:
+            settings.append(f"Size: {self.width}x{self.height}")
+        settings.append(f"Model: {Path(self.model).name or self.model}")
+        hashes = [f"{l.adapter_name}: {l.sha256[:10]}" for l in self.loras if l.sha256]
+        if hashes:
+            settings.append('Lora hashes: "' + ", ".join(hashes) + '"')
+        settings.append(f"Composition: {self.method}")
+        settings.append(f"Version: loraloom {self.version}")
+        prompt = f"{self.prompt} {tags}".strip()
+        return f"{prompt}\nNegative prompt: {self.negative_prompt}\n" + ", ".join(settings)
+
+
+def png_info(spec: GenerationSpec) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(SPEC_CHUNK, spec.to_json())
+    info.add_text(A1111_CHUNK, spec.a1111_parameters())
+    return info
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, spec: GenerationSpec) -> Path:
+    """Write atomically (temp file + rename): an interrupted run never leaves a half-written PNG behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(spec))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png_spec(path: str | os.PathLike) -> GenerationSpec:
+    """The spec a loraloom PNG carries; a clear error for PNGs from elsewhere."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = im.text.get(SPEC_CHUNK) if hasattr(im, "text") else None
+    except (OSError, SyntaxError) as err:
+        raise SpecError(f"{path}: cannot be read as an image ({err})") from None
+    if not text:
+        raise SpecError(f"{path}: has no '{SPEC_CHUNK}' metadata; it was not made by loraloom (or the metadata was stripped).")
+    try:
+        return GenerationSpec.from_dict(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}: the '{SPEC_CHUNK}' metadata is not valid JSON ({err})") from None
