@@ -181,3 +181,33 @@ def random_lora_state_dict(unet_or_te, rank: int = 4, alpha: float | None = None
         out[f"{name}.lora_A.weight"] = a
         out[f"{name}.lora_B.weight"] = b
     return out
+
+
+def write_random_lora(pipe, path, *, seed: int = 0, rank: int = 4, alpha: float | None = None, text_encoder: bool = True,
+                      triggers: tuple[str, ...] = (), category: str | None = None, metadata: dict | None = None,
+                      targets=("to_q", "to_k", "to_v", "to_out.0"), std: float = 0.1):
+    """Save a random LoRA for `pipe` in the diffusers/PEFT layout (plus a sidecar when category/triggers are given)."""
+    import json as _json
+    from pathlib import Path as _Path
+
+    from safetensors.torch import save_file
+
+    sd = {f"unet.{k}": v for k, v in random_lora_state_dict(pipe.unet, rank, alpha, seed, targets, std).items()}
+    if text_encoder:
+        te = random_lora_state_dict(pipe.text_encoder, rank, alpha, seed + 1000, ("q_proj", "k_proj", "v_proj", "out_proj"), std)
+        sd.update({f"text_encoder.{k}": v for k, v in te.items()})
+    meta = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if getattr(pipe, "text_encoder_2", None) is not None
+            else "stable-diffusion-v1/lora"}
+    if triggers:
+        meta["modelspec.trigger_phrase"] = ", ".join(triggers)
+    if alpha is not None:
+        cfg = {"unet.lora_alpha": alpha, "unet.r": rank, "text_encoder.lora_alpha": alpha, "text_encoder.r": rank}
+        meta["lora_adapter_metadata"] = _json.dumps(cfg)
+    meta.update(metadata or {})
+    path = _Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
+    if category or triggers:
+        side = {"category": category, "triggers": list(triggers)}
+        path.with_suffix(".json").write_text(_json.dumps({k: v for k, v in side.items() if v}, indent=2) + "\n")
+    return path

@@ -1,0 +1,54 @@
+"""`loraloom loras DIR`: list the LoRAs in a folder with family, rank, targets, category and trigger words."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("loras", help="list the LoRA files in a folder", description="Describe every LoRA file in a folder "
+                       "from its header (no weights are read): base family, rank, targeted layers, category, trigger words.")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-recursive", action="store_true", help="only the folder itself, not sub-folders")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (torch.load weights_only=True)")
+    p.set_defaults(func=run)
+
+
+def _short_targets(targets: dict[str, list[str]]) -> str:
+    parts = []
+    order = {"unet": 0, "text_encoder": 1, "text_encoder_2": 2}
+    for comp in sorted(targets, key=lambda c: order.get(c, 9)):
+        label = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}.get(comp, comp)
+        # attn1/attn2/self_attn share projection names; the table shows each kind once (--json has them all)
+        names = list(dict.fromkeys(n.split("attn1.")[-1].split("attn2.")[-1].split("self_attn.")[-1] for n in targets[comp]))
+        shown = ",".join(names[:6]) + (f",+{len(names) - 6}" if len(names) > 6 else "")
+        parts.append(f"{label}:{shown}")
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from composition.library import scan_loras
+
+    entries = scan_loras(args.folder, recursive=not args.no_recursive, allow_pickle=args.allow_pickle)
+    if args.json:
+        print(json.dumps([
+            {**(e.info.to_dict() if e.info else {"path": str(e.path)}), "error": e.error,
+             "preview": str(e.preview) if e.preview else None}
+            for e in entries
+        ], indent=2))
+        return 0
+    rows = [("name", "family", "rank", "category", "triggers", "targets")]
+    for e in entries:
+        if e.info is None:
+            rows.append((e.path.stem, "ERROR", "", "", e.error or "", ""))
+            continue
+        i = e.info
+        rows.append((i.name, i.family or "?", str(i.rank), i.category or "-", ", ".join(i.triggers) or "-", _short_targets(i.targets)))
+    widths = [min(max(len(r[c]) for r in rows), 48 if c in (4, 5) else 200) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join((v if len(v) <= widths[c] else v[: widths[c] - 1] + "…").ljust(widths[c]) for c, v in enumerate(r)).rstrip())
+    if not entries:
+        print(f"(no LoRA files in {args.folder})")
+    return 0
