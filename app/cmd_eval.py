@@ -57,8 +57,10 @@ def register(subparsers) -> None:
 
 
 def build_judge(args):
+    from evaluation.errors import EvaluationError
+
     if not args.judge_model:
-        raise SystemExit("loraloom eval: --judge needs --judge-model (a model name, or a local VLM folder)")
+        raise EvaluationError("--judge needs --judge-model (a model name, or a local VLM folder)")
     if args.judge == "openai":
         from evaluation.judges.openai_chat import OpenAIChatJudge
 
@@ -81,15 +83,20 @@ def _fmt(x, digits=2) -> str:
 def run(args) -> int:
     from evaluation.cache import JudgeCache
     from evaluation.clipscore import CLIPScorer
+    from evaluation.errors import EvaluationError
     from evaluation.protocols import ComposLoRAPairwise
     from evaluation.scoring import JUDGE_CACHE, evaluate_folder, format_table
 
     if args.judge and not args.pairwise:
-        raise SystemExit("loraloom eval: --judge is used by --pairwise; add --pairwise")
+        raise EvaluationError("--judge is used by --pairwise; add --pairwise")
     if args.pairwise and not args.judge:
-        raise SystemExit("loraloom eval: --pairwise needs a judge: --judge openai|transformers --judge-model …")
+        raise EvaluationError("--pairwise needs a judge: --judge openai|transformers --judge-model …")
     if not os.path.isdir(args.dir):
-        raise SystemExit(f"loraloom eval: {args.dir}: not a folder")
+        raise EvaluationError(f"{args.dir}: not a folder")
+    if not args.verbose:  # transformers' "Loading weights" bars say nothing useful here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     scorer = None
     if not args.no_clip:
         scorer = CLIPScorer.load(args.clip, device=args.device, local_files_only=not args.allow_download,
