@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     j.add_argument("--pairwise", action="store_true", help="compare methods pairwise on the same set and seed")
     j.add_argument("--baseline", help="compare every method against this one (default: merge when present, else all pairs)")
     j.add_argument("--one-order", action="store_true", help="ask each pair in one order only (cheaper, position-biased)")
+    j.add_argument("--workers", type=int, default=1, help="comparisons sent at once (remote judges only)")
     j.add_argument("--reask", type=int, default=2, help="re-asks after an unparseable answer")
     p.set_defaults(func=run)
 
@@ -111,7 +112,8 @@ def run(args) -> int:
         print(f"\r[{i}/{n}] {what}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
     report = evaluate_folder(args.dir, scorer=scorer, text_mode=args.clip_text, protocol=protocol, baseline=args.baseline,
-                             out_dir=args.out, recursive=args.recursive, progress=progress)
+                             out_dir=args.out, recursive=args.recursive, progress=progress,
+                             workers=args.workers if args.judge == "openai" else 1)
     if report.skipped:
         print(f"skipped {len(report.skipped)} PNG(s) without a loraloom spec", file=sys.stderr)
     if scorer is not None:

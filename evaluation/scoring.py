@@ -17,6 +17,7 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -168,18 +169,29 @@ def pairwise_row(a: GeneratedImage, b: GeneratedImage, result: PairwiseResult, r
 
 
 def run_pairwise(pairs: Sequence[tuple[GeneratedImage, GeneratedImage]], protocol: ComposLoRAPairwise,
-                 root: Path | None = None, progress: Progress | None = None) -> tuple[list[dict], list[dict]]:
-    """Compare each (candidate, baseline) pair. Returns the CSV rows and the full JSONL records (raw answers)."""
-    rows, records = [], []
-    for i, (a, b) in enumerate(pairs, 1):
+                 root: Path | None = None, progress: Progress | None = None, workers: int = 1) -> tuple[list[dict], list[dict]]:
+    """Compare each (candidate, baseline) pair. Returns the CSV rows and the full JSONL records (raw answers), in
+    the order of `pairs`. `workers` > 1 sends that many comparisons at once (remote judges; keep 1 for a local VLM)."""
+
+    def one(pair):
+        a, b = pair
         result = protocol.compare(a.path, b.path, elements_of(a.spec))
         row = pairwise_row(a, b, result, root)
-        rows.append(row)
-        records.append({**row, "result": result.to_dict(), "judge": protocol.judge.model,
-                        "template": protocol.template.id})
-        if progress:
-            progress(i, len(pairs), f"{a.method} vs {b.method}")
-    return rows, records
+        return row, {**row, "result": result.to_dict(), "judge": protocol.judge.model, "template": protocol.template.id}
+
+    done = []
+    if workers <= 1:
+        for i, pair in enumerate(pairs, 1):
+            done.append(one(pair))
+            if progress:
+                progress(i, len(pairs), f"{pair[0].method} vs {pair[1].method}")
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, got in enumerate(pool.map(one, pairs), 1):
+                done.append(got)
+                if progress:
+                    progress(i, len(pairs), f"{got[0]['method_a']} vs {got[0]['method_b']}")
+    return [r for r, _ in done], [rec for _, rec in done]
 
 
 def method_summary(rows: Iterable[dict]) -> list[dict]:
@@ -261,7 +273,7 @@ class FolderReport:
 def evaluate_folder(folder: str | os.PathLike, scorer=None, text_mode: str = "triggers",
                     protocol: ComposLoRAPairwise | None = None, baseline: str | None = None,
                     out_dir: str | os.PathLike | None = None, recursive: bool = False,
-                    progress: Progress | None = None) -> FolderReport:
+                    progress: Progress | None = None, workers: int = 1) -> FolderReport:
     """Score every loraloom PNG in `folder` and write `loraloom_scores.{csv,jsonl}` (and, with a pairwise
     `protocol`, `loraloom_pairwise.{csv,jsonl}`) into `out_dir` (default: the folder itself)."""
     folder = Path(folder)
@@ -282,7 +294,8 @@ def evaluate_folder(folder: str | os.PathLike, scorer=None, text_mode: str = "tr
         pairs = comparison_pairs(images, baseline)
         if not pairs:
             log.warning("no two methods share a set and seed in %s: nothing to compare pairwise", folder)
-        report.pairwise_rows, records = run_pairwise(pairs, protocol, root=folder, progress=progress)
+        report.pairwise_rows, records = run_pairwise(pairs, protocol, root=folder, progress=progress,
+                                                          workers=workers)
         report.pairwise = pairwise_summary(report.pairwise_rows)
         orders = [o for r in records for o in r["result"]["orders"]]
         report.judge_answers = {"read": sum(o["samples"] for o in orders), "cached": sum(o["cached"] for o in orders)}

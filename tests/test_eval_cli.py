@@ -45,9 +45,10 @@ def test_eval_folder_clip_and_pairwise(folder, clip_dir, capsys, monkeypatch):
     with FakeChatServer(brightness_judge) as server:
         argv = ["eval", str(folder), "--clip", str(clip_dir), "--device", "cpu", "--pairwise", "--judge", "openai",
                 "--judge-model", "fake-vlm", "--base-url", server.url, "--timeout", "5"]
-        assert main(argv) == 0
+        assert main(argv + ["--workers", "3"]) == 0
         first = capsys.readouterr()
         assert len(server.requests) == 2 * 2 * 2 * 2  # sets × seeds × (switch, composite vs merge) × both orders
+        threaded = (folder / "loraloom_pairwise.csv").read_text()
         assert main(argv) == 0
         second = capsys.readouterr()
         assert len(server.requests) == 16  # the second run is answered from the cache
@@ -59,6 +60,7 @@ def test_eval_folder_clip_and_pairwise(folder, clip_dir, capsys, monkeypatch):
     records = [json.loads(l) for l in (folder / "loraloom_scores.jsonl").read_text().splitlines()]
     assert records[0]["spec"]["model"] == "tiny:sd1" and records[0]["clip"]["scale"] == 100.0
 
+    assert (folder / "loraloom_pairwise.csv").read_text() == threaded  # same rows, same order, with or without workers
     pairs = read_csv(folder / "loraloom_pairwise.csv")
     assert len(pairs) == 8 and {p["method_b"] for p in pairs} == {"merge"}
     for p in pairs:

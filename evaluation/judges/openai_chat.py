@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -54,6 +55,7 @@ class OpenAIChatJudge:
         headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
         self._client = httpx.Client(timeout=httpx.Timeout(timeout), headers=headers)
         self.requests_sent = 0
+        self._count_lock = threading.Lock()  # one judge may serve several worker threads
 
     def __repr__(self) -> str:
         return f"OpenAIChatJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
@@ -108,7 +110,8 @@ class OpenAIChatJudge:
         raise JudgeError(f"{last} (gave up after {self.max_retries + 1} attempts)", attempts=self.max_retries + 1, retryable=True)
 
     def _post(self, url: str, body: dict) -> str:
-        self.requests_sent += 1
+        with self._count_lock:
+            self.requests_sent += 1
         try:
             resp = self._client.post(url, json=body)
         except httpx.TimeoutException:
