@@ -41,7 +41,7 @@ def encode_png(image: Image.Image) -> bytes:
 
 @dataclass(frozen=True)
 class ImageBlob:
-    """An encoded image and the sha256 of its bytes (the identity judges and caches use)."""
+    """An encoded image and the sha256 of its bytes as given (the identity judges and caches use)."""
 
     data: bytes = field(repr=False)
     mime: str
@@ -76,14 +76,15 @@ class ImageBlob:
     def image(self) -> Image.Image:
         return load_rgb(self.data)
 
-    def resized(self, max_side: int | None) -> "ImageBlob":
-        """This image with its long side at most `max_side` (bicubic, re-encoded as PNG); unchanged if it fits."""
-        if not max_side:
-            return self
+    def pixels(self, max_side: int | None = None) -> Image.Image:
+        """The RGB image, its long side brought down to `max_side` (bicubic) when it is larger."""
         im = self.image()
-        if max(im.size) <= max_side:
-            return self
-        ratio = max_side / max(im.size)
-        im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.Resampling.BICUBIC)
-        data = encode_png(im)
-        return ImageBlob(data=data, mime="image/png", sha256=hashlib.sha256(data).hexdigest(), source=self.source)
+        if max_side and max(im.size) > max_side:
+            ratio = max_side / max(im.size)
+            im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.Resampling.BICUBIC)
+        return im
+
+    def clean_png(self, max_side: int | None = None) -> bytes:
+        """What a judge is sent: the pixels only, as PNG. A loraloom PNG's metadata (prompt, LoRA file paths)
+        does not leave the machine; the cache key stays the sha256 of the original bytes."""
+        return encode_png(self.pixels(max_side))

@@ -1,6 +1,7 @@
 """`loraloom eval DIR` end to end: specs read from PNGs, CLIPScore with a tiny CLIP, pairwise judge on a real
 local HTTP server, files written next to the images, summaries printed, and a second run that sends nothing."""
 
+import base64
 import csv
 import json
 
@@ -48,6 +49,8 @@ def test_eval_folder_clip_and_pairwise(folder, clip_dir, capsys, monkeypatch):
         assert main(argv + ["--workers", "3"]) == 0
         first = capsys.readouterr()
         assert len(server.requests) == 2 * 2 * 2 * 2  # sets × seeds × (switch, composite vs merge) × both orders
+        sent = base64.b64decode(server.requests[0]["messages"][0]["content"][1]["image_url"]["url"].split(",")[1])
+        assert b"loraloom" not in sent and b"castle" not in sent  # pixels only: the spec stays on this machine
         threaded = (folder / "loraloom_pairwise.csv").read_text()
         assert main(argv) == 0
         second = capsys.readouterr()

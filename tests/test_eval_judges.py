@@ -174,3 +174,12 @@ def test_api_key_never_logged_cached_or_written(images, tmp_path, monkeypatch, c
     out = capsys.readouterr()
     for where in (cache_path.read_text(), caplog.text, out.out, out.err, repr(judge), str(judge.decoding())):
         assert SECRET not in where  # … and nowhere else
+
+
+def test_images_sent_downscaled_when_asked(images, tmp_path):
+    with FakeChatServer(lambda body, headers, n: GOOD) as server:
+        cache = JudgeCache(tmp_path / "c.jsonl")
+        ask(judge_for(server, image_max_side=12), request_for(images), cache)
+        ask(judge_for(server), request_for(images), cache)  # another image size is another question
+    assert [im.size for im in images_in(server.requests[0])] == [(12, 8), (12, 8)]
+    assert [im.size for im in images_in(server.requests[1])] == [(24, 16), (24, 16)]

@@ -47,7 +47,7 @@ class TransformersVLMJudge:
                 "seed": self.seed, "image_max_side": self.image_max_side, "dtype": str(next(self.vlm.parameters()).dtype)}
 
     def complete(self, request: JudgeRequest) -> str:
-        images = [{"type": "image", "image": b.resized(self.image_max_side).image()} for b in request.images]
+        images = [{"type": "image", "image": b.pixels(self.image_max_side)} for b in request.images]
         text = [{"type": "text", "text": request.prompt}]
         content = text + images if request.layout == "text_then_images" else images + text
         self.requests_sent += 1

@@ -77,8 +77,9 @@ class OpenAIChatJudge:
         return text.replace(self.__key, "***") if self.__key and text else text
 
     def payload(self, request: JudgeRequest) -> dict:
-        parts = [{"type": "image_url", "image_url": {"url": f"data:{b.mime};base64,{base64.b64encode(b.data).decode()}"}}
-                 for b in (im.resized(self.image_max_side) for im in request.images)]
+        parts = [{"type": "image_url", "image_url": {
+                    "url": "data:image/png;base64," + base64.b64encode(im.clean_png(self.image_max_side)).decode()}}
+                 for im in request.images]
         text = [{"type": "text", "text": request.prompt}]
         content = text + parts if request.layout == "text_then_images" else parts + text
         body = {"model": self.model, "messages": [{"role": "user", "content": content}]}
