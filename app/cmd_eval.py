@@ -13,23 +13,23 @@ def register(subparsers) -> None:
         "eval", help="score a folder of generated images (CLIPScore, MLLM judge)",
         description="Score every loraloom PNG in DIR from the spec it carries: CLIPScore per image, and with --pairwise "
                     "an MLLM judge comparing methods on the same set and seed (ComposLoRA's protocol). Writes "
-                    "loraloom_scores.csv/.jsonl (and loraloom_pairwise.csv/.jsonl) next to the images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "loraloom_scores.csv/.jsonl (and loraloom_pairwise.csv/.jsonl) next to the images. "
+                    "See docs/evaluation.md.")
     p.add_argument("dir", help="folder of PNGs written by loraloom")
     p.add_argument("--out", help="where to write the score files (default: DIR)")
     p.add_argument("--recursive", action="store_true", help="also score PNGs in subfolders")
     g = p.add_argument_group("CLIPScore")
     g.add_argument("--clip", default="openai/clip-vit-base-patch16",
                    help="CLIP model: a local transformers folder, a hub id already in the local cache, "
-                        "'open_clip:ARCH@TAG' or 'open_clip:ARCH@/path/checkpoint'")
+                        "'open_clip:ARCH@TAG' or 'open_clip:ARCH@/path/checkpoint' (default: %(default)s)")
     g.add_argument("--no-clip", action="store_true", help="skip CLIPScore")
     g.add_argument("--clip-scale", type=float, default=100.0,
-                   help="w in w*max(cos,0): 100 (torchmetrics, ComposLoRA) or 2.5 (Hessel et al.)")
+                   help="w in w*max(cos,0): 100 (torchmetrics, ComposLoRA; default) or 2.5 (Hessel et al.)")
     g.add_argument("--clip-text", choices=("triggers", "prompt"), default="triggers",
-                   help="score against the LoRAs' trigger words (ComposLoRA) or the full prompt")
+                   help="score against the LoRAs' trigger words (ComposLoRA; default) or the full prompt")
     g.add_argument("--long-text", choices=("truncate", "error"), default="truncate",
-                   help="texts over the CLIP context: cut with a warning and a flag, or stop")
-    g.add_argument("--batch-size", type=int, default=16)
+                   help="texts over the CLIP context: cut with a warning and a flag (default), or stop")
+    g.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
     g.add_argument("--allow-download", action="store_true", help="let transformers fetch hub ids that are not cached")
     j = p.add_argument_group("MLLM judge")
@@ -38,22 +38,22 @@ def register(subparsers) -> None:
                         "transformers: a local vision-language model folder")
     j.add_argument("--judge-model", help="model name on the server, or the local VLM folder / cached hub id")
     j.add_argument("--base-url", default="https://api.openai.com/v1",
-                   help="chat API base URL (vLLM: http://localhost:8000/v1, Ollama: http://localhost:11434/v1)")
-    j.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable holding the API key")
+                   help="chat API base URL (default: %(default)s; vLLM: http://localhost:8000/v1, Ollama: http://localhost:11434/v1)")
+    j.add_argument("--api-key-env", default="OPENAI_API_KEY", help="NAME of the environment variable holding the API key (default: %(default)s)")
     j.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 1.0 for openai as ComposLoRA; greedy for transformers)")
-    j.add_argument("--max-tokens", type=int, default=2048)
+    j.add_argument("--max-tokens", type=int, default=2048, help="answer length limit (default: %(default)s)")
     j.add_argument("--seed", type=int, default=None, help="decoding seed, where the server supports it")
     j.add_argument("--json-mode", action="store_true", help="ask the server for response_format=json_object")
     j.add_argument("--image-max-side", type=int, default=None, help="downscale images sent to the judge")
-    j.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    j.add_argument("--retries", type=int, default=3, help="retries per request (timeouts, HTTP 429/5xx)")
+    j.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
+    j.add_argument("--retries", type=int, default=3, help="retries per request on timeouts, HTTP 429/5xx (default: %(default)s)")
     j.add_argument("--cache", help="judge cache file (append-only JSONL; default DIR/loraloom_judge_cache.jsonl)")
     j.add_argument("--pairwise", action="store_true", help="compare methods pairwise on the same set and seed")
     j.add_argument("--baseline", help="compare every method against this one (default: merge when present, else all pairs)")
     j.add_argument("--one-order", action="store_true", help="ask each pair in one order only (cheaper, position-biased)")
-    j.add_argument("--workers", type=int, default=1, help="comparisons sent at once (remote judges only)")
-    j.add_argument("--reask", type=int, default=2, help="re-asks after an unparseable answer")
+    j.add_argument("--workers", type=int, default=1, help="comparisons sent at once (openai judge only; default: %(default)s)")
+    j.add_argument("--reask", type=int, default=2, help="re-asks after an unparseable answer (default: %(default)s)")
     p.set_defaults(func=run)
 
 

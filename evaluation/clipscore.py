@@ -127,8 +127,9 @@ class TransformersCLIPEmbedder:
             model = AutoModel.from_pretrained(path_or_id, local_files_only=local_files_only, dtype=dtype)
             processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
         except (OSError, ValueError) as err:
-            hint = ("it is not in the local Hugging Face cache; download it once (huggingface-cli download "
-                    f"{path_or_id}) or pass a local folder" if where == "hub id" and local_files_only
+            hint = (f"it is not in the local Hugging Face cache; download it once (hf download {path_or_id}) "
+                    "or pass a local folder (the toy world ships one: assets/toyworld/clip)"
+                    if where == "hub id" and local_files_only
                     else "the folder must hold a CLIP model and its processor (save_pretrained of both)")
             raise EvaluationError(f"CLIP {where} {str(path_or_id)!r} cannot be loaded ({err}). Fix: {hint}.") from None
         self._setup(model, processor)
