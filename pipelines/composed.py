@@ -241,9 +241,10 @@ class ComposedPipeline:
                 self.routers[comp].set_routing(routing)
         try:
             if self.family == "sdxl":
+                # An empty negative prompt is passed as None so SDXL's force_zeros_for_empty_prompt applies, as in diffusers.
                 pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
                     prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                    negative_prompt=negatives,
+                    negative_prompt=None if not any(negatives) else negatives,
                 )
                 proj = self.pipe.text_encoder_2.config.projection_dim
                 ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pos.dtype, text_encoder_projection_dim=proj)

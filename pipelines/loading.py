@@ -58,7 +58,7 @@ def load_base_pipeline(
         cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         if path.suffix.lower() != ".safetensors":
             raise ModelLoadError(f"{path}: only .safetensors single-file checkpoints are loaded (pickles can run code).")
-        kwargs = {"torch_dtype": torch_dtype, "local_files_only": local_files_only}
+        kwargs = {"dtype": torch_dtype, "local_files_only": local_files_only}
         if config:
             kwargs["config"] = config
         if cls is StableDiffusionPipeline:
@@ -84,7 +84,7 @@ def load_base_pipeline(
     if class_name is not None and class_name not in SUPPORTED_PIPELINES:
         raise ModelLoadError(f"{model}: {class_name} is not supported; loraloom runs Stable Diffusion 1.x/2.x and SDXL.")
     cls = StableDiffusionXLPipeline if (class_name == "StableDiffusionXLPipeline" or family == "sdxl") else StableDiffusionPipeline
-    kwargs = {"torch_dtype": torch_dtype, "local_files_only": local}
+    kwargs = {"dtype": torch_dtype, "local_files_only": local}
     if cls is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

@@ -201,7 +201,11 @@ def write_random_lora(pipe, path, *, seed: int = 0, rank: int = 4, alpha: float 
     if triggers:
         meta["modelspec.trigger_phrase"] = ", ".join(triggers)
     if alpha is not None:
-        cfg = {"unet.lora_alpha": alpha, "unet.r": rank, "text_encoder.lora_alpha": alpha, "text_encoder.r": rank}
+        # The LoraConfig per component, as diffusers' save_lora_weights writes it (diffusers needs target_modules).
+        te_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+        cfg = {"unet.lora_alpha": alpha, "unet.r": rank, "unet.target_modules": list(targets)}
+        if text_encoder:
+            cfg.update({"text_encoder.lora_alpha": alpha, "text_encoder.r": rank, "text_encoder.target_modules": te_targets})
         meta["lora_adapter_metadata"] = _json.dumps(cfg)
     meta.update(metadata or {})
     path = _Path(path)

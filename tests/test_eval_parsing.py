@@ -14,6 +14,8 @@ BOTH = {1: {"composition": 7.5, "image_quality": 6.0}, 2: {"composition": 5.0, "
     'Thinking…\n```json\n{"image_1": {"explanation": "ok", "composition_quality": "7.5/10", "image_quality": "6"},'
     ' "image_2": {"explanation": "meh", "composition_quality": 5.0, "image_quality": 8}}\n```',
     'Sure! {"Image 1": {"Composition Quality": 7.5, "Image Quality": 6}, "Image 2": {"Composition Quality": 5, "Image Quality": 8}} Done.',
+    'Criteria: {composition, quality}. Result: {"image_1": {"composition_quality": 7.5, "image_quality": 6}, '
+    '"image_2": {"composition_quality": 5, "image_quality": 8}} (scores out of {10}).',
 ])
 def test_pairwise_json(text):
     got = parse_pairwise(text)

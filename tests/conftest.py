@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny offline pipelines and LoRA files synthesised in each layout."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import hashlib
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+torch.set_num_threads(2)
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """Bit-level fingerprint of every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def tiny_sd():
+    from pipelines import ComposedPipeline
+
+    return ComposedPipeline.from_pretrained("tiny:sd1")
+
+
+@pytest.fixture
+def tiny_sdxl():
+    from pipelines import ComposedPipeline
+
+    return ComposedPipeline.from_pretrained("tiny:sdxl")
+
+
+@pytest.fixture
+def lora_files(tmp_path, tiny_sd):
+    """Three random PEFT-layout LoRAs (UNet + text encoder) for the tiny SD model, with sidecars."""
+    from pipelines.testing import write_random_lora
+
+    specs = [("char", "character", ("ohwx",)), ("style", "style", ("inkwash",)), ("bg", "background", ("forest",))]
+    paths = {}
+    for i, (name, cat, trig) in enumerate(specs):
+        paths[name] = write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=i + 1, alpha=2.0 + i,
+                                        triggers=trig, category=cat, std=0.15)
+    return paths

@@ -1,0 +1,170 @@
+"""The routing layer: equivalence with diffusers' set_adapters, per-row routing, bit-exact restoration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composition import Routing
+from composition.methods import make_method
+from conftest import weights_hash
+from pipelines import ComposedPipeline
+from pipelines.testing import build_tiny_sd, build_tiny_sdxl
+
+
+def _diffusers_latents(pipe, names, weights, prompt="a red star", steps=4, guidance=7.5, seed=0):
+    pipe.set_adapters(names, weights)
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="latent").images
+
+
+@pytest.mark.parametrize("builder", [build_tiny_sd, build_tiny_sdxl], ids=["sd1", "sdxl"])
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_static_gates_equal_diffusers_set_adapters(tmp_path, builder, fuse):
+    """Merge with static gates == diffusers `load_lora_weights` + `set_adapters(names, weights)`.
+
+    Tolerance: atol 1e-4 on final latents (fp32; fusing reorders the sums, so it is not bit-identical)."""
+    from pipelines.testing import write_random_lora
+
+    reference = builder()
+    reference.set_progress_bar_config(disable=True)
+    paths = [write_random_lora(reference, tmp_path / f"l{i}.safetensors", seed=i + 1, alpha=2.0, std=0.2) for i in range(2)]
+    for i, p in enumerate(paths):
+        reference.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"l{i}")
+    expected = _diffusers_latents(reference, ["l0", "l1"], [0.7, 0.5])
+
+    ours = ComposedPipeline(builder())
+    for i, p in enumerate(paths):
+        ours.load_lora(p, f"l{i}")
+    got = ours("a red star", loras=[("l0", 0.7), ("l1", 0.5)], method="merge", method_params={"lora_scale": 1.0, "fuse": fuse},
+               num_inference_steps=4, guidance_scale=7.5, seed=0, scheduler="default", output_type="latent", progress_bar=False)
+    assert (expected - got.latents).abs().max().item() < 1e-4
+    no_lora = _diffusers_latents(reference, ["l0", "l1"], [0.0, 0.0])
+    assert (no_lora - got.latents).abs().max().item() > 1e-2  # the LoRAs matter at all
+
+
+def test_rows_with_different_loras_equal_rows_one_by_one(tiny_sd, lora_files):
+    for name, path in lora_files.items():
+        tiny_sd.load_lora(path, name)
+    unet, router = tiny_sd.pipe.unet, tiny_sd.routers["unet"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 8, 8, generator=g)
+    ctx = torch.randn(5, 77, 32, generator=g)
+    t = torch.tensor(500)
+    plan = [(2, {"char": 0.8}), (1, {"style": 1.0, "bg": 0.5}), (1, {}), (1, {"bg": -0.7})]
+    with torch.no_grad():
+        router.set_routing(Routing.blocks(plan))
+        batched = unet(x, t, encoder_hidden_states=ctx).sample
+        singles = []
+        row = 0
+        for n, gates in plan:
+            for _ in range(n):
+                router.set_routing(Routing.uniform(gates))
+                singles.append(unet(x[row:row + 1], t, encoder_hidden_states=ctx[row:row + 1]).sample)
+                row += 1
+        router.set_routing(None)
+        base = unet(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(batched, torch.cat(singles), atol=1e-5, rtol=0)
+    assert (batched[:2] - base[:2]).abs().max() > 1e-3 and torch.allclose(batched[3], base[3], atol=1e-6)
+
+
+def test_layer_gates_scale_single_layers(tiny_sd, lora_files):
+    tiny_sd.load_lora(lora_files["char"], "char")
+    router = tiny_sd.routers["unet"]
+    path = next(iter(router.layers))
+    layer = router.layers[path]
+    x = torch.randn(1, 3, layer.module.in_features)
+    with torch.no_grad():
+        base = layer.module(x) if False else torch.nn.functional.linear(x, layer.module.weight, layer.module.bias)
+        router.set_routing(Routing.uniform({"char": 1.0}), layer_gates={path: {"char": 0.0}})
+        off = layer.module(x)
+        router.set_routing(Routing.uniform({"char": 1.0}), layer_gates={path: {"char": 2.0}})
+        double = layer.module(x)
+        router.set_routing(Routing.uniform({"char": 1.0}))
+        single = layer.module(x)
+    f = layer.factors["char"]
+    expected = base + f.scale * (x @ f.down.T @ f.up.T)
+    torch.testing.assert_close(off, base)
+    torch.testing.assert_close(single, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(double - base, 2 * (single - base), atol=1e-6, rtol=1e-5)
+
+
+def test_conv_lora_equals_dense_update(tmp_path, tiny_sd):
+    from safetensors.torch import save_file
+
+    from pipelines.testing import random_lora_state_dict
+
+    sd = {f"unet.{k}": v for k, v in random_lora_state_dict(tiny_sd.pipe.unet, 3, seed=9, targets=("conv1",)).items()}
+    save_file(sd, str(tmp_path / "locon.safetensors"))
+    lora = tiny_sd.load_lora(tmp_path / "locon.safetensors", "c")
+    router = tiny_sd.routers["unet"]
+    path = "down_blocks.0.resnets.0.conv1"
+    conv = router.layers[path].module
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        router.set_routing(Routing.uniform({"c": 0.6}))
+        got = conv(x)
+        dense = conv.weight + 0.6 * lora.layers["unet"][path].delta()
+        want = torch.nn.functional.conv2d(x, dense, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,params", [("merge", {"fuse": True}), ("merge", {"fuse": False}), ("switch", {}), ("composite", {"max_batch": 2})])
+def test_base_weights_bit_identical_after_generation(tiny_sd, lora_files, method, params):
+    for name, path in lora_files.items():
+        tiny_sd.load_lora(path, name)
+    before = {c: weights_hash(getattr(tiny_sd.pipe, c)) for c in ("unet", "text_encoder", "vae")}
+    tiny_sd("a star", loras=list(lora_files), method=method, method_params=params, num_inference_steps=3, seed=1,
+            output_type="latent", progress_bar=False)
+    assert {c: weights_hash(getattr(tiny_sd.pipe, c)) for c in before} == before
+    assert all(not r.routing.blocks for r in tiny_sd.routers.values())
+
+
+def test_fused_weights_restored_when_generation_fails(tiny_sd, lora_files):
+    for name, path in lora_files.items():
+        tiny_sd.load_lora(path, name)
+    before = weights_hash(tiny_sd.pipe.unet)
+
+    def boom(*_):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        tiny_sd("a star", loras=list(lora_files), method="merge", num_inference_steps=3, callback_on_step_end=boom, progress_bar=False)
+    assert weights_hash(tiny_sd.pipe.unet) == before
+
+
+def test_remove_lora_restores_modules(tiny_sd, lora_files):
+    tiny_sd.load_lora(lora_files["char"], "char")
+    patched = [m for m in tiny_sd.pipe.unet.modules() if "forward" in m.__dict__]
+    assert patched
+    tiny_sd.remove_lora("char")
+    assert not any("forward" in m.__dict__ for m in tiny_sd.pipe.unet.modules())
+    assert not any("forward" in m.__dict__ for m in tiny_sd.pipe.text_encoder.modules())
+    assert "char" not in tiny_sd.loras
+
+
+def test_state_dict_keys_unchanged_by_routing(tiny_sd, lora_files):
+    keys = list(tiny_sd.pipe.unet.state_dict())
+    tiny_sd.load_lora(lora_files["char"], "char")
+    assert list(tiny_sd.pipe.unet.state_dict()) == keys
+
+
+def test_switching_gates_costs_no_module_walk(tiny_sd, lora_files, monkeypatch):
+    """Switching every step must not walk the model (diffusers' set_adapters does, once per call)."""
+    for name, path in lora_files.items():
+        tiny_sd.load_lora(path, name)
+    calls = []
+    real = torch.nn.Module.named_modules
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+    walks = []
+    for steps in (2, 8):
+        calls.clear()
+        tiny_sd("a star", loras=list(lora_files), method="switch", method_params={"switch_interval": 1},
+                num_inference_steps=steps, output_type="latent", progress_bar=False)
+        walks.append(len(calls))
+    assert walks[0] == walks[1]
