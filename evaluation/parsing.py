@@ -34,7 +34,8 @@ class Parsed:
 
 
 def _json_objects(text: str):
-    """JSON objects in a reply: a ```json fence, the whole text, or the first '{' to the last '}'."""
+    """JSON objects in a reply: ```json fences, the whole text, the first '{' to the last '}', then every object
+    that starts at a '{' (an answer may hold an explanation, a JSON object, and more text)."""
     candidates = [m.group(1) for m in re.finditer(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.DOTALL)]
     candidates.append(text.strip())
     if "{" in text and "}" in text:
@@ -42,6 +43,14 @@ def _json_objects(text: str):
     for c in candidates:
         try:
             obj = json.loads(c)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if isinstance(obj, dict):
+            yield obj
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, m.start())
         except (json.JSONDecodeError, ValueError):
             continue
         if isinstance(obj, dict):
@@ -118,7 +127,10 @@ def parse_yes_no(text: str) -> Parsed:
     if not text or not text.strip():
         return Parsed(error="empty answer")
     for obj in _json_objects(text):
-        value = {str(k).lower(): v for k, v in obj.items()}.get("answer")
+        lowered = {str(k).lower(): v for k, v in obj.items()}
+        if "answer" not in lowered:
+            continue
+        value = lowered["answer"]
         if isinstance(value, bool):
             return Parsed(value=value, method="json")
         if isinstance(value, str) and value.strip().lower().rstrip(".!") in ("yes", "no"):

@@ -50,6 +50,7 @@ def test_pairwise_failures_say_why(text, why):
 
 @pytest.mark.parametrize("text, value", [
     ('{"answer": "yes"}', True), ('{"answer": "No."}', False), ('{"answer": true}', True),
+    ('Checked {"colour": "red"} then: {"answer": "no"}', False),
     ("Yes", True), ("yes.", True), ("**No**, the colours differ.", False), ("Yes, it is the same dog, not a cat.", True),
 ])
 def test_yes_no(text, value):
