@@ -4,7 +4,7 @@ Times `CLIPScorer.score` end to end — decode nothing, but preprocess 512×512 
 encode images and texts, cosine — for a tiny CLIP (transformers and open_clip backends) and a ViT-B/16-shaped
 open_clip model (`pretrained=None`, the architecture ComposLoRA scored with).
 
-    .venv/bin/python benchmarks/bench_clipscore.py [--device cpu] [--batch-size 16] [--images 32]
+    .venv/bin/python benchmarks/bench_clipscore.py [--device cpu] [--batch-size 16] [--images 32] [--threads N]
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--images", type=int, default=32, help="images timed for ViT-B/16 (tiny models: 8×)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}, batch {args.batch_size}, 512×512 inputs")
     rows = []
