@@ -204,6 +204,16 @@ class CLIPScorer:
         """From a one-string model spec (see `load_clip_embedder`)."""
         return cls(load_clip_embedder(spec, device=device, local_files_only=local_files_only), **kw)
 
+    @classmethod
+    def from_open_clip(cls, model_name: str, pretrained: str | None, device: str | torch.device = "auto", **kw):
+        """open_clip architecture + pretrained tag or checkpoint file (None: random weights, for speed tests only)."""
+        return cls(OpenCLIPEmbedder(model_name, pretrained, device=device), **kw)
+
+    @classmethod
+    def from_transformers(cls, path_or_id: str | Path, device: str | torch.device = "auto", local_files_only: bool = True, **kw):
+        """A transformers CLIP folder (e.g. assets/toyworld/clip) or a hub id (local cache only by default)."""
+        return cls(TransformersCLIPEmbedder(path_or_id, device=device, local_files_only=local_files_only), **kw)
+
     def describe(self) -> dict:
         """What a reader needs to compare this score with another: backend, model, scale, clamp, context."""
         return {"backend": self.embedder.backend, "model": self.embedder.name, "scale": self.scale, "clamp": "max(cos,0)",

@@ -22,7 +22,7 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(clip_dir):
-    return CLIPScorer.load(str(clip_dir), device="cpu")
+    return CLIPScorer.from_transformers(clip_dir, device="cpu")
 
 
 def noise_images(n, seed=0, size=(48, 40)):
@@ -117,6 +117,7 @@ def test_open_clip_backend_with_local_checkpoint(tmp_path):
     ckpt = tmp_path / "tiny.pt"
     torch.save({"state_dict": model.state_dict()}, ckpt)
     embedder = load_clip_embedder(f"open_clip:{name}@{ckpt}", device="cpu")
+    assert CLIPScorer.from_open_clip(name, str(ckpt), device="cpu").describe()["model"] == f"{name}@{ckpt}"
     assert isinstance(embedder, OpenCLIPEmbedder) and embedder.context_length == 77
     images, texts = noise_images(3, seed=2), ["a red cat", "dog", "castle"]
     got = CLIPScorer(embedder, batch_size=2).score_details(images, texts)
