@@ -1,0 +1,118 @@
+"""`loraloom toyworld …`: train, check and look at the toy world (a tiny trained model with concept LoRAs,
+a ground-truth checker and a tiny CLIP, shipped in assets/toyworld/)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _setting(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def register(sub) -> None:
+    from evaluation.toyworld.run import DEFAULT_ASSETS, DEFAULT_WORK, STAGES
+
+    p = sub.add_parser("toyworld", help="train / check / show the offline toy world",
+                       description="The toy world: a tiny text-to-image model of 32x32 shape scenes, 11 concept LoRAs, "
+                                   "a checker that knows the ground truth, and a tiny CLIP. See docs/toyworld.md.")
+    tw = p.add_subparsers(dest="toyworld_command", metavar="ACTION")
+
+    t = tw.add_parser("train", help="run the training recipe (resumable)",
+                      description="Train the toy world. `--stage all` reproduces every shipped artefact.")
+    t.add_argument("--stage", nargs="+", default=["all"], choices=["all", *STAGES],
+                   help="stage(s) to run (default: all); later stages read earlier ones from --work and --assets")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work instead of starting the stages afresh")
+    t.add_argument("--work", default=str(DEFAULT_WORK), help=f"checkpoint folder (default: {DEFAULT_WORK})")
+    t.add_argument("--assets", default=str(DEFAULT_ASSETS), help="where the trained artefacts go (default: assets/toyworld)")
+    t.add_argument("--lora", nargs="+", help="train only these LoRA ids (with --stage loras)")
+    t.add_argument("--workers", type=int, help="single-threaded processes side by side (default: 2)")
+    t.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (see evaluation/toyworld/recipe.py), e.g. --set lora_steps=200")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=run_train)
+
+    c = tw.add_parser("check", help="measure the quality bars (prints the six result lines last)")
+    c.add_argument("--assets", default=str(DEFAULT_ASSETS))
+    c.add_argument("--quick", action="store_true", help="fewer images (a rough number in about a quarter of the time)")
+    c.add_argument("--workers", type=int, default=2, help="single-threaded generation processes (default: 2)")
+    c.add_argument("--images", help="also save contact sheets of every probe group into this folder")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=run_check)
+
+    g = tw.add_parser("grid", help="a PNG grid: base model, each LoRA alone, merged sets")
+    g.add_argument("--assets", default=str(DEFAULT_ASSETS))
+    g.add_argument("--out", default="outputs/toyworld-grid.png")
+    g.add_argument("--seeds", type=int, default=6, help="columns (seeds) per row")
+    g.set_defaults(func=run_grid)
+
+    s = tw.add_parser("scenes", help="a PNG sheet of generator scenes (every concept) with their captions")
+    s.add_argument("--out", default="outputs/toyworld-scenes.png")
+    s.set_defaults(func=run_scenes)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _recipe(args):
+    from dataclasses import replace
+
+    from evaluation.toyworld.recipe import Recipe
+
+    base = Recipe()
+    changes = {}
+    for key, value in args.set:
+        if key not in Recipe.__dataclass_fields__:
+            raise SystemExit(f"loraloom toyworld: unknown recipe key {key!r}; see evaluation/toyworld/recipe.py")
+        current = getattr(base, key)
+        if isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, tuple):
+            changes[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+        else:
+            changes[key] = type(current)(value)
+    if args.workers:
+        changes["workers"] = args.workers
+    return replace(base, **changes)
+
+
+def run_train(args) -> int:
+    from evaluation.toyworld.run import train
+
+    recipe = _recipe(args)
+    timings = train(args.stage, work=args.work, assets=args.assets, recipe=recipe, resume=args.resume,
+                    progress=not args.no_progress, lora_ids=args.lora)
+    total = 0.0
+    for stage, t in timings.items():
+        print(f"{stage:24s} {t['seconds'] / 60:6.1f} min  (sessions {t['sessions']}, load at end {t.get('load_end')})")
+        total += t["seconds"]
+    print(f"artefacts in {args.assets}; checkpoints in {args.work}")
+    return 0
+
+
+def run_check(args) -> int:
+    from evaluation.toyworld.quality import CheckSettings, run_check as check
+
+    settings = CheckSettings(workers=args.workers)
+    if args.quick:
+        settings = CheckSettings(base_seeds=1, lora_images=8, leak_images=8, merge2_seeds=1, merge4_sets=12, merge4_seeds=1,
+                                 checker_images=500, workers=args.workers)
+    check(args.assets, settings, progress=not args.no_progress, out_dir=Path(args.images) if args.images else None)
+    return 0
+
+
+def run_grid(args) -> int:
+    from evaluation.toyworld.grid import make_grid
+
+    path = make_grid(args.assets, args.out, seeds=args.seeds)
+    print(path)
+    return 0
+
+
+def run_scenes(args) -> int:
+    from evaluation.toyworld.grid import scene_sheet
+
+    print(scene_sheet(args.out))
+    return 0

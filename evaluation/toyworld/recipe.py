@@ -1,0 +1,71 @@
+"""Every hyper-parameter of the toy-world recipe, as data (it is written next to the trained assets)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    threads: int = 2  # torch threads per training process
+    workers: int = 2  # LoRA training processes run side by side (each with threads // workers threads)
+
+    # VAE: 32x32x3 -> 16x16x4, trained on every concept (as a general-purpose VAE would be)
+    vae_steps: int = 700
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+
+    # base UNet + text encoder, trained jointly on the base world only
+    base_steps: int = 1800
+    base_batch: int = 64
+    base_lr: float = 1e-3
+    base_warmup: int = 100
+    base_ema: float = 0.998
+    caption_dropout: float = 0.1  # empty caption (classifier-free guidance)
+    background_omit: float = 0.2  # caption without the background phrase
+    checkpoint_every: int = 100
+
+    # concept LoRAs (peft), one per concept, prior preservation with ground-truth base scenes
+    lora_steps: int = 400
+    lora_batch: int = 32
+    lora_lr: float = 3e-3
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_text_encoder: bool = False
+    lora_te_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    lora_prior: float = 0.5  # share of each batch that is a base scene with its base caption
+    lora_background_omit: float = 0.3
+
+    # checker CNN
+    checker_steps: int = 1500
+    checker_batch: int = 128
+    checker_lr: float = 2e-3
+    checker_pool: int = 24000
+    checker_vae_share: float = 0.3  # share of the pool seen through a VAE round trip
+
+    # tiny CLIP
+    clip_steps: int = 1200
+    clip_batch: int = 256
+    clip_lr: float = 2e-3
+    clip_pool: int = 24000
+
+    # sampling defaults the toy model needs (also written to benchmark.yaml)
+    sample_steps: int = 25
+    guidance_scale: float = 4.0
+
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for k, f in cls.__dataclass_fields__.items():
+            if k in known and isinstance(getattr(cls(), k), tuple):
+                known[k] = tuple(known[k])
+        return cls(**known)

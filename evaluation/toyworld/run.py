@@ -1,0 +1,136 @@
+"""The whole toy-world recipe as one resumable command: `loraloom toyworld train --stage all`.
+
+Stages and what runs side by side (each process single-threaded; see `training.launch`):
+
+1. tokenizer                      (instant)
+2. vae  |  clip                   (two processes)
+3. base                           (two data-parallel processes, gradients all-reduced)
+4. 11 LoRAs + checker             (a pool of two processes; the kohya twin is converted afterwards)
+5. manifest, example spec, README numbers
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from . import scenes as S
+from .recipe import Recipe
+from .trainers import Paths
+from .training import Timings
+
+STAGES = ("tokenizer", "vae", "clip", "base", "loras", "checker", "manifest")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_ASSETS = REPO / "assets" / "toyworld"
+DEFAULT_WORK = Path("outputs") / "toyworld-train"
+EXAMPLE_SPEC = REPO / "assets" / "examples" / "toyworld.yaml"
+
+
+def _job(name: str, paths: Paths, recipe: Recipe, progress: bool, arg=None) -> tuple[str, float]:
+    """One stage (or one LoRA) in a worker process, timed."""
+    from . import trainers as T
+
+    torch.set_num_threads(1)
+    timings = Timings(paths.work)
+    start = time.perf_counter()
+    with timings.measure(name if arg is None else f"lora_{arg}"):
+        if name == "vae":
+            T.stage_vae(paths, recipe, progress)
+        elif name == "clip":
+            T.stage_clip(paths, recipe, progress)
+        elif name == "checker":
+            from diffusers import AutoencoderKL
+
+            T.stage_checker(paths, recipe, AutoencoderKL.from_pretrained(paths.vae / "final"), progress)
+        elif name == "lora":
+            T.train_lora(paths, recipe, S.LORA_BY_ID[arg], progress=progress)
+        else:
+            raise ValueError(name)
+    return name if arg is None else f"lora_{arg}", time.perf_counter() - start
+
+
+def run_jobs(jobs: list[tuple], paths: Paths, recipe: Recipe, progress: bool) -> None:
+    """Run (name, arg) jobs on `recipe.workers` single-threaded processes (in order, when workers == 1)."""
+    if recipe.workers <= 1 or len(jobs) == 1:
+        for name, arg in jobs:
+            _job(name, paths, recipe, progress, arg)
+        return
+    with ProcessPoolExecutor(max_workers=recipe.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_job, name, paths, recipe, progress, arg) for name, arg in jobs]
+        for f in futures:
+            f.result()  # re-raises a worker's error
+
+
+def reset_stage(stage: str, paths: Paths) -> None:
+    """Forget a stage's checkpoints (a fresh, non-resumed run of it)."""
+    folders = {"vae": [paths.vae], "clip": [paths.clip_work], "base": [paths.base], "checker": [paths.checker_work],
+               "loras": [paths.work / "loras"]}.get(stage, [])
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+
+
+def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path = DEFAULT_ASSETS, recipe: Recipe | None = None,
+          resume: bool = False, progress: bool = True, lora_ids: list[str] | None = None) -> dict:
+    """Run the recipe's stages (in dependency order); returns the stage timings."""
+    from . import trainers as T
+    from .lora_io import save_kohya_twin
+    from .manifest import write_example, write_manifest
+
+    recipe = recipe or Recipe()
+    stages = list(STAGES) if "all" in stages else [s for s in STAGES if s in stages]
+    paths = Paths(work, assets)
+    paths.work.mkdir(parents=True, exist_ok=True)
+    paths.assets.mkdir(parents=True, exist_ok=True)
+    saved = paths.work / "recipe.json"
+    if resume and saved.exists() and json.loads(saved.read_text()) != recipe.to_dict():
+        raise ValueError(f"{saved}: the run being resumed used another recipe; resume with the same settings or start afresh.")
+    saved.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    if not resume:
+        for stage in stages:
+            reset_stage(stage, paths)
+    torch.set_num_threads(max(1, recipe.threads // max(1, recipe.workers)))
+    timings = Timings(paths.work)
+    T.stage_tokenizer(paths, recipe)
+    early = [(s, None) for s in ("vae", "clip") if s in stages]
+    if early:
+        run_jobs(early, paths, recipe, progress)
+    if "base" in stages:
+        with timings.measure("base", workers=recipe.workers):
+            T.stage_base(paths, recipe, progress)
+    late = []
+    if "loras" in stages:
+        late += [("lora", i) for i in (lora_ids or [l.id for l in S.LORAS])]
+    if "checker" in stages:
+        late.append(("checker", None))
+    if late:
+        run_jobs(late, paths, recipe, progress)
+    if "loras" in stages and (lora_ids is None or T.KOHYA_TWIN in lora_ids):
+        save_kohya_twin(paths.loras / f"{T.KOHYA_TWIN}.safetensors", paths.loras / "kohya" / f"{T.KOHYA_TWIN}.safetensors")
+    if "manifest" in stages:
+        write_manifest(paths.assets / "benchmark.yaml", recipe)
+        if paths.assets.resolve() == DEFAULT_ASSETS.resolve():
+            write_example(EXAMPLE_SPEC, recipe)
+        write_training_record(paths, recipe)
+    return timings.read()
+
+
+def write_training_record(paths: Paths, recipe: Recipe) -> Path:
+    """`training.json` next to the assets: the recipe, each stage's wall time and its final numbers."""
+    from .training import done_marker
+
+    done = {}
+    for name, folder in (("vae", paths.vae), ("base", paths.base), ("checker", paths.checker_work), ("clip", paths.clip_work)):
+        marker = done_marker(folder)
+        if marker.exists():
+            done[name] = json.loads(marker.read_text())
+    record = {"recipe": recipe.to_dict(), "timings": Timings(paths.work).read(), "results": done,
+              "torch": torch.__version__}
+    out = paths.assets / "training.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return out

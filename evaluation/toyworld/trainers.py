@@ -1,0 +1,517 @@
+"""The toy-world training stages: VAE, base model (UNet + text encoder), concept LoRAs, checker, tiny CLIP.
+
+Each stage is deterministic (per-step seeded data and noise), checkpoints every few steps into the work
+folder, resumes from there, shows a tqdm bar, and writes its final artefact into the assets folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import scenes as S
+from .checker import Checker, CheckerNet, augment, label_indices
+from .models import build_text_encoder, build_unet, build_vae, count_params, sample_scheduler, train_scheduler
+from .recipe import Recipe
+from .training import EMA, Checkpoint, cosine_lr, is_done, mark_done, step_generator, step_rng
+from .vocab import write_tokenizer
+
+log = logging.getLogger(__name__)
+
+SEEDS = {"vae": 11, "base": 22, "checker": 33, "clip": 44, "lora": 55, "pool": 66}
+
+
+class Paths:
+    """Where a run keeps its checkpoints (`work`) and where the shipped artefacts go (`assets`)."""
+
+    def __init__(self, work: str | Path, assets: str | Path):
+        self.work = Path(work)
+        self.assets = Path(assets)
+
+    tokenizer = property(lambda self: self.work / "tokenizer")
+    vae = property(lambda self: self.work / "vae")
+    base = property(lambda self: self.work / "base")
+    checker_work = property(lambda self: self.work / "checker")
+    clip_work = property(lambda self: self.work / "clip")
+    model = property(lambda self: self.assets / "model")
+    loras = property(lambda self: self.assets / "loras")
+    checker = property(lambda self: self.assets / "checker")
+    clip = property(lambda self: self.assets / "clip")
+
+    def lora_work(self, lora_id: str) -> Path:
+        return self.work / "loras" / lora_id
+
+
+def _bar(total: int, start: int, desc: str, enabled: bool = True):
+    return tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------
+def stage_tokenizer(paths: Paths, recipe: Recipe):
+    from transformers import CLIPTokenizer
+
+    if not (paths.tokenizer / "tokenizer_config.json").exists():
+        write_tokenizer(paths.tokenizer, S.vocabulary_words(), max_length=16)
+    return CLIPTokenizer.from_pretrained(paths.tokenizer)
+
+
+def image_batch(scenes_) -> torch.Tensor:
+    return S.to_tensor_batch(S.render_batch(scenes_))
+
+
+# --- VAE -------------------------------------------------------------------------------------------------
+def stage_vae(paths: Paths, recipe: Recipe, progress: bool = True):
+    """AutoencoderKL on all scenes: MSE + L1 + a tiny KL; scaling factor = 1 / std of the latents."""
+    from diffusers import AutoencoderKL
+
+    final = paths.vae / "final"
+    if is_done(paths.vae):
+        return AutoencoderKL.from_pretrained(final)
+    vae = build_vae(recipe.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    ckpt = Checkpoint(paths.vae)
+    start = 0
+    if ckpt.exists():
+        state = ckpt.load()
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    vae.train()
+    bar = _bar(recipe.vae_steps, start, "toyworld vae", progress)
+    for step in range(start, recipe.vae_steps):
+        rng = step_rng(SEEDS["vae"] + recipe.seed, step)
+        x = image_batch([S.sample_any_scene(rng) for _ in range(recipe.vae_batch)])
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, recipe.vae_steps, recipe.vae_lr, warmup=50)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=step_generator(SEEDS["vae"], step))
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x) + recipe.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+        if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.vae_steps:
+            ckpt.save({"step": step + 1, "model": vae.state_dict(), "opt": opt.state_dict()})
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        rng = np.random.default_rng(SEEDS["vae"] + 1000)
+        x = image_batch([S.sample_any_scene(rng) for _ in range(512)])
+        post = vae.encode(x).latent_dist
+        std = float(post.mean.std())
+        rec = vae.decode(post.mean).sample
+        mse = float(F.mse_loss(rec, x))
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5), force_upcast=False)
+    vae.save_pretrained(final)
+    mark_done(paths.vae, {"recon_mse": mse, "latent_std": std, "params": count_params(vae)})
+    return AutoencoderKL.from_pretrained(final)
+
+
+# --- checker ---------------------------------------------------------------------------------------------
+def scene_pool(n: int, seed: int, cache: Path | None = None, p_concept: float = 0.5):
+    """`n` scenes from the whole world and their images (cached as .npz in the work folder)."""
+    if cache is not None and cache.exists():
+        data = np.load(cache, allow_pickle=False)
+        scenes_ = [S.Scene(**json.loads(s)) for s in data["scenes"]]
+        return scenes_, data["images"]
+    rng = np.random.default_rng(seed)
+    scenes_ = [S.sample_any_scene(rng, p_concept) for _ in range(n)]
+    images = np.stack([S.render(s) for s in tqdm(scenes_, desc="render scenes", mininterval=2.0, leave=False)])
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, scenes=np.array([json.dumps(s.to_dict()) for s in scenes_]), images=images)
+        tmp.replace(cache)
+    return scenes_, images
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        x = S.to_tensor_batch(images[i : i + batch])
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def checker_accuracy(checker: Checker, n: int = 2000, seed: int = 12345) -> dict[str, float]:
+    """Per-attribute accuracy on fresh, clean generator images."""
+    rng = np.random.default_rng(seed)
+    scenes_ = [S.sample_any_scene(rng) for _ in range(n)]
+    pred = checker.predict_indices(S.render_batch(scenes_))
+    truth = label_indices(scenes_)
+    return {a: float((pred[a] == truth[a]).mean()) for a in truth}
+
+
+def stage_checker(paths: Paths, recipe: Recipe, vae=None, progress: bool = True) -> Checker:
+    if is_done(paths.checker_work) and (paths.checker / "config.json").exists():
+        return Checker.load(paths.checker)
+    scenes_, images = scene_pool(recipe.checker_pool, SEEDS["pool"] + recipe.seed, paths.checker_work / "pool.npz")
+    n_vae = int(len(images) * recipe.checker_vae_share) if vae is not None else 0
+    if n_vae:
+        images = images.copy()
+        images[:n_vae] = vae_round_trip(vae, images[:n_vae])
+    x_all = S.to_tensor_batch(images)
+    y_all = {a: torch.from_numpy(v) for a, v in label_indices(scenes_).items()}
+    torch.manual_seed(SEEDS["checker"] + recipe.seed)
+    net = CheckerNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.checker_lr, weight_decay=1e-4)
+    ckpt = Checkpoint(paths.checker_work)
+    start = 0
+    if ckpt.exists():
+        state = ckpt.load()
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    net.train()
+    bar = _bar(recipe.checker_steps, start, "toyworld checker", progress)
+    for step in range(start, recipe.checker_steps):
+        g = step_generator(SEEDS["checker"] + recipe.seed, step)
+        idx = torch.randint(0, len(x_all), (recipe.checker_batch,), generator=g)
+        x = augment(x_all[idx].clone(), g)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, recipe.checker_steps, recipe.checker_lr, warmup=50, final=0.02)
+        out = net(x)
+        loss = sum(F.cross_entropy(out[a], y_all[a][idx], label_smoothing=0.05) for a in out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % (recipe.checkpoint_every * 2) == 0 or step + 1 == recipe.checker_steps:
+            ckpt.save({"step": step + 1, "model": net.state_dict(), "opt": opt.state_dict()})
+    bar.close()
+    checker = Checker(net.eval(), {"widths": [32, 64, 128], "hidden": 256})
+    acc = checker_accuracy(checker)
+    checker.save(paths.checker, {"accuracy_clean": acc, "params": count_params(net)})
+    checker = Checker.load(paths.checker)  # what ships (fp16-rounded weights)
+    mark_done(paths.checker_work, {"accuracy_clean": checker_accuracy(checker)})
+    return checker
+
+
+# --- base model ------------------------------------------------------------------------------------------
+def base_captions(scenes_, rng: np.random.Generator, dropout: float, omit: float) -> list[str]:
+    out = []
+    for s in scenes_:
+        u, v = rng.random(), rng.random()
+        out.append("" if u < dropout else S.caption(s, background=v >= omit))
+    return out
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_latents(vae, scenes_, g: torch.Generator) -> torch.Tensor:
+    post = vae.encode(image_batch(scenes_)).latent_dist
+    eps = torch.randn(post.mean.shape, generator=g)
+    return (post.mean + post.std * eps) * vae.config.scaling_factor
+
+
+def v_loss(unet, sched, z, enc, g: torch.Generator, n_total: int, rows: slice) -> torch.Tensor:
+    """Plain MSE on the v target (uniform over timesteps, so t = T, where the prompt alone must decide, counts)."""
+    noise = torch.randn((n_total, *z.shape[1:]), generator=g)[rows]
+    t = torch.randint(0, sched.config.num_train_timesteps, (n_total,), generator=g)[rows]
+    noisy = sched.add_noise(z, noise, t)
+    target = sched.get_velocity(z, noise, t)
+    pred = unet(noisy, t, enc, return_dict=False)[0]
+    return F.mse_loss(pred, target)
+
+
+def trained_token_ids(tokenizer, words) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(w + "</w>") for w in words]
+
+
+@torch.no_grad()
+def init_trigger_embeddings(text_encoder, tokenizer, seed: int) -> None:
+    """Give the never-seen trigger tokens random embeddings at the scale of the trained word embeddings.
+
+    Left at their tiny initialisation they would all look alike next to the position embeddings, so one
+    LoRA could not tell its trigger from another's (real vocabularies have rare tokens of normal scale).
+    """
+    emb = text_encoder.get_input_embeddings().weight
+    base_words = [w for w in S.vocabulary_words() if w not in {l.trigger for l in S.LORAS}]
+    trained = emb[trained_token_ids(tokenizer, base_words)]
+    mean, std = trained.mean(0), trained.std(0)
+    g = torch.Generator().manual_seed(seed)
+    ids = trained_token_ids(tokenizer, [l.trigger for l in S.LORAS])
+    emb[ids] = mean + std * torch.randn((len(ids), emb.shape[1]), generator=g)
+
+
+def _base_worker(rank: int, world: int, paths: Paths, recipe: Recipe, progress: bool) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from .training import average_gradients, barrier
+
+    tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
+    vae = AutoencoderKL.from_pretrained(paths.vae / "final").eval().requires_grad_(False)
+    unet = build_unet(recipe.seed)
+    te = build_text_encoder(tokenizer, recipe.seed)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.base_lr, weight_decay=0.01)
+    ema = EMA(params, recipe.base_ema)
+    sched = train_scheduler()
+    ckpt = Checkpoint(paths.base)
+    start = 0
+    if ckpt.exists():
+        state = ckpt.load()
+        unet.load_state_dict(state["unet"])
+        te.load_state_dict(state["te"])
+        opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        start = state["step"]
+    unet.train()
+    te.train()
+    B = recipe.base_batch
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    bar = _bar(recipe.base_steps, start, "toyworld base", progress and rank == 0)
+    seed = SEEDS["base"] + recipe.seed
+    for step in range(start, recipe.base_steps):
+        rng, g = step_rng(seed, step), step_generator(seed, step)
+        scenes_ = [S.sample_scene(rng) for _ in range(B)]
+        caps = base_captions(scenes_, rng, recipe.caption_dropout, recipe.background_omit)
+        z = encode_latents(vae, scenes_[rows], step_generator(seed + rank + 1, step))
+        enc = te(tokenize(tokenizer, caps[rows]))[0]
+        loss = v_loss(unet, sched, z, enc, g, B, rows)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, recipe.base_steps, recipe.base_lr, recipe.base_warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params, world)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if rank == 0 and ((step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.base_steps):
+            ckpt.save({"step": step + 1, "unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                       "ema": ema.state_dict()})
+        if (step + 1) % recipe.checkpoint_every == 0:
+            barrier(world)
+    bar.close()
+    barrier(world)
+
+
+def save_pipeline(folder: Path, unet, te, tokenizer, vae, dtype=torch.float16) -> None:
+    """A plain diffusers `StableDiffusionPipeline` folder (fp16 safetensors; no safety checker)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(te), tokenizer=tokenizer, unet=copy.deepcopy(unet),
+        scheduler=sample_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(dtype=dtype)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def stage_base(paths: Paths, recipe: Recipe, progress: bool = True) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from .training import launch
+
+    if is_done(paths.base) and (paths.model / "model_index.json").exists():
+        return
+    if not (Checkpoint(paths.base).exists() and Checkpoint(paths.base).load()["step"] >= recipe.base_steps):
+        launch(_base_worker, recipe.workers, (paths, recipe, progress), paths.work / "dist_init")
+    state = Checkpoint(paths.base).load()
+    tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
+    vae = AutoencoderKL.from_pretrained(paths.vae / "final")
+    unet = build_unet(recipe.seed)
+    te = build_text_encoder(tokenizer, recipe.seed)
+    unet.load_state_dict(state["unet"])
+    te.load_state_dict(state["te"])
+    ema = EMA(list(unet.parameters()) + list(te.parameters()), recipe.base_ema)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(list(unet.parameters()) + list(te.parameters()))
+    init_trigger_embeddings(te, tokenizer, SEEDS["base"] + recipe.seed + 1)
+    save_pipeline(paths.model, unet.eval(), te.eval(), tokenizer, vae.eval())
+    mark_done(paths.base, {"steps": state["step"], "unet_params": count_params(unet), "text_encoder_params": count_params(te)})
+
+
+# --- concept LoRAs ---------------------------------------------------------------------------------------
+def load_model_parts(model_folder: Path, dtype=torch.float32):
+    """(unet, text_encoder, tokenizer, vae) of the saved base pipeline, frozen, in `dtype`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_folder = Path(model_folder)
+    unet = UNet2DConditionModel.from_pretrained(model_folder / "unet", torch_dtype=dtype)
+    te = CLIPTextModel.from_pretrained(model_folder / "text_encoder", torch_dtype=dtype)
+    tok = CLIPTokenizer.from_pretrained(model_folder / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(model_folder / "vae", torch_dtype=dtype)
+    for m in (unet, te, vae):
+        m.eval().requires_grad_(False)
+    return unet, te, tok, vae
+
+
+def lora_configs(recipe: Recipe) -> dict:
+    from peft import LoraConfig
+
+    cfgs = {"unet": LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, init_lora_weights="gaussian",
+                               target_modules=list(recipe.lora_targets))}
+    if recipe.lora_text_encoder:
+        cfgs["text_encoder"] = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, init_lora_weights="gaussian",
+                                          target_modules=list(recipe.lora_te_targets))
+    return cfgs
+
+
+def lora_batch(spec: S.ConceptLoRA, rng: np.random.Generator, batch: int, prior: float, omit: float):
+    """Scenes and captions of one LoRA step: positives (concept + trigger) then prior-preservation base scenes."""
+    n_prior = int(round(batch * prior))
+    scenes_ = [S.lora_scene(rng, spec) for _ in range(batch - n_prior)] + [S.sample_scene(rng) for _ in range(n_prior)]
+    caps = [S.caption(s, background=rng.random() >= omit) for s in scenes_]
+    return scenes_, caps
+
+
+def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool = True, position: int = 0) -> Path:
+    """Train one concept LoRA on the saved base model and write `<assets>/loras/<id>.safetensors` (+ sidecar)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from .lora_io import save_peft_lora
+
+    work = paths.lora_work(spec.id)
+    out = paths.loras / f"{spec.id}.safetensors"
+    if is_done(work) and out.exists():
+        return out
+    unet, te, tok, vae = load_model_parts(paths.model)
+    cfgs = lora_configs(recipe)
+    index = [l.id for l in S.LORAS].index(spec.id)
+    torch.manual_seed(SEEDS["lora"] + recipe.seed + index)
+    unet.add_adapter(cfgs["unet"])
+    if "text_encoder" in cfgs:
+        te.add_adapter(cfgs["text_encoder"])
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lora_lr, weight_decay=1e-4)
+    ckpt = Checkpoint(work)
+    start = 0
+    if ckpt.exists():
+        state = ckpt.load()
+        for p, v in zip(params, state["params"]):
+            p.data.copy_(v)
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    unet.train()
+    te.train()
+    sched = train_scheduler()
+    seed = SEEDS["lora"] + recipe.seed + 1000 * (index + 1)
+    B = recipe.lora_batch
+    bar = tqdm(total=recipe.lora_steps, initial=start, desc=f"toyworld lora {spec.id}", disable=not progress,
+               position=position, dynamic_ncols=True, mininterval=2.0, leave=True)
+    for step in range(start, recipe.lora_steps):
+        rng, g = step_rng(seed, step), step_generator(seed, step)
+        scenes_, caps = lora_batch(spec, rng, B, recipe.lora_prior, recipe.lora_background_omit)
+        z = encode_latents(vae, scenes_, step_generator(seed + 1, step))
+        with torch.set_grad_enabled("text_encoder" in cfgs):
+            enc = te(tokenize(tok, caps))[0]
+        loss = v_loss(unet, sched, z, enc, g, B, slice(0, B))
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, recipe.lora_steps, recipe.lora_lr, warmup=20)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.lora_steps:
+            ckpt.save({"step": step + 1, "params": [p.detach().clone() for p in params], "opt": opt.state_dict()})
+    bar.close()
+    states = {"unet": get_peft_model_state_dict(unet)}
+    if "text_encoder" in cfgs:
+        states["text_encoder"] = get_peft_model_state_dict(te)
+    save_peft_lora(out, states, cfgs, spec, {"loraloom.toyworld.steps": recipe.lora_steps})
+    mark_done(work, {"steps": recipe.lora_steps})
+    return out
+
+
+def _lora_worker(rank: int, world: int, paths: Paths, recipe: Recipe, ids: list[str], progress: bool) -> None:
+    for lora_id in ids[rank::world]:
+        train_lora(paths, recipe, S.LORA_BY_ID[lora_id], progress=progress, position=rank)
+
+
+def stage_loras(paths: Paths, recipe: Recipe, ids: list[str] | None = None, progress: bool = True) -> list[Path]:
+    from .lora_io import save_kohya_twin
+    from .training import launch
+
+    ids = ids or [l.id for l in S.LORAS]
+    todo = [i for i in ids if not (is_done(paths.lora_work(i)) and (paths.loras / f"{i}.safetensors").exists())]
+    if todo:
+        launch(_lora_worker, min(recipe.workers, len(todo)), (paths, recipe, todo, progress), paths.work / "dist_init")
+    if KOHYA_TWIN in ids:
+        save_kohya_twin(paths.loras / f"{KOHYA_TWIN}.safetensors", paths.loras / "kohya" / f"{KOHYA_TWIN}.safetensors")
+    return [paths.loras / f"{i}.safetensors" for i in ids]
+
+
+KOHYA_TWIN = "character_1"
+
+
+# --- tiny CLIP -------------------------------------------------------------------------------------------
+def stage_clip(paths: Paths, recipe: Recipe, progress: bool = True):
+    from transformers import CLIPTokenizer
+
+    from .clipmodel import build_clip, build_processor, clip_captions, load_clip, retrieval_accuracy, save_clip
+
+    if is_done(paths.clip_work) and (paths.clip / "config.json").exists():
+        return load_clip(paths.clip)
+    tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
+    processor = build_processor(tokenizer)
+    scenes_, images = scene_pool(recipe.clip_pool, SEEDS["pool"] + recipe.seed + 1, paths.clip_work / "pool.npz")
+    x_all = S.to_tensor_batch(images)
+    model = build_clip(tokenizer, SEEDS["clip"] + recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
+    ckpt = Checkpoint(paths.clip_work)
+    start = 0
+    if ckpt.exists():
+        state = ckpt.load()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    model.train()
+    seed = SEEDS["clip"] + recipe.seed
+    bar = _bar(recipe.clip_steps, start, "toyworld clip", progress)
+    for step in range(start, recipe.clip_steps):
+        g, rng = step_generator(seed, step), step_rng(seed, step)
+        idx = torch.randint(0, len(x_all), (recipe.clip_batch,), generator=g)
+        x = augment(x_all[idx].clone(), g, strength=0.7)
+        caps = clip_captions([scenes_[i] for i in idx.tolist()], rng)
+        ids = tokenize(tokenizer, caps)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, recipe.clip_steps, recipe.clip_lr, warmup=50, final=0.02)
+        loss = model(input_ids=ids, pixel_values=x, return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % (recipe.checkpoint_every * 2) == 0 or step + 1 == recipe.clip_steps:
+            ckpt.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()})
+    bar.close()
+    model.eval()
+    save_clip(model, processor, paths.clip)
+    model, processor = load_clip(paths.clip)
+    acc = {"text_to_image_top1_100": retrieval_accuracy(model, processor, 100),
+           "trigger_text_to_image_top1_100": retrieval_accuracy(model, processor, 100, trigger_text=True), "chance": 0.01}
+    mark_done(paths.clip_work, acc)
+    return model, processor

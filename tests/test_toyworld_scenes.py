@@ -1,0 +1,132 @@
+"""The toy-world scene generator: labels match the pixels, captions and vocabulary are what the models see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.toyworld import scenes as S
+from evaluation.toyworld.manifest import benchmark_sets, composition_sets
+
+
+def px(img, x, y):
+    return tuple(int(v) for v in img[int(y), int(x)])
+
+
+def close(a, b, tol=6):
+    return all(abs(int(u) - int(v)) <= tol for u, v in zip(a, b))
+
+
+def test_plain_shape_colour_and_background_pixels():
+    for colour in S.BASE_COLOURS:
+        for bg in S.BASE_BACKGROUNDS:
+            scene = S.Scene("square", colour, bg, cx=16, cy=17, r=7)
+            img = S.render(scene)
+            assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+            assert close(px(img, 16, 17), S.RGB[colour])
+            assert close(px(img, 1, 1), S.RGB[bg]) and close(px(img, 30, 30), S.RGB[bg])
+
+
+def test_each_shape_has_its_own_silhouette():
+    masks = {s: S.shape_mask(s, 16, 17, 7) for s in S.ATTRIBUTES["shape"]}
+    for a in masks:
+        for b in masks:
+            if a < b:
+                inter = (masks[a] & masks[b]).sum()
+                union = (masks[a] | masks[b]).sum()
+                assert inter / union < 0.85, (a, b, inter / union)
+    # a star's centre is filled but the gaps between its points are not
+    star = S.render(S.Scene("star", "red", "white", cx=16, cy=17, r=8))
+    assert close(px(star, 16, 17), S.RGB["red"])
+    a = -np.pi / 2 + np.pi / 5  # direction of an inner vertex: between two points
+    assert close(px(star, 16 + 0.85 * 8 * np.cos(a), 17.4 + 0.85 * 8 * np.sin(a)), S.RGB["white"])
+    assert close(px(star, 16, 17.4 - 0.6 * 8), S.RGB["red"], 40)  # the top point
+    cross = S.render(S.Scene("cross", "blue", "white", cx=16, cy=17, r=8))
+    assert close(px(cross, 16 + 6, 17 - 6), S.RGB["white"])  # the corner between two arms
+    assert close(px(cross, 16 + 6, 17), S.RGB["blue"])  # an arm
+
+
+@pytest.mark.parametrize("bg", ["sunset", "checkerboard"])
+def test_pattern_backgrounds(bg):
+    img = S.render(S.Scene("circle", "red", bg, cx=16, cy=17, r=6, phase=0.0))
+    if bg == "sunset":
+        assert close(px(img, 1, 0), S.RGB["sunset_top"], 12)
+        assert close(px(img, 1, 31), S.RGB["sunset_bottom"], 12)
+    else:
+        assert close(px(img, 3, 3), S.RGB["checker_dark"]) and close(px(img, 11, 3), S.RGB["checker_light"])
+
+
+def test_clothing_style_and_objects_are_where_the_labels_say():
+    base = S.Scene("circle", "blue", "white", cx=16, cy=18, r=7)
+    hat = S.render(base.with_(clothing="hat"))
+    assert close(px(hat, 16, 18 - 7 - 3), S.RGB["hat"])
+    assert close(px(S.render(base), 16, 18 - 7 - 3), S.RGB["white"])
+    halo = S.render(base.with_(clothing="halo"))
+    assert close(px(halo, 16 + 1.3 * 7, 18), S.RGB["halo"], 40)
+    striped = S.render(base.with_(style="striped"))
+    inside = striped[14:22, 12:20].reshape(-1, 3)
+    dark = np.round(np.array(S.RGB["blue"]) * 0.35)
+    assert any(close(p, S.RGB["blue"]) for p in inside) and any(close(p, dark) for p in inside)
+    hollow = S.render(base.with_(style="hollow"))
+    assert close(px(hollow, 16, 18), S.RGB["white"]) and close(px(hollow, 16 - 6, 18), S.RGB["blue"], 30)
+    moon = S.render(base.with_(object="moon"))
+    assert close(px(moon, 25, 6), S.RGB["moon"]) and close(px(S.render(base), 25, 6), S.RGB["white"])
+    box = S.render(base.with_(object="box"))
+    assert close(px(box, 5, 27), S.RGB["box"])
+
+
+def test_base_sampling_never_shows_a_concept_and_lora_scenes_always_do():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s = S.sample_scene(rng)
+        assert s.shape in S.BASE_SHAPES and s.background in S.BASE_BACKGROUNDS
+        assert (s.clothing, s.style, s.object) == ("none", "plain", "none")
+        assert not any(l.trigger in S.caption(s).split() for l in S.LORAS)
+    for spec in S.LORAS:
+        s = S.lora_scene(rng, spec)
+        assert getattr(s, spec.attribute) == spec.value
+        assert spec.trigger in S.caption(s).replace(",", " ").split()
+
+
+def test_captions_follow_the_composlora_order():
+    s = S.Scene("star", "red", "sunset", clothing="hat", style="striped", object="moon")
+    assert S.caption(s) == "a red stellu, topha, stripo, sunseta, moona"
+    assert S.trigger_text(s) == "stellu, topha, stripo, sunseta, moona"
+    assert S.caption(S.Scene("circle", "green", "black")) == "a green circle, black background"
+    assert S.caption(S.Scene("circle", "green", "black"), background=False) == "a green circle"
+
+
+def test_every_word_is_one_token(tmp_path):
+    from evaluation.toyworld.vocab import write_tokenizer
+
+    words = S.vocabulary_words()
+    tok = write_tokenizer(tmp_path, words)
+    for w in words:
+        assert len(tok.tokenize(w)) == 1, w
+    ids = tok("a red stellu, topha, stripo, sunseta, moona").input_ids
+    assert len(ids) == 11 + 2 <= tok.model_max_length
+
+
+def test_naive_merge_chains_would_split_words_but_ours_do_not():
+    from evaluation.toyworld.vocab import bpe, build_bpe
+
+    vocab, merges = build_bpe(["red", "green", "triangle", "yellow", "hollo"])
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    for w in ["red", "green", "triangle", "yellow", "hollo"]:
+        assert bpe(w, ranks) == [w + "</w>"]
+        assert w + "</w>" in vocab
+
+
+def test_composlora_sets():
+    sizes = {n: len(composition_sets(n)) for n in (2, 3, 4, 5)}
+    assert sizes == {2: 24, 3: 72, 4: 96, 5: 48}
+    order = {c: i for i, c in enumerate(S.CATEGORY_ORDER)}
+    for n in (2, 3, 4, 5):
+        for combo in composition_sets(n):
+            cats = [l.category for l in combo]
+            assert cats[0] == "character" and len(set(cats)) == n
+            assert [order[c] for c in cats] == sorted(order[c] for c in cats)
+    sets = benchmark_sets()
+    assert sets[0]["id"] == "n2-000" and sets[0]["loras"] == ["character_1", "clothing_1"]
+    assert sets[0]["prompt"] == "a red stellu, topha" and sets[0]["scoring_text"] == "stellu, topha"
+    assert sets[0]["expected"] == {"colour": "red", "shape": "star", "clothing": "hat"}
