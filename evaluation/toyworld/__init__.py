@@ -1,0 +1,15 @@
+"""The toy world: procedurally drawn 32x32 scenes with exact labels, a tiny trained SD1-architecture model,
+11 concept LoRAs (ComposLoRA's categories), a ground-truth checker and a tiny CLIP. See docs/toyworld.md.
+
+The trained artefacts live in `assets/toyworld/`; `loraloom toyworld train` reproduces them and
+`loraloom toyworld check` measures them.
+"""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
+MODEL = ASSETS / "model"
+LORAS_DIR = ASSETS / "loras"
+CHECKER = ASSETS / "checker"
+CLIP = ASSETS / "clip"
+MANIFEST = ASSETS / "benchmark.yaml"
