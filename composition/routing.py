@@ -228,9 +228,11 @@ class LoRARouter:
     # --- fusing ---------------------------------------------------------------------------------------------
     @contextmanager
     def fused(self, gates: Mapping[str, float]):
-        """Add gate * delta of the given adapters into the base weights; restore them bit-exactly on exit.
+        """Run with gate * delta of the given adapters added into the base weights; restore them bit-exactly on exit.
 
-        While fused, routing is cleared (the fused adapters are already in the weights).
+        The fused weight is a new tensor swapped in for the run; the original tensor is kept aside untouched and
+        swapped back, so no fuse/unfuse drift is possible. While fused, routing is cleared (the adapters are in
+        the weights).
         """
         if self._fused is not None:
             raise RuntimeError(f"{self.component}: already fused")
@@ -243,15 +245,13 @@ class LoRARouter:
                     if not terms:
                         continue
                     weight = routed.module.weight
-                    self._fused[path] = weight.detach().clone()
                     delta = sum(g * layer.delta(torch.float32) for layer, g in terms)
-                    weight.copy_((weight.float() + delta).to(weight.dtype))
+                    self._fused[path] = weight.data
+                    weight.data = (weight.data.float() + delta).to(weight.dtype)
             self.set_routing(None)
             yield self
         finally:
-            with torch.no_grad():
-                for path, original in (self._fused or {}).items():
-                    self.layers[path].module.weight.copy_(original)
+            for path, original in (self._fused or {}).items():
+                self.layers[path].module.weight.data = original
             self._fused = None
             self.set_routing(saved_routing)
-

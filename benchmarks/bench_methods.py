@@ -1,0 +1,135 @@
+"""Speed and memory of the composition methods, as ratios measured in one process (medians of repeats).
+
+    python benchmarks/bench_methods.py                     # tiny SD model, seconds
+    python benchmarks/bench_methods.py --model sd15-shape  # real SD 1.5 architecture, random weights, 256x256
+
+Times cover the denoising loop and prompt encoding (output_type="latent": VAE decoding, identical for every
+method, is left out). The last lines printed are the ratios the issues ask for:
+
+    switch_vs_single        our Switch / one fixed LoRA (our pipeline, unfused)            target <= 1.03
+    composite_vs_reference  our Composite / a reference-style loop (diffusers set_adapters
+                            per LoRA and one UNet call per LoRA per step, as ComposLoRA)   target <= 0.8
+    composite_vs_limit      our Composite / (N x one single-LoRA generation)              target <= 1.05
+    merge_vs_base           our Merge (fused) / the base model with no LoRA               target <= 1.05
+    lora_memory_ratio       resident memory added by loading N LoRAs / their file sizes   target <= 1.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.common import MODELS, builder, interleaved_medians, rss_bytes, write_loras
+
+PROMPT = "a portrait of a character, detailed"
+NEGATIVE = "blurry"
+
+
+def reference_composite(pipe, names, steps, guidance, size, seed, scale=0.8):
+    """LoRA Composite as the reference pipeline computes it (pipeline_0.26.3.py, lora_composite=True):
+    all adapters active for prompt encoding, then per step and per LoRA `set_adapters(that one)` + one UNet call."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.set_adapters(names)
+    pos, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE, lora_scale=scale)
+    embeds = torch.cat([neg, pos])
+    sched = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    sched.set_timesteps(steps)
+    g = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor), generator=g) * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            pipe.enable_lora()
+            preds = []
+            for name in names:
+                pipe.set_adapters(name)
+                x = sched.scale_model_input(torch.cat([latents] * 2), t)
+                preds.append(pipe.unet(x, t, encoder_hidden_states=embeds, cross_attention_kwargs={"scale": scale}).sample)
+            u, c = torch.stack(preds).mean(0).chunk(2)
+            latents = sched.step(u + guidance * (c - u), t, latents).prev_sample
+    return latents
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--n", type=int, default=3, help="number of LoRAs composed")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, size, steps, rank = MODELS[args.model]
+    steps = args.steps or steps
+    from pipelines import ComposedPipeline
+
+    print(f"model={args.model} size={size} steps={steps} rank={rank} N={args.n} repeats={args.repeats} threads={torch.get_num_threads()}")
+    base = builder(args.model)()
+    base.set_progress_bar_config(disable=True)
+    paths = write_loras(base, args.n, rank)
+    file_bytes = sum(p.stat().st_size for p in paths)
+
+    # Memory: resident bytes added by making the N LoRAs resident in our routing layer.
+    ours = ComposedPipeline(copy.deepcopy(base))
+    before = rss_bytes()
+    for i, p in enumerate(paths):
+        ours.load_lora(p, f"l{i}")
+    after = rss_bytes()
+    factor_bytes = sum(l.nbytes for l in ours.loras.values())
+    names = [f"l{i}" for i in range(args.n)]
+
+    reference = base  # diffusers + PEFT, the ComposLoRA way of holding LoRAs
+    for i, p in enumerate(paths):
+        reference.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=f"l{i}")
+
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=0, negative_prompt=NEGATIVE,
+              output_type="latent", progress_bar=False, scheduler="dpmsolver++")
+
+    def our(method, loras, **params):
+        return lambda: ours(PROMPT, loras=loras, method=method, method_params=params, **kw)
+
+    def diffusers_single():
+        reference.set_adapters(["l0"])
+        g = torch.Generator("cpu").manual_seed(0)
+        reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                  generator=g, output_type="latent", cross_attention_kwargs={"scale": 0.8})
+
+    fns = {
+        "base": our("merge", []),
+        "single": our("merge", ["l0"], fuse=False),
+        "switch": our("switch", names),
+        "composite": our("composite", names),
+        "merge_fused": our("merge", names),
+        "reference_composite": lambda: reference_composite(reference, names, steps, 7.5, size, 0),
+        "diffusers_single": diffusers_single,
+    }
+    # Correctness guard: our Composite and the reference loop must agree (same math) before timing them.
+    ref_lat = reference_composite(reference, names, steps, 7.5, size, 0)
+    our_lat = ours(PROMPT, loras=names, method="composite", method_params={"reference_text_encoding": True}, **kw).latents
+    agree = (ref_lat - our_lat).abs().max().item()
+    print(f"check: |our composite (reference text encoding) - reference loop| max = {agree:.2e}")
+
+    res = interleaved_medians(fns, repeats=args.repeats)
+    for name, (med, times) in res.items():
+        print(f"time {name:20s} median {med:8.3f} s  runs {[round(t, 3) for t in times]}")
+    single = res["single"][0]
+    print(f"info single_vs_diffusers_single {single / res['diffusers_single'][0]:.3f}")
+    print(f"info lora_factor_bytes_ratio {factor_bytes / file_bytes:.3f} ({factor_bytes} factor bytes, {file_bytes} file bytes)")
+    print(f"switch_vs_single {res['switch'][0] / single:.3f}")
+    print(f"composite_vs_reference {res['composite'][0] / res['reference_composite'][0]:.3f}")
+    print(f"composite_vs_limit {res['composite'][0] / (args.n * single):.3f}")
+    print(f"merge_vs_base {res['merge_fused'][0] / res['base'][0]:.3f}")
+    print(f"lora_memory_ratio {(after - before) / file_bytes:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
