@@ -19,6 +19,7 @@ from composition.lora import LoRA, load_lora
 from composition.methods import ActiveLoRA, Method, Step, make_method, params_to_dict
 from composition.routing import LoRARouter, Routing
 
+from .attention import enable_fast_attention
 from .loading import load_base_pipeline, pipeline_family
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, step_kwargs
 
@@ -57,6 +58,7 @@ class ComposedPipeline:
             if getattr(pipe, comp, None) is not None:
                 self.routers[comp] = LoRARouter(getattr(pipe, comp), comp)
         self.loras: dict[str, LoRA] = {}
+        self.attention_backend = enable_fast_attention(pipe)
         self._lock = threading.RLock()
         self._interrupt = False
         pipe.set_progress_bar_config(disable=True)
