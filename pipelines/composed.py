@@ -276,13 +276,29 @@ class _Run:
         self.unet_rows = 0
         self._stack = ExitStack()
 
-    def encode(self, text_gates):
-        keys = [tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0)) for g in text_gates]
+    @property
+    def pipeline(self) -> ComposedPipeline:
+        return self.owner
+
+    def encode(self, text_gates, prompts=None):
+        """(negative, positive) conditioning per branch: branch i's prompt (default: the run's prompt) encoded
+        with text-encoder gates i. Identical (prompt, gates) pairs are encoded once, all in one batched call."""
+        prompts = list(prompts) if prompts is not None else [self.prompt] * len(text_gates)
+        if len(prompts) != len(text_gates):
+            raise ValueError(f"{len(prompts)} prompts for {len(text_gates)} text-encoder gate settings")
+        keys = [(p, tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0))) for p, g in zip(prompts, text_gates)]
         unique = list(dict.fromkeys(keys))
         n = len(unique)
-        neg, pos = self.owner.encode_prompt_rows([self.prompt] * n, [self.negative_prompt] * n, [dict(k) for k in unique], self.height, self.width)
+        neg, pos = self.owner.encode_prompt_rows([k[0] for k in unique], [self.negative_prompt] * n, [dict(k[1]) for k in unique],
+                                                 self.height, self.width)
         index = {k: i for i, k in enumerate(unique)}
         return [(neg.rows(index[k], index[k] + 1), pos.rows(index[k], index[k] + 1)) for k in keys]
+
+    def add_lora(self, lora: LoRA) -> LoRA:
+        """Make a LoRA built during `prepare` (e.g. a merged one) resident until this generation ends."""
+        self.owner.add_lora(lora)
+        self._stack.callback(self.owner.remove_lora, lora.name)
+        return lora
 
     def predict(self, latents, step, conditioning, routing, layer_gates=None, max_batch=None):
         x = self.scheduler.scale_model_input(latents, step.timestep)

@@ -54,8 +54,11 @@ class DenoiseContext(Protocol):
     guidance_scale: float
     unet_router: LoRARouter
 
-    def encode(self, text_gates: Sequence[Mapping[str, float]]) -> list[tuple[Conditioning, Conditioning]]:
-        """(negative, positive) conditioning of the prompt for each text-encoder gate setting, encoded once."""
+    def encode(
+        self, text_gates: Sequence[Mapping[str, float]], prompts: Sequence[str] | None = None
+    ) -> list[tuple[Conditioning, Conditioning]]:
+        """(negative, positive) conditioning for each text-encoder gate setting (and branch prompt, default the
+        run's prompt), encoded once per distinct pair."""
 
     def predict(
         self,
@@ -70,6 +73,9 @@ class DenoiseContext(Protocol):
 
     def enter(self, cm: AbstractContextManager) -> Any:
         """Keep a context (e.g. fused weights) open until the generation ends, even on error."""
+
+    def add_lora(self, lora: LoRA) -> LoRA:
+        """Make a LoRA built in `prepare` (e.g. a merged one) resident until the generation ends."""
 
 
 def param(default, help: str, **extra):
