@@ -12,14 +12,19 @@ method, is left out). The last lines printed are the ratios the issues ask for:
     composite_vs_limit      our Composite / (N x one single-LoRA generation)              target <= 1.05
     merge_vs_base           our Merge (fused) / the base model with no LoRA               target <= 1.05
     lora_memory_ratio       resident memory added by loading N LoRAs / their file sizes   target <= 1.3
+
+followed by the lines of the method plug-ins `benchmarks/methods_<name>.py` (see BenchEnv).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
+import pkgutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +34,25 @@ import torch
 from benchmarks.common import MODELS, builder, interleaved_medians, rss_bytes, write_loras
 
 PROMPT = "a portrait of a character, detailed"
+
+
+@dataclass
+class BenchEnv:
+    """What `benchmarks/methods_<name>.py` plug-ins get: the loaded pipelines and the shared settings."""
+
+    model: str
+    ours: object  # ComposedPipeline with LoRAs l0..l{N-1} resident
+    reference: object  # diffusers pipeline with the same LoRAs loaded through PEFT
+    lora_paths: list
+    names: list
+    kw: dict  # generation keyword arguments shared by every timed call
+    prompt: str
+    repeats: int
+    size: int
+    steps: int
+    rank: int
+    single_seconds: float  # median of one fixed LoRA through our pipeline
+    base_factory: object  # builds a fresh base diffusers pipeline of this model
 NEGATIVE = "blurry"
 
 
@@ -123,11 +147,20 @@ def main() -> None:
     single = res["single"][0]
     print(f"info single_vs_diffusers_single {single / res['diffusers_single'][0]:.3f}")
     print(f"info lora_factor_bytes_ratio {factor_bytes / file_bytes:.3f} ({factor_bytes} factor bytes, {file_bytes} file bytes)")
+    # Methods added later contribute their own measurements: benchmarks/methods_<name>.py with
+    # `measure(env) -> list[(line_name, value)]`, where env holds what was built above.
+    env = BenchEnv(model=args.model, ours=ours, reference=reference, lora_paths=paths, names=names, kw=kw, prompt=PROMPT,
+                   repeats=args.repeats, size=size, steps=steps, rank=rank, single_seconds=single, base_factory=builder(args.model))
+    extra = []
+    for mod in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("methods_")):
+        extra += importlib.import_module(f"benchmarks.{mod}").measure(env)
     print(f"switch_vs_single {res['switch'][0] / single:.3f}")
     print(f"composite_vs_reference {res['composite'][0] / res['reference_composite'][0]:.3f}")
     print(f"composite_vs_limit {res['composite'][0] / (args.n * single):.3f}")
     print(f"merge_vs_base {res['merge_fused'][0] / res['base'][0]:.3f}")
     print(f"lora_memory_ratio {(after - before) / file_bytes:.3f}")
+    for name, value in extra:
+        print(f"{name} {value:.4g}")
 
 
 if __name__ == "__main__":
