@@ -4,6 +4,7 @@ or a tiny offline model (`tiny:sd1`, `tiny:sdxl`)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +36,29 @@ def _dtype(dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}") from None
 
 
+# Every original-layout SD 1.x/2.x/SDXL checkpoint keeps its UNet under this prefix (diffusers reads nothing else).
+LDM_UNET_PREFIX = "model.diffusion_model."
+
+
+def _check_single_file(path: Path) -> None:
+    """Fail early, naming the file, when a .safetensors file cannot be a base model (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({err}).") from err
+    if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
+        return
+    example = ", ".join(repr(k) for k in keys[:3]) or "none"
+    if any(re.search(r"lora|hada_|lokr_", k, re.IGNORECASE) for k in keys):
+        raise ModelLoadError(f"{path}: this is a LoRA/adapter file, not a base model ({len(keys)} tensors such as {example}). "
+                             "Load it as a LoRA on top of a Stable Diffusion base model.")
+    raise ModelLoadError(f"{path}: not a Stable Diffusion checkpoint: none of its {len(keys)} tensors is a UNet weight in the "
+                         f"original layout ({LDM_UNET_PREFIX}*); keys such as {example}.")
+
+
 def load_base_pipeline(
     model: str,
     *,
@@ -63,13 +87,20 @@ def load_base_pipeline(
             kwargs["config"] = config
         if cls is StableDiffusionPipeline:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        _check_single_file(path)
         try:
             pipe = cls.from_single_file(str(path), **kwargs)
         except Exception as err:
+            # diffusers' first line says what failed; the rest is advice for its own API (kept in __cause__).
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(
-                f"{path}: cannot load as a single-file {cls.__name__} ({err}). Pass --family (sd1/sd2/sdxl) and, "
-                "offline, --model-config pointing at a diffusers folder or hub id of the same architecture."
+                f"{path}: cannot load as a single-file {cls.__name__} ({detail}). Set the family (sd1/sd2/sdxl) and, "
+                "offline, the model config (--model-config / model_config): a diffusers folder or hub id of the same "
+                "architecture."
             ) from err
+        if family in ("sd1", "sd2", "sdxl") and pipeline_family(pipe) != family:
+            raise ModelLoadError(f"{path}: the family was given as {family}, but the checkpoint and its config "
+                                 f"load as {pipeline_family(pipe)}.")
         return pipe.to(device)
     if path.is_dir():
         index = path / "model_index.json"
