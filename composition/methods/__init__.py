@@ -13,6 +13,8 @@ from .base import (
     register,
 )
 from . import composite, merge, switch  # noqa: F401  (registration)
+from . import clora, cmlora  # noqa: F401  (registration)
+from . import klora  # noqa: F401  (registration)
 
 
 def available_methods() -> list[str]:
