@@ -1,0 +1,115 @@
+"""What the web UI serves: models, LoRA and output folders, CLIP for Compare, defaults of the Compose tab.
+
+Defaults: the shipped toy world (`assets/toyworld/`) when it is there, else the tiny random SD 1.x model with the
+example LoRAs. `from_spec` takes the same fields from a `loraloom generate` spec file, and command-line flags
+override both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from composition.errors import SpecError
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+TOYWORLD_SPEC = ASSETS / "examples" / "toyworld.yaml"
+TINY_SPEC = ASSETS / "examples" / "tiny_sd1.yaml"
+TINY_MODELS = ("tiny:sd1", "tiny:sdxl")
+
+
+def _toyworld():
+    from evaluation.toyworld import CLIP, LORAS_DIR, MODEL
+
+    return MODEL, LORAS_DIR, CLIP
+
+
+@dataclass
+class UIConfig:
+    models: list[str]  # the base models offered; the first is loaded at start
+    lora_dirs: list[Path]
+    output_dir: Path = Path("outputs/ui")
+    model_dirs: list[Path] = field(default_factory=list)  # more folders whose models may be picked
+    clip: str | None = None  # transformers CLIP folder for Compare's CLIPScore (None: no score)
+    prompt: str = ""
+    negative_prompt: str = ""
+    loras: list[tuple[str, float]] = field(default_factory=list)  # preselected (library name, weight)
+    method: str = "merge"
+    compare_methods: list[str] = field(default_factory=list)
+    method_params: dict = field(default_factory=dict)  # {method: {param: value}} overriding the dataclass defaults
+    steps: int = 20
+    guidance_scale: float = 7.5
+    scheduler: str = "dpmsolver++"
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    local_files_only: bool = True
+    max_png_mb: float = 20.0  # Reproduce uploads
+    max_lora_mb: float = 1024.0  # Library uploads
+    allow_lora_upload: bool = True
+    preview_every: int = 1  # decode a preview every N steps (0: none)
+    max_queue: int = 64  # requests waiting for the model beyond this are refused ("queue full")
+    max_loras: int = 5
+    name: str = "custom"  # shown in the page header: "toy world", "tiny random model", …
+
+    @property
+    def model_roots(self) -> list[Path]:
+        """Folders (and single files) models may be read from."""
+        roots = [Path(m).expanduser() for m in self.models if m not in TINY_MODELS and Path(m).expanduser().exists()]
+        return roots + list(self.model_dirs)
+
+    @property
+    def file_roots(self) -> list[Path]:
+        return [*self.model_roots, *self.lora_dirs, self.output_dir]
+
+    def check(self) -> "UIConfig":
+        """Clear errors for folders that are not there, before the server starts."""
+        if not self.models:
+            raise SpecError("the UI needs at least one base model (--model)")
+        for d in self.lora_dirs:
+            if not Path(d).is_dir():
+                raise SpecError(f"LoRA folder {d} does not exist; pass --lora-dir with a folder of .safetensors files")
+        for d in self.model_dirs:
+            if not Path(d).is_dir():
+                raise SpecError(f"model folder {d} does not exist (--model-dir)")
+        return self
+
+
+def from_spec(path: str | os.PathLike, name: str | None = None) -> UIConfig:
+    """A UIConfig from a `loraloom generate` spec: its model, the folders of its LoRAs and its settings."""
+    from pipelines.batch import load_batch_spec
+
+    batch = load_batch_spec(path)
+    lora_dirs = list(dict.fromkeys(Path(ref.path).parent for ref in batch.loras))
+    params = batch.method_params or {}
+    return UIConfig(
+        models=[batch.model], lora_dirs=lora_dirs, prompt=batch.prompts[0] if batch.prompts else "",
+        negative_prompt=batch.negative_prompt, loras=[(ref.adapter_name, ref.weight) for ref in batch.loras],
+        method=batch.methods[0], compare_methods=list(batch.methods),
+        method_params={m: dict(v) for m, v in params.items() if isinstance(v, dict)},
+        steps=batch.steps, guidance_scale=batch.guidance_scale, scheduler=batch.scheduler, seed=batch.seeds[0],
+        height=batch.height, width=batch.width, dtype=batch.dtype, name=name or Path(path).stem,
+    )
+
+
+def toyworld_available() -> bool:
+    model, loras, _ = _toyworld()
+    return (model / "model_index.json").exists() and loras.is_dir()
+
+
+def default_config() -> UIConfig:
+    """The toy world when it is installed, else the tiny random model and the example LoRAs."""
+    if toyworld_available():
+        model, loras, clip = _toyworld()
+        if TOYWORLD_SPEC.exists():
+            cfg = from_spec(TOYWORLD_SPEC, name="toy world")
+            cfg.models = [str(model)] + [m for m in cfg.models if Path(m).resolve() != model.resolve()]
+            cfg.lora_dirs = [loras] + [d for d in cfg.lora_dirs if Path(d).resolve() != loras.resolve()]
+        else:
+            cfg = UIConfig(models=[str(model)], lora_dirs=[loras], name="toy world")
+        cfg.clip = str(clip) if clip.is_dir() else None
+        return cfg
+    return from_spec(TINY_SPEC, name="tiny random model (its images are noise)")

@@ -1,0 +1,125 @@
+"""Method parameters as form fields, from `describe_params` alone: a method registered later gets its controls
+with no change here. Each field says how to make its control and how to turn the control's value back into the
+parameter's value (and the other way, to restore a PNG's settings)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from composition.methods import describe_params, get_method
+
+NUMBER_TYPES = {"int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class ParamField:
+    method: str
+    name: str
+    kind: str  # bool | int | float | choice | str | json
+    default: Any
+    help: str
+    optional: bool = False  # the parameter accepts None (an empty field)
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+
+    @property
+    def elem_id(self) -> str:
+        return f"param-{self.method}-{self.name}"
+
+    def to_control(self, value: Any) -> Any:
+        """The control's value for parameter value `value`."""
+        if self.kind == "json":
+            return json.dumps(value)
+        if self.kind == "str" and value is None:
+            return ""
+        return value
+
+    def from_control(self, raw: Any) -> Any:
+        """The parameter value from the control's value; `ValueError` naming the method and field if it is not one."""
+        where = f"{self.method}.{self.name}"
+        if self.kind == "bool":
+            return bool(raw)
+        if self.kind in NUMBER_TYPES:
+            if raw is None or raw == "":
+                if self.optional:
+                    return None
+                raise ValueError(f"{where} needs a number")
+            value = NUMBER_TYPES[self.kind](raw)
+            if self.kind == "int" and float(raw) != value:
+                raise ValueError(f"{where} must be a whole number, got {raw}")
+            if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
+                raise ValueError(f"{where} must lie in [{self.minimum}, {self.maximum}], got {value}")
+            return value
+        if self.kind == "choice":
+            if raw not in self.choices:
+                raise ValueError(f"{where} must be one of {list(self.choices)}, got {raw!r}")
+            return raw
+        if self.kind == "json":
+            if isinstance(raw, str):
+                try:
+                    return json.loads(raw) if raw.strip() else None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where} is not valid JSON ({err.msg})") from None
+            return raw
+        return None if (raw in (None, "") and self.optional) else str(raw or "")
+
+
+def _kind(type_text: str) -> tuple[str, bool]:
+    """('int', optional?) from a dataclass field's type text such as 'int | None' or 'Optional[float]'."""
+    text = str(type_text).replace(" ", "")
+    optional = "None" in re.split(r"[|\[\],]", text) or text.startswith("Optional[")
+    base = re.sub(r"^Optional\[(.*)\]$", r"\1", text)
+    parts = [p for p in base.split("|") if p and p != "None"]
+    if len(parts) == 1 and parts[0] in ("bool", "int", "float", "str"):
+        return parts[0], optional
+    return "json", optional
+
+
+def method_fields(method: str) -> list[ParamField]:
+    """The form fields of a registered method's parameter dataclass, in declaration order."""
+    out = []
+    for d in describe_params(get_method(method)):
+        kind, optional = _kind(d["type"])
+        if d.get("choices"):
+            kind = "choice"
+        out.append(ParamField(method=method, name=d["name"], kind=kind, default=d["default"], help=d.get("help", ""),
+                              optional=optional or d["default"] is None, minimum=d.get("min"), maximum=d.get("max"),
+                              choices=tuple(d["choices"]) if d.get("choices") else None))
+    return out
+
+
+def make_control(f: ParamField, value: Any = None):
+    """The Gradio control of one field, showing `value` (default: the dataclass default) and the help text."""
+    import gradio as gr
+
+    value = f.default if value is None else value
+    common = dict(label=f.name, info=f.help or None, elem_id=f.elem_id)
+    if f.kind == "bool":
+        return gr.Checkbox(value=bool(value), **common)
+    if f.kind == "choice":
+        return gr.Dropdown(choices=list(f.choices), value=value, **common)
+    if f.kind in NUMBER_TYPES:
+        if f.minimum is not None and f.maximum is not None and value is not None:
+            step = 1 if f.kind == "int" else (f.maximum - f.minimum) / 100
+            return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=step, value=value, **common)
+        return gr.Number(value=value, precision=0 if f.kind == "int" else None, minimum=f.minimum, maximum=f.maximum, **common)
+    if f.kind == "json":
+        return gr.Textbox(value=f.to_control(value), lines=1, **{**common, "label": f"{f.name} (JSON)"})
+    return gr.Textbox(value=f.to_control(value), lines=1, **common)
+
+
+def collect(fields: list[ParamField], raws: list[Any]) -> dict[str, dict]:
+    """{method: {param: value}} from the controls' values (same order as `fields`)."""
+    out: dict[str, dict] = {}
+    for f, raw in zip(fields, raws, strict=True):
+        out.setdefault(f.method, {})[f.name] = f.from_control(raw)
+    return out
+
+
+def control_values(fields: list[ParamField], params_by_method: dict[str, dict]) -> list[Any]:
+    """Control values showing `params_by_method` (defaults for what it leaves out), in the order of `fields`."""
+    return [f.to_control(params_by_method.get(f.method, {}).get(f.name, f.default)) for f in fields]

@@ -1,0 +1,60 @@
+"""Per-step previews while a generation runs: the pipeline runs in a worker thread; its step callback decodes
+the current latents and hands them over a queue to the caller, who yields them (a Gradio generator)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.spec import GenerationSpec
+
+from .service import GenerationResult, GenerationService
+
+
+@dataclass
+class StepEvent:
+    step: int  # steps done
+    total: int  # steps asked for (some schedulers take more model evaluations; `step` is capped at it)
+    preview: Any = None  # PIL image of the current latents, or None between previews
+
+
+def stream_generation(service: GenerationService, spec: GenerationSpec, preview_every: int = 1
+                      ) -> Iterator[StepEvent | GenerationResult]:
+    """Yield a StepEvent per denoising step, then the GenerationResult; errors of the run are raised here.
+
+    Closing the iterator early (the user pressed Stop, the client went away) stops the run after its current
+    step and waits for it, so the model is free again when this returns.
+    """
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    total = max(int(spec.steps), 1)
+
+    def on_step(cp, i, t, kwargs):
+        preview = None
+        if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+            preview = cp.decode_latents(kwargs["latents"])[0]
+        events.put(StepEvent(min(i + 1, total), total, preview))
+
+    def work():
+        try:
+            events.put(service.generate(spec, callback=on_step, cancel=cancel))
+        except BaseException as err:  # handed to the consumer, which raises it in its own thread
+            events.put(err)
+
+    worker = threading.Thread(target=work, name="loraloom-generate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, GenerationResult):
+                return
+    finally:
+        if worker.is_alive():
+            cancel.set()
+            worker.join()

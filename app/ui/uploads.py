@@ -1,0 +1,72 @@
+"""Checks on uploaded files before anything reads them: type (extension and magic bytes), size, and for images
+the pixel count (a PNG can decompress to gigabytes)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from composition.errors import LoraloomError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_PIXELS = 8192 * 8192
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UploadRefused(LoraloomError, ValueError):
+    """An uploaded file that is not what it claims, or too large."""
+
+
+def _check_size(path: Path, max_bytes: int, label: str) -> int:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UploadRefused(f"{label} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB.")
+    if size == 0:
+        raise UploadRefused(f"{label} is empty.")
+    return size
+
+
+def check_png_upload(path: str | os.PathLike, max_bytes: int, name: str | None = None) -> Path:
+    """A PNG no larger than `max_bytes` with a sane pixel count; returns its path or raises `UploadRefused`."""
+    from PIL import Image
+
+    path = Path(path)
+    label = f"the uploaded file {name or path.name!r}"
+    if path.suffix.lower() != ".png":
+        raise UploadRefused(f"{label} is not a .png file; drop a PNG made by loraloom.")
+    _check_size(path, max_bytes, label)
+    with open(path, "rb") as f:
+        if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
+            raise UploadRefused(f"{label} has a .png name but is not a PNG image.")
+    try:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UploadRefused(f"{label} cannot be read as a PNG ({err}).") from None
+    if w * h > MAX_PNG_PIXELS:
+        raise UploadRefused(f"{label} is {w}x{h} pixels, more than the {MAX_PNG_PIXELS} pixels the UI reads.")
+    return path
+
+
+def check_lora_upload(path: str | os.PathLike, max_bytes: int, name: str | None = None) -> Path:
+    """A .safetensors file no larger than `max_bytes` whose header describes a LoRA; raises `UploadRefused`."""
+    from composition.errors import LoRAFileError
+    from composition.lora import read_lora_info
+
+    path = Path(path)
+    label = f"the uploaded file {name or path.name!r}"
+    if path.suffix.lower() != ".safetensors":
+        raise UploadRefused(f"{label} is not a .safetensors file; only safetensors LoRAs are accepted (pickles can run code).")
+    _check_size(path, max_bytes, label)
+    try:
+        read_lora_info(path)  # header only: no tensor is loaded
+    except LoRAFileError as err:
+        raise UploadRefused(f"{label} is not a usable LoRA: {err.problem}" + (f" Fix: {err.fix}" if err.fix else "")) from None
+    return path
+
+
+def safe_file_name(name: str, suffix: str) -> str:
+    """A plain file name (letters, digits, . _ -) with `suffix`, from whatever name the browser sent."""
+    stem = SAFE_NAME.sub("_", Path(name).stem).strip("._") or "upload"
+    return stem[:100] + suffix
