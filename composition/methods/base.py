@@ -53,6 +53,11 @@ class DenoiseContext(Protocol):
     loras: Sequence[ActiveLoRA]
     guidance_scale: float
     unet_router: LoRARouter
+    prompt: str  # the run's prompt (methods with per-branch prompts default to it)
+    negative_prompt: str
+    height: int
+    width: int
+    scheduler: Any  # this run's diffusers scheduler (set timesteps; read-only for methods)
 
     def encode(
         self, text_gates: Sequence[Mapping[str, float]], prompts: Sequence[str] | None = None
@@ -76,6 +81,43 @@ class DenoiseContext(Protocol):
 
     def add_lora(self, lora: LoRA) -> LoRA:
         """Make a LoRA built in `prepare` (e.g. a merged one) resident until the generation ends."""
+
+    # --- attention maps, latent updates, feature caching, profiling (CLoRA, CMLoRA) --------------------------
+    def token_indices(self, prompt: str, words: Sequence[str]) -> list[list[int]]:
+        """Positions (BOS = 0) of each word's tokens in `prompt` as the text encoder sees it; [] for a missing word."""
+
+    def predict_with_attention(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        conditioning: Conditioning,
+        routing: Routing,
+        tokens: torch.Tensor,
+        map_side: int | None = None,
+        output: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """UNet output and the cross-attention maps (rows, h, w, K) of token positions `tokens` (rows, K; -1 = none),
+        averaged over layers x heads at one resolution (`map_side` cells across; None: CLoRA's W/32 rule).
+        `output=False` stops the UNet after the last captured layer and returns (None, maps). Differentiable with
+        respect to `latents` when grad is enabled (the UNet's own parameters are not tracked)."""
+
+    def predict_features(
+        self,
+        latents: torch.Tensor,
+        step: Step,
+        conditioning: Conditioning,
+        routing: Routing,
+        features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepCache-style pass: `features=None` runs the full UNet and also returns its deep features; given
+        `features` (rows aligned), only the outermost level runs on them (a shallow pass). Returns (output, features)."""
+
+    def set_latents(self, latents: torch.Tensor) -> None:
+        """Replace this step's latents (latent-optimising methods such as CLoRA): the scheduler steps from these."""
+
+    def generate_image(self, prompt: str, gates: Mapping[str, float], *, seed: int, num_inference_steps: int) -> Any:
+        """One image (PIL) with `gates` on every UNet row and in the text encoder, with this run's negative prompt,
+        guidance, size and scheduler (for profiling; not counted in this run's UNet calls)."""
 
 
 def param(default, help: str, **extra):
