@@ -19,9 +19,10 @@ from composition.lora import LoRA, load_lora
 from composition.methods import ActiveLoRA, Method, Step, make_method, params_to_dict
 from composition.routing import LoRARouter, Routing
 
-from .attention import enable_fast_attention
+from .attention import StopForward, capture_cross_attention, enable_fast_attention, token_positions
 from .loading import load_base_pipeline, pipeline_family
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, step_kwargs
+from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
 
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -184,6 +185,8 @@ class ComposedPipeline:
                         break
                     step = Step(i, len(timesteps), t)
                     eps = method.denoise(run, latents, step)
+                    if run.new_latents is not None:  # a latent-optimising method (CLoRA) moved this step's latents
+                        latents, run.new_latents = run.new_latents, None
                     latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
                     if callback_on_step_end is not None:
                         result = callback_on_step_end(self, i, t, {"latents": latents})
@@ -274,6 +277,9 @@ class _Run:
         self.scheduler = None
         self.unet_calls = 0
         self.unet_rows = 0
+        self.shallow_calls = 0  # DeepCache-style shallow passes (predict_features with cached features)
+        self.shallow_rows = 0
+        self.new_latents = None
         self._stack = ExitStack()
 
     @property
@@ -317,6 +323,73 @@ class _Run:
 
     def enter(self, cm: AbstractContextManager):
         return self._stack.enter_context(cm)
+
+    # --- attention maps, latent updates, feature caching, profiling (CLoRA, CMLoRA) ------------------------------
+    def token_indices(self, prompt, words):
+        return token_positions(self.owner.pipe.tokenizer, prompt, words)
+
+    def predict_with_attention(self, latents, step, conditioning, routing, tokens, map_side=None, output=True):
+        """One UNet call that also captures cross-attention maps (see DenoiseContext.predict_with_attention)."""
+        unet = self.owner.pipe.unet
+        x = self.scheduler.scale_model_input(latents, step.timestep)
+        if len(conditioning) != x.shape[0] or tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} latent rows, {len(conditioning)} conditioning rows, {tokens.shape[0]} token rows")
+        self.unet_router.set_routing(routing)
+        # With grad on, track the latents only: frozen weights keep the graph (and its memory) to what d/dz needs.
+        frozen = [p for p in unet.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        for p in frozen:
+            p.requires_grad_(False)
+        out = None
+        try:
+            with capture_cross_attention(unet, tokens, tuple(latents.shape[-2:]), map_side, stop_after_last=not output) as store:
+                try:
+                    out = unet(x, step.timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
+                except StopForward:
+                    pass
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        self.unet_calls += 1
+        self.unet_rows += x.shape[0]
+        return out, store.maps()
+
+    def predict_features(self, latents, step, conditioning, routing, features=None):
+        """Full pass returning deep features, or a shallow pass reusing them (see DenoiseContext.predict_features)."""
+        unet = self.owner.pipe.unet
+        check_feature_cache_support(unet)
+        x = self.scheduler.scale_model_input(latents, step.timestep)
+        if len(conditioning) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} latent rows but {len(conditioning)} conditioning rows")
+        self.unet_router.set_routing(routing)
+        kw = conditioning.unet_kwargs()
+        if features is None:
+            out, features = full_pass(unet, x, step.timestep, kw["encoder_hidden_states"], kw["added_cond_kwargs"])
+            self.unet_calls += 1
+            self.unet_rows += x.shape[0]
+        else:
+            out = shallow_pass(unet, x, step.timestep, kw["encoder_hidden_states"], features, kw["added_cond_kwargs"])
+            self.shallow_calls += 1
+            self.shallow_rows += x.shape[0]
+        return out, features
+
+    def set_latents(self, latents):
+        self.new_latents = latents.detach()
+
+    def generate_image(self, prompt, gates, *, seed, num_inference_steps):
+        """A plain CFG generation with static `gates` (profiling), on its own scheduler and generator."""
+        sub = _Run(self.owner, self.loras, prompt, self.negative_prompt, self.guidance_scale, self.height, self.width)
+        sched = type(self.scheduler).from_config(self.scheduler.config)
+        sched.set_timesteps(num_inference_steps, device=self.owner.device)
+        sub.scheduler = sched
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        latents = self.owner._initial_latents(self.height, self.width, generator) * sched.init_noise_sigma
+        extra = step_kwargs(sched, generator)
+        neg, pos = sub.encode([gates])[0]
+        cond, routing = Conditioning.cat([neg, pos]), Routing.uniform(gates)
+        for i, t in enumerate(sched.timesteps):
+            eps_u, eps_c = sub.predict(torch.cat([latents, latents]), Step(i, len(sched.timesteps), t), cond, routing).chunk(2)
+            latents = sched.step(eps_u + self.guidance_scale * (eps_c - eps_u), t, latents, **extra, return_dict=False)[0]
+        return self.owner.decode_latents(latents)[0]
 
     def close(self) -> None:
         try:
