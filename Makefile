@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
+# The web UI on http://127.0.0.1:7860 with the toy world (the tiny random model until assets/toyworld is there).
+# Extra flags: make run UI_ARGS="--port 7861 --auth me:secret"
 run: $(STAMP)
-	$(VENV)/bin/loraloom generate assets/examples/tiny_sd1.yaml
+	$(VENV)/bin/loraloom ui $(UI_ARGS)
 
+# tools/ensure_chromium.sh installs Debian's chromium for the browser test when it is missing (never fails).
 test: $(STAMP)
+	@sh tools/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 clean-venv:

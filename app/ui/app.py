@@ -35,7 +35,9 @@ MAX_GALLERY = 48
 LIBRARY_HEADERS = ["name", "family", "rank", "category", "triggers", "suggested triggers", "preview", "file", "error"]
 CSS = """
 #status { min-height: 1.5em; }
-.compare-caption { text-align: center; }
+/* small model outputs (the toy world's are 32 px) are shown enlarged with crisp pixels */
+#gallery img, #compare-gallery img, #preview img { image-rendering: pixelated; }
+#preview img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 
@@ -62,8 +64,10 @@ def _fail(err: BaseException) -> gr.Error:
 
 
 def insert_triggers(prompt: str, triggers: list[str]) -> str:
-    """`prompt` with each trigger word it lacks appended, comma-separated."""
+    """`prompt` with its `{triggers}` placeholder filled, else with each trigger word it lacks appended."""
     prompt = (prompt or "").strip()
+    if "{triggers}" in prompt:
+        return prompt.replace("{triggers}", ", ".join(dict.fromkeys(t for t in triggers if t)))
     missing = [t for t in dict.fromkeys(triggers) if t and t.lower() not in prompt.lower()]
     if not missing:
         return prompt
@@ -174,8 +178,9 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                                                        interactive=False, elem_id="preview", height=256)
                                     latest = gr.File(label="Download PNG (spec embedded)", interactive=False,
                                                      elem_id="download")
-                                gallery = gr.Gallery(label="Results", format="png", columns=4, height="auto",
-                                                     elem_id="gallery", buttons=["download", "fullscreen"])
+                                gallery = gr.Gallery(label="Results", format="png", columns=4, height=360, preview=False,
+                                                     object_fit="contain", elem_id="gallery",
+                                                     buttons=["download", "fullscreen"])
                                 result_view = gr.JSON(label="Last result", elem_id="result")
                                 with gr.Accordion("Spec of the last image (as embedded in the PNG)", open=False):
                                     spec_view = gr.Code(language="json", label="spec", elem_id="spec")
@@ -186,7 +191,8 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                                 compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
                                 compare_status = gr.Markdown("", elem_id="compare-status")
                                 compare_gallery = gr.Gallery(label="Same prompt and seed", format="png",
-                                                             columns=max(len(compare0), 1), elem_id="compare-gallery")
+                                                             columns=max(len(compare0), 1), preview=False, height=360,
+                                                             object_fit="contain", elem_id="compare-gallery")
                                 compare_table = gr.Dataframe(headers=["method", "CLIPScore", "seconds", "file", "error"],
                                                              interactive=False, elem_id="compare-table")
                             with gr.Tab("Reproduce", id="reproduce"):
