@@ -178,6 +178,10 @@ def score_cmd(args: argparse.Namespace) -> int:
         from evaluation.errors import EvaluationError
 
         raise EvaluationError("--judge needs --judge-model")
+    if not args.verbose:  # transformers' "Loading weights" bars say nothing useful here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     judge = None
     if args.judge:
         from app.cmd_eval import build_judge

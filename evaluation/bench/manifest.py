@@ -150,15 +150,11 @@ class Manifest:
 
     def model_ref(self, key: str) -> str:
         """The base model as the loader takes it: an absolute path for local folders/files, else as written."""
-        from pipelines.batch import _resolve  # the same rule `loraloom generate` applies to spec files
-
-        return _resolve(self.base_models[key].model, self.folder)
+        return model_location(self.base_models[key].model, self.folder)
 
     def vae_ref(self, key: str) -> str | None:
-        from pipelines.batch import _resolve
-
         vae = self.base_models[key].vae
-        return _resolve(vae, self.folder) if vae else None
+        return model_location(vae, self.folder) if vae else None
 
     def select(self, limit: int | None = None, patterns: list[str] | None = None) -> list[BenchSet]:
         """Sets matching any of the id patterns (fnmatch), then the first `limit` of them, in manifest order."""
@@ -175,6 +171,20 @@ class Manifest:
         for s in self.sets if sets is None else sets:
             out[(s.group, s.n)] += 1
         return dict(out)
+
+
+def model_location(value: str, base: Path) -> str:
+    """`tiny:` names and hub ids (`org/name`) as written; anything else is a path relative to the manifest. Unlike
+    spec files, a manifest's single-word name (`model`) is a local folder even when it does not exist yet, so a
+    missing folder is reported as missing instead of being looked up on the hub."""
+    from pipelines.batch import _resolve  # the rule `loraloom generate` applies to spec files
+
+    if value.startswith("tiny:"):
+        return value
+    if "/" not in value and "\\" not in value:
+        p = Path(value).expanduser()
+        return str((p if p.is_absolute() else base / p).resolve())
+    return _resolve(value, base)
 
 
 def _err(path, where: str, problem: str, fix: str | None = None) -> SpecError:

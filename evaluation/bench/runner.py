@@ -56,6 +56,7 @@ class RunOptions:
     progress: bool = True
     threads: int | None = None
     argv: list[str] = field(default_factory=list)
+    cache: PipelineCache | None = None  # reuse loaded pipelines across runs in one process (library use, tests)
 
 
 @dataclass
@@ -117,8 +118,8 @@ class BenchPipelines:
     """The pipeline cache of `loraloom generate`, plus what a benchmark adds: the base model's VAE override,
     LoRA categories from the manifest, and the sampler check of reference seeding."""
 
-    def __init__(self, device: str, allow_download: bool, reference_seeding: bool):
-        self.cache = PipelineCache(device=device, local_files_only=not allow_download)
+    def __init__(self, device: str, allow_download: bool, reference_seeding: bool, cache: PipelineCache | None = None):
+        self.cache = cache or PipelineCache(device=device, local_files_only=not allow_download)
         self.reference_seeding = reference_seeding
         self.allow_download = allow_download
         self._prepared = None
@@ -266,7 +267,7 @@ def _run(opts: RunOptions, dist: Distributed) -> RunSummary:
 def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[WorkItem], summary: RunSummary) -> None:
     from tqdm.auto import tqdm
 
-    pipes = BenchPipelines(dist.device, opts.allow_download, opts.reference_seeding)
+    pipes = BenchPipelines(dist.device, opts.allow_download, opts.reference_seeding, opts.cache)
     first = {}
     for it in todo:
         first.setdefault(it.set.base_model, len(first))
