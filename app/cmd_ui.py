@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 
@@ -84,5 +85,15 @@ def run(args: argparse.Namespace) -> int:
     from app.ui.app import build_app, launch
 
     demo = build_app(cfg)
+    # The first model loads while the server starts; a generation asked for meanwhile waits for it.
+    threading.Thread(target=_preload, args=(demo.service, cfg.models[0]), name="loraloom-preload", daemon=True).start()
     launch(demo, cfg, host=args.host, port=args.port or None, auth=auth, share=args.share)
     return 0
+
+
+def _preload(service, model: str) -> None:
+    try:
+        service.pipeline(model)
+        print(f"loraloom ui: model ready: {model}", flush=True)
+    except Exception as err:  # the page shows the same error when a generation asks for the model
+        print(f"loraloom ui: warning: the model {model} did not load: {err}", file=sys.stderr, flush=True)

@@ -126,6 +126,15 @@ def test_paths_outside_the_folders_are_refused(world, loras, model, message):
         generate(world["client"], loras=loras, model=model)
 
 
+def test_file_parameters_of_methods_are_refused_outside_the_folders(world):
+    from composition.methods import available_methods
+
+    if "clora" not in available_methods():
+        pytest.skip("no method with a file parameter is registered")
+    with pytest.raises(AppError, match="clora.mask_dir.*outside the allowed folders"):
+        generate(world["client"], method="clora", params={"mask_dir": "/tmp/elsewhere"})
+
+
 def test_bad_lora_file_shows_error_and_app_keeps_serving(world):
     client = world["client"]
     table = client.predict(api_name="/library")[0]

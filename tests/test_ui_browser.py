@@ -76,6 +76,9 @@ def test_browser_generates_an_image(tmp_path):
                 page.goto(url)
                 page.wait_for_selector("#generate-btn")
                 pick(page, "#lora-1", pair[0])
+                pick(page, "#lora-2", pair[0])  # a mistake first: the error shows in the page
+                page.locator("#generate-btn").click()
+                playwright_api.expect(page.get_by_test_id("toast-body").first).to_contain_text("chosen twice")
                 pick(page, "#lora-2", pair[1])
                 pick(page, "#method", "switch")
                 playwright_api.expect(page.locator("#params-switch")).to_be_visible()
@@ -86,6 +89,8 @@ def test_browser_generates_an_image(tmp_path):
                 playwright_api.expect(page.locator("#status")).to_contain_text("done")
                 playwright_api.expect(page.locator("#preview img")).to_be_visible()
                 data = page.request.get(image.get_attribute("src")).body()
+                for close in page.get_by_test_id("toast-close").all():  # the earlier error's toast, if still shown
+                    close.click()
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
             finally:

@@ -4,6 +4,7 @@ dataclasses, trigger insertion, stopping a streamed generation, and the `loraloo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -113,6 +114,7 @@ class ProbeParams:
     limit: int | None = param(None, "Optional limit; empty = none.")
     label: str = param("x", "Free text.")
     weights: list = param([1.0, 2.0], "A list, as JSON.")
+    save_to: str = param("", "Also write something to this file.")
 
 
 class Probe(Method):
@@ -135,19 +137,20 @@ def test_fields_follow_the_dataclass(probe_method):
     fields = method_fields("ui_probe")
     assert [(f.name, f.kind) for f in fields] == [("strength", "float"), ("rounds", "int"), ("mode", "choice"),
                                                   ("enabled", "bool"), ("limit", "int"), ("label", "str"),
-                                                  ("weights", "json")]
+                                                  ("weights", "json"), ("save_to", "str")]
+    assert [f.name for f in fields if f.path] == ["save_to"]
     assert fields[0].help == "How strong." and fields[0].maximum == 1.0 and fields[4].optional
     raws = control_values(fields, {})
     assert collect(fields, raws) == {"ui_probe": {"strength": 0.5, "rounds": 3, "mode": "a", "enabled": True,
-                                                  "limit": None, "label": "x", "weights": [1.0, 2.0]}}
+                                                  "limit": None, "label": "x", "weights": [1.0, 2.0], "save_to": ""}}
     raws = control_values(fields, {"ui_probe": {"rounds": 7, "weights": [3]}})
     assert collect(fields, raws)["ui_probe"]["rounds"] == 7 and collect(fields, raws)["ui_probe"]["weights"] == [3]
     with pytest.raises(ValueError, match="ui_probe.rounds must be a whole number"):
-        collect(fields, [0.5, 2.5, "a", True, None, "x", "[]"])
+        collect(fields, [0.5, 2.5, "a", True, None, "x", "[]", ""])
     with pytest.raises(ValueError, match="ui_probe.strength must lie in"):
-        collect(fields, [1.5, 2, "a", True, None, "x", "[]"])
+        collect(fields, [1.5, 2, "a", True, None, "x", "[]", ""])
     with pytest.raises(ValueError, match="ui_probe.weights is not valid JSON"):
-        collect(fields, [0.5, 2, "a", True, None, "x", "[1,"])
+        collect(fields, [0.5, 2, "a", True, None, "x", "[1,", ""])
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +176,21 @@ def test_a_newly_registered_method_gets_controls_in_the_page(probe_method, tiny_
     assert comps["param-ui_probe-strength"]["props"]["value"] == 0.5
     method = comps["method"]["props"]
     assert "ui_probe" in [c[0] if isinstance(c, (list, tuple)) else c for c in method["choices"]]
+
+
+def test_file_parameters_of_methods_stay_inside_the_folders(probe_method, tiny_service):
+    from app.ui.paths import PathRefused
+
+    def spec(save_to):
+        return tiny_service.make_spec("tiny:sd1", "p", "", [["tiny_character", 1.0]], "ui_probe", {"save_to": save_to},
+                                      2, 7.5, 32, 32, "ddim", 0)
+
+    out = tiny_service.config.output_dir
+    assert spec("merged.safetensors").method_params["save_to"] == str(out / "merged.safetensors")
+    assert spec("").method_params["save_to"] == ""  # "no file" passes as it is
+    for bad in ("/etc/cron.d/x", "../x.safetensors", "~/.ssh/authorized_keys"):
+        with pytest.raises(PathRefused, match="ui_probe.save_to"):
+            spec(bad)
 
 
 def test_insert_triggers():
@@ -212,7 +230,8 @@ def test_cli_defaults_are_safe_and_flags_reach_launch(monkeypatch, tmp_path):
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1" and not args.share and args.auth is None or args.auth  # env may set auth
     seen = {}
-    monkeypatch.setattr(ui_app, "build_app", lambda cfg: seen.setdefault("config", cfg) and "demo")
+    demo = SimpleNamespace(service=SimpleNamespace(pipeline=lambda model: seen.setdefault("preloaded", model)))
+    monkeypatch.setattr(ui_app, "build_app", lambda cfg: seen.setdefault("config", cfg) and demo)
     monkeypatch.setattr(ui_app, "launch", lambda demo, cfg, **kw: seen.update(kw))
     monkeypatch.delenv("LORALOOM_UI_AUTH", raising=False)
     rc = main(["ui", "--model", "tiny:sd1", "--lora-dir", str(EXAMPLE_LORAS), "--output-dir", str(tmp_path / "o"),

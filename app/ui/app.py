@@ -37,7 +37,7 @@ CSS = """
 #status { min-height: 1.5em; }
 /* small model outputs (the toy world's are 32 px) are shown enlarged with crisp pixels */
 #gallery img, #compare-gallery img, #preview img { image-rendering: pixelated; }
-#preview img { width: 100%; height: 100%; object-fit: contain; }
+#preview img { height: 200px; width: auto; max-width: 100%; object-fit: contain; }
 """
 
 
@@ -102,13 +102,14 @@ def preview_image(item: LibraryItem, side: int = 256):
 
 
 def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.Blocks:
-    """The Blocks app (not launched). Loads the first model (to size the image controls) and scans the library."""
+    """The Blocks app (not launched). Scans the library; sizes the image controls from the first model's configs
+    (loading it only when it is not a diffusers folder, e.g. `tiny:sd1`)."""
     config.check()
     service = service or GenerationService(config)
     methods = available_methods()
     fields = [f for m in methods for f in method_fields(m)]
     default_model = service.model_choices()[0]
-    side, multiple = service.geometry(default_model)
+    side, multiple = service.geometry(default_model, load=False)
     max_side = max(4 * side, 256)
     items = service.library()
     names = [i.name for i in items if i.info is not None]
@@ -178,7 +179,7 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                                                        interactive=False, elem_id="preview", height=256)
                                     latest = gr.File(label="Download PNG (spec embedded)", interactive=False,
                                                      elem_id="download")
-                                gallery = gr.Gallery(label="Results", format="png", columns=4, height=360, preview=False,
+                                gallery = gr.Gallery(label="Results", format="png", columns=4, fit_columns=False, height=360, preview=False,
                                                      object_fit="contain", elem_id="gallery",
                                                      buttons=["download", "fullscreen"])
                                 result_view = gr.JSON(label="Last result", elem_id="result")
@@ -191,7 +192,7 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                                 compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
                                 compare_status = gr.Markdown("", elem_id="compare-status")
                                 compare_gallery = gr.Gallery(label="Same prompt and seed", format="png",
-                                                             columns=max(len(compare0), 1), preview=False, height=360,
+                                                             columns=max(len(compare0), 1), fit_columns=False, preview=False, height=360,
                                                              object_fit="contain", elem_id="compare-gallery")
                                 compare_table = gr.Dataframe(headers=["method", "CLIPScore", "seconds", "file", "error"],
                                                              interactive=False, elem_id="compare-table")

@@ -12,6 +12,9 @@ from typing import Any
 from composition.methods import describe_params, get_method
 
 NUMBER_TYPES = {"int": int, "float": float}
+# Text parameters that name files or folders, when the dataclass does not say so with `path=` metadata.
+PATH_NAME = re.compile(r"(^save_|(^|_)(dir|path|file|folder|checkpoint|cache|coefficients)$)")
+PATH_TOKENS = ("", "off", "none")  # values such parameters use to mean "no file" (never taken as paths)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class ParamField:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple | None = None
+    path: bool = False  # the value names a file or folder the method reads or writes
 
     @property
     def elem_id(self) -> str:
@@ -86,9 +90,20 @@ def method_fields(method: str) -> list[ParamField]:
         kind, optional = _kind(d["type"])
         if d.get("choices"):
             kind = "choice"
+        is_path = bool(d["path"]) if "path" in d else (kind == "str" and bool(PATH_NAME.search(d["name"])))
         out.append(ParamField(method=method, name=d["name"], kind=kind, default=d["default"], help=d.get("help", ""),
                               optional=optional or d["default"] is None, minimum=d.get("min"), maximum=d.get("max"),
-                              choices=tuple(d["choices"]) if d.get("choices") else None))
+                              choices=tuple(d["choices"]) if d.get("choices") else None, path=is_path))
+    return out
+
+
+def path_values(method: str, params: dict) -> dict[str, str]:
+    """The file/folder parameters of `params` that name a path (not empty, not 'off', not the method's default)."""
+    out = {}
+    for f in method_fields(method):
+        value = params.get(f.name)
+        if f.path and isinstance(value, str) and value.strip().lower() not in PATH_TOKENS and value != f.default:
+            out[f.name] = value
     return out
 
 

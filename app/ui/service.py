@@ -26,6 +26,7 @@ from pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, ge
 from pipelines.spec import GenerationSpec, LoRARef, file_sha256, read_png_spec, save_png
 
 from .config import TINY_MODELS, UIConfig
+from .params import path_values
 from .paths import PathRefused, is_inside, resolve_inside
 from .uploads import check_lora_upload, check_png_upload, safe_file_name
 
@@ -109,8 +110,17 @@ class GenerationService:
         with self.lock:
             return self.cache.get(spec)
 
-    def geometry(self, model: str) -> tuple[int, int]:
-        """(default image side, the multiple sides must be) of `model`, loading it if needed."""
+    def geometry(self, model: str, load: bool = True) -> tuple[int, int]:
+        """(default image side, the multiple sides must be) of `model`. Read from a diffusers folder's configs
+        without loading it when `load` is False (so the page can answer while the model loads)."""
+        folder = Path(self.resolve_model(model))
+        if not load and (folder / "unet" / "config.json").exists() and (folder / "vae" / "config.json").exists():
+            import json
+
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+            scale = 2 ** (len(vae["block_out_channels"]) - 1)
+            return int(unet["sample_size"]) * scale, scale * 2 ** (len(unet["block_out_channels"]) - 1)
         cp = self.pipeline(model)
         multiple = cp.pipe.vae_scale_factor * 2 ** (len(cp.pipe.unet.config.block_out_channels) - 1)
         return cp.default_size, int(multiple)
@@ -202,6 +212,10 @@ class GenerationService:
             raise SpecError("the same LoRA is chosen twice; pick each LoRA once.")
         params = dict(method_params or {})
         make_method(method, params)  # unknown method or parameter names fail here, with the known ones listed
+        for name, value in path_values(method, params).items():
+            # a file a method reads or writes: inside the folders (relative = inside the output folder), made absolute
+            params[name] = str(resolve_inside(value, [self.config.output_dir, *self.config.lora_dirs,
+                                                      *self.config.model_roots], f"{method}.{name}"))
         refs = complete_lora_refs([LoRARef(path=str(i.path), weight=float(w), name=i.name) for i, w in items])
         if int(seed) < 0:
             raise SpecError(f"seed must be 0 or more, got {seed}")
