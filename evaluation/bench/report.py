@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def _best_per_column(t: Table) -> set[tuple[str, int | str]]:
     for n in [*t.ns, "avg"]:
         vals = [(t.avg[m] if n == "avg" else t.cells[(m, n)]).mean for m in t.methods]
         vals = [v for v in vals if not math.isnan(v)]
-        if len(vals) > 1:
+        if len(vals) > 1 and max(vals) > min(vals):
             top = max(vals)
             best |= {(m, n) for m in t.methods if (t.avg[m] if n == "avg" else t.cells[(m, n)]).mean == top}
     return best
@@ -301,13 +302,26 @@ h3{font-size:14px;margin:16px 0 6px} .sub{color:#666;font-size:12px;margin-botto
 table{border-collapse:collapse;font-size:13px;margin:6px 0 4px} th,td{border:1px solid #dde1e7;padding:4px 9px;text-align:right}
 th{background:#f0f3f7;font-weight:600} td.method,td:first-child{text-align:left;font-weight:600}
 td.best{background:#e7f4e4;font-weight:600} .note{font-size:12px;color:#666;margin:2px 0 10px}
-.charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+.charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start} .metricrow{display:grid;grid-template-columns:660px 480px;gap:24px;align-items:start}
 .grid td{text-align:center;vertical-align:top;font-weight:normal} .grid img{display:block;margin:0 auto}
 .grid .pix{image-rendering:pixelated} .cap{font-size:11px;color:#444;margin-top:2px}
 .ok{color:#2e7d32;font-weight:600} .bad{color:#c62828;font-weight:600} .prompt{font-size:11px;color:#555;max-width:260px;text-align:left}
 details{margin:6px 0} summary{cursor:pointer;font-size:13px;color:#345}
 code{background:#f3f3f3;padding:1px 4px;border-radius:3px;font-size:12px}
 """
+
+
+def _ceiling(m: Metric) -> float | None:
+    """The largest value a metric can take: 100 for shares, the scale for CLIPScore (w·max(cos, 0) <= w)."""
+    if m.percent:
+        return 100.0
+    if m.metric == "clipscore" and (found := re.search(r"scale=([0-9.]+)", m.scorer)):
+        return float(found.group(1))
+    return None
+
+
+def _non_negative(rows: list[dict]) -> bool:
+    return all(r["value"] is None or r["value"] >= 0 for r in rows)
 
 
 def _fact(value: str, label: str) -> str:
@@ -347,11 +361,12 @@ def render_html(d: ReportData, grid_sets: int = 2) -> str:
             k = 100 if t.percent else 1
             chart = line_chart(f"{m.short} vs number of LoRAs",
                                {meth: [(n, k * t.cells[(meth, n)].mean, k * t.cells[(meth, n)].half) for n in t.ns] for meth in t.methods},
-                               "number of LoRAs", m.short + (" (%)" if m.percent else ""), cmap)
+                               "number of LoRAs", m.short + (" (%)" if m.percent else ""), cmap,
+                               y_floor=0.0 if _non_negative(m.rows) else None, y_ceil=_ceiling(m))
             block = [f"<h3>{escape(m.title)}" + (" (%)" if m.percent else "") + "</h3>",
                      f"<div class='note'>scorer: <code>{escape(m.scorer)}</code></div>", html_metric_table(t)]
             block += [f"<details><summary>{escape(g)} only</summary>{html_metric_table(gt)}</details>" for g, gt in per_group.items()]
-            parts.append("<div class='charts'><div>" + "".join(block) + f"</div><div>{chart}</div></div>")
+            parts.append("<div class='metricrow'><div>" + "".join(block) + f"</div><div>{chart}</div></div>")
     else:
         parts.append("<h2>Scores</h2><div class='note'>No scores yet: run <code>loraloom bench score DIR</code>.</div>")
 
@@ -387,7 +402,7 @@ def render_html(d: ReportData, grid_sets: int = 2) -> str:
                      ", ".join(f"{m} {fmt_estimate(calls.avg[m], digits=1)}" for m in calls.methods) + "</div>")
         parts.append("<div class='charts'>" + line_chart("seconds per image vs number of LoRAs",
                                                           {m: [(n, t.cells[(m, n)].mean, t.cells[(m, n)].half) for n in t.ns] for m in t.methods},
-                                                          "number of LoRAs", "seconds", cmap) + "</div>")
+                                                          "number of LoRAs", "seconds", cmap, y_floor=0.0) + "</div>")
 
     grid = grid_rows(d, grid_sets)
     if grid:

@@ -155,6 +155,8 @@ class BenchPipelines:
             lora = cp.loras[ref.adapter_name]
             if ref.category:
                 lora.info.category = ref.category
+            if ref.triggers:
+                lora.info.triggers = list(ref.triggers)
         return cp
 
 

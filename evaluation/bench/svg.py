@@ -33,20 +33,30 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
+    v = 0.0 if abs(v) < 1e-12 else v
     return f"{v:.0f}" if abs(v - round(v)) < 1e-9 and abs(v) >= 1 else f"{v:.3g}"
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float, float]]], x_label: str, y_label: str,
-               colour_of: dict[str, str] | None = None, width: int = 460, height: int = 300) -> str:
-    """`series`: label -> [(x, y, half-width of the interval)]; x are categories (numbers of LoRAs)."""
+               colour_of: dict[str, str] | None = None, width: int = 460, height: int = 300,
+               y_floor: float | None = None, y_ceil: float | None = None) -> str:
+    """`series`: label -> [(x, y, half-width of the interval)]; x are categories (numbers of LoRAs). The axis and
+    the error bars are clipped to [y_floor, y_ceil] when given (a share cannot leave 0..100)."""
     colour_of = colour_of or colours(list(series))
     xs = sorted({x for pts in series.values() for x, _, _ in pts})
-    ys = [v for pts in series.values() for _, y, h in pts if math.isfinite(y)
+    lo_clip = -math.inf if y_floor is None else y_floor
+    hi_clip = math.inf if y_ceil is None else y_ceil
+    series = {k: [(x, y, h) for x, y, h in pts] for k, pts in series.items()}
+    ys = [min(max(v, lo_clip), hi_clip) for pts in series.values() for _, y, h in pts if math.isfinite(y)
           for v in ((y - h, y + h) if math.isfinite(h) else (y,))]
     left, right, top, bottom = 56, 12, 30, 64
     pw, ph = width - left - right, height - top - bottom
-    ticks = nice_ticks(min(ys, default=0.0), max(ys, default=1.0))
-    y0, y1 = ticks[0], ticks[-1]
+    lo, hi = min(ys, default=0.0), max(ys, default=1.0)
+    if hi - lo < 1e-9:  # a flat line: show a sensible band around it
+        lo, hi = (lo - 1, hi + 1) if y_ceil is None else (max(lo - 0.1 * y_ceil, lo_clip), min(hi + 0.1 * y_ceil, hi_clip))
+    ticks = [t for t in nice_ticks(lo, hi)]
+    ticks = [t for t in ticks if lo_clip - 1e-9 <= t <= hi_clip + 1e-9] or ticks
+    y0, y1 = min(ticks[0], lo), max(ticks[-1], hi)
     sx = (lambda x: left + pw * (xs.index(x) + 0.5) / len(xs)) if xs else (lambda x: left)
     sy = lambda y: top + ph * (1 - (y - y0) / ((y1 - y0) or 1))  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" {FONT} font-size="11">',
@@ -72,7 +82,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float, float]]], 
         for x, y, h in pts:
             cx = sx(x) + shift
             if math.isfinite(h) and h > 0:
-                out.append(f'<line x1="{cx:.1f}" y1="{sy(y - h):.1f}" x2="{cx:.1f}" y2="{sy(y + h):.1f}" stroke="{c}" stroke-width="1.2"/>')
+                a, b = max(y - h, lo_clip, y0), min(y + h, hi_clip, y1)
+                out.append(f'<line x1="{cx:.1f}" y1="{sy(a):.1f}" x2="{cx:.1f}" y2="{sy(b):.1f}" stroke="{c}" stroke-width="1.2"/>')
             out.append(f'<circle cx="{cx:.1f}" cy="{sy(y):.1f}" r="3.2" fill="{c}"><title>{escape(label)}, N={x}: '
                        f'{y:.4g}' + (f' ± {h:.3g}' if math.isfinite(h) else '') + '</title></circle>')
     # legend below the axis label
