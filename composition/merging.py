@@ -72,14 +72,15 @@ def group_by_role(loras: Sequence, roles: str = "category") -> tuple[list, list]
     return list(loras[:1]), list(loras[1:])
 
 
-def is_attention_projection(module_path: str) -> bool:
-    """True for to_q / to_k / to_v / to_out.0 of an attention module (self- or cross-attention)."""
-    return target_name(module_path).split(".", 1)[-1] in ATTENTION_PROJECTIONS and ".attn" in module_path
-
-
 def projection(module_path: str) -> str:
-    """`...attn2.to_out.0` -> `to_out.0`."""
-    return target_name(module_path).split(".", 1)[-1]
+    """`...attn2.to_out.0` -> `to_out.0`; `...attn1.to_q` -> `to_q`."""
+    return "to_out.0" if module_path.endswith("to_out.0") else module_path.rsplit(".", 1)[-1]
+
+
+def is_attention_projection(module_path: str) -> bool:
+    """True for to_q / to_k / to_v / to_out.0 of an attention module (attn1 self-, attn2 cross-attention)."""
+    parent = module_path[: -len(projection(module_path))].rstrip(".").rsplit(".", 1)[-1]
+    return projection(module_path) in ATTENTION_PROJECTIONS and parent.startswith("attn")
 
 
 # --- column-wise merge -------------------------------------------------------------------------------------

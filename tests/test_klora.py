@@ -14,6 +14,15 @@ from composition.merging import is_attention_projection
 from pipelines.composed import _Run
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are too small for a second thread to help; on a busy machine it only spins."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _layer(up, down, alpha=None):
     up, down = torch.tensor(up, dtype=torch.float32), torch.tensor(down, dtype=torch.float32)
     return LoRALayer(down, up, float(down.shape[0]) if alpha is None else alpha)
