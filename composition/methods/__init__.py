@@ -14,7 +14,7 @@ from .base import (
 )
 from . import composite, merge, switch  # noqa: F401  (registration)
 from . import clora, cmlora  # noqa: F401  (registration)
-from . import klora  # noqa: F401  (registration)
+from . import hypernet, klora, ziplora  # noqa: F401  (registration)
 
 
 def available_methods() -> list[str]:
