@@ -4,6 +4,7 @@ deterministic shard (item i -> process i mod 2), and the union is the complete p
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,12 +32,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_under_accelerate_complete_the_plan(tmp_path):
     manifest = write_tiny_benchmark(tmp_path / "bench", size=16, seeds=[0, 1, 2])
     out = tmp_path / "sharded"
     # accelerate's multi-process launcher (torchrun underneath); on CPU the processes join a gloo group.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "app", "bench", "run", str(manifest), "--methods", "merge,composite", "--out", str(out), "--limit", "3",
            "--device", "cpu", "--threads", "1", "--no-progress"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -175,6 +175,11 @@ def generate(cp, item: WorkItem):
               scheduler=spec.scheduler, progress_bar=False)
 
 
+def prompt_tokens(cp, prompt: str) -> int:
+    """Tokens of the prompt for the (first) text encoder, start and end tokens included."""
+    return len(cp.pipe.tokenizer(prompt, truncation=False).input_ids)
+
+
 def item_row(item: WorkItem, **fields) -> dict:
     return {"item_id": item.item_id, "set_id": item.set.id, "method": item.variant.name, "method_label": item.variant.label,
             "seed_index": item.seed_index, "seed_value": item.seed_value, "seed": item.seed,
@@ -277,9 +282,14 @@ def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[
     desc = f"bench {opts.manifest.name}" + (f" [{dist.index + 1}/{dist.count}]" if dist.count > 1 else "")
     bar = tqdm(total=summary.assigned, initial=summary.already_done, unit="img", desc=desc, disable=not opts.progress,
                position=dist.index if dist.count > 1 else None, dynamic_ncols=True, file=sys.stderr)
+    long_prompts: set[str] = set()
     try:
         for it in todo:
             cp = pipes.model(it)  # a base model that cannot load stops the run
+            if it.set.id not in long_prompts and (n := prompt_tokens(cp, it.spec.prompt)) > cp.pipe.tokenizer.model_max_length:
+                long_prompts.add(it.set.id)
+                log.warning("set %s: the prompt has %d tokens; the text encoder reads %d, so its tail (the last LoRAs' "
+                            "trigger words) is cut, as in diffusers", it.set.id, n, cp.pipe.tokenizer.model_max_length)
             t0 = time.perf_counter()
             try:
                 cp = pipes.with_loras(it)
