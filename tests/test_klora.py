@@ -51,6 +51,30 @@ def test_topk_sum_and_gamma_by_hand():
     assert balance_factor(l1_c, l1_s, "paper") == pytest.approx(24 / 5)
 
 
+def test_fast_topk_equals_plain_topk():
+    g = torch.Generator().manual_seed(0)
+    for shape, rank in (((50, 40), 30), ((8, 3), 2), ((40, 40), 1)):
+        d = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+        d[0, :5] = d.abs().max()  # ties in one row
+        for k in (1, 7, shape[0] - 1, shape[0], shape[0] + 1, 200, d.numel(), d.numel() + 5):
+            plain = torch.topk(d.abs().flatten(), min(k, d.numel())).values.sum().item()
+            assert topk_abs_sum(d, k) == pytest.approx(plain, rel=1e-6)
+
+
+def test_scores_are_remembered_until_a_factor_changes():
+    from composition.methods.klora import layer_scores
+
+    g = torch.Generator().manual_seed(1)
+    c = LoRALayer(torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 2.0)
+    s = LoRALayer(torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 2.0)
+    first = layer_scores([c], [s])
+    assert layer_scores([c], [s]) is first
+    with torch.no_grad():
+        c.up.mul_(2.0)  # in place: the version counter moves, the remembered numbers are not reused
+    again = layer_scores([c], [s])
+    assert again is not first and again[0] == pytest.approx(2 * first[0])
+
+
 def test_time_scales():
     assert time_scale(0.0) == 0.5 and time_scale(1.0) == pytest.approx(2.0)
     assert time_scale(0.0, "s*") == pytest.approx(1.3)

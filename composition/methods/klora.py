@@ -23,6 +23,7 @@ Where the reference code (HVision-NKU/K-LoRA) differs, we follow the paper and f
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,9 +39,18 @@ from .guidance import classifier_free_guidance
 
 # --- the math (pure functions) -----------------------------------------------------------------------------
 def topk_abs_sum(delta: torch.Tensor, k: int) -> float:
-    """S = sum of the k largest |elements| of a delta (K-LoRA eq. 5)."""
-    flat = delta.abs().flatten()
-    return float(torch.topk(flat, min(int(k), flat.numel())).values.sum())
+    """S = sum of the k largest |elements| of a delta (K-LoRA eq. 5).
+
+    Exact, and ~10x faster than one topk over every element: the k-th largest row maximum is a lower bound of
+    the k-th largest element (k rows each hold an element at least that large), so every top-k element lies in
+    a row whose maximum reaches that bound; only those rows compete.
+    """
+    a = delta.abs().reshape(delta.shape[0], -1)
+    k = min(int(k), a.numel())
+    if k < a.shape[0]:
+        row_max = a.amax(1)
+        a = a[row_max >= torch.topk(row_max, k).values[-1]]
+    return float(torch.topk(a.flatten(), k).values.sum())
 
 
 def time_scale(tau: float, pattern: str = "s", alpha: float = 1.5, beta: float = 0.5,
@@ -121,12 +131,32 @@ class KLoRATable:
         return tau <= self.switch_times[:, p]
 
 
+_SCORES: dict[tuple, tuple[list, tuple]] = {}
+
+
 def layer_scores(subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k: int | None = None):
     """(S_c, S_s, |dW_c|_1, |dW_s|_1, K) of one layer; each side is the sum of its LoRAs' scaled deltas.
 
     K = r_c * r_s (the product of the two sides' ranks, as the code since commit 1adb7d0) unless given.
-    The dense deltas live only inside this call.
+    The dense deltas live only inside this call. The numbers depend only on the factors, so they are remembered
+    per factor tensors (weak references plus in-place version counters: a changed or freed tensor never hits):
+    the next generation with the same LoRAs skips the Top-K work.
     """
+    tensors = [t for l in (*subject, *style) for t in (l.down, l.up)]
+    key = (tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
+           tuple(l.alpha for l in (*subject, *style)), len(subject), k)
+    hit = _SCORES.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        return hit[1]
+    scores = _layer_scores(subject, style, k)
+    if len(_SCORES) > 4096:  # forget entries whose tensors are gone
+        for dead in [key for key, (refs, _) in _SCORES.items() if any(r() is None for r in refs)]:
+            del _SCORES[dead]
+    _SCORES[key] = ([weakref.ref(t) for t in tensors], scores)
+    return scores
+
+
+def _layer_scores(subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k: int | None = None):
     r_c = sum(l.rank for l in subject)
     r_s = sum(l.rank for l in style)
     k = int(k or r_c * r_s)
