@@ -212,3 +212,22 @@ def test_scheduler_draws_noise():
     assert not scheduler_draws_noise(DDIMScheduler())
     assert scheduler_draws_noise(EulerAncestralDiscreteScheduler())
     assert scheduler_draws_noise(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"))
+
+
+def test_the_toy_world_writer_and_this_reader_agree(tmp_path):
+    """`evaluation.toyworld.manifest` writes assets/toyworld/benchmark.yaml; this reader must take it as it is."""
+    from evaluation.toyworld.manifest import manifest as toy_manifest
+    from evaluation.toyworld.manifest import write_manifest
+
+    path = write_manifest(tmp_path / "benchmark.yaml")
+    m = load_manifest(path)
+    data = toy_manifest()
+    assert m.name == "toyworld" and len(m.loras) == 11 and len(m.sets) == 240
+    assert m.counts() == {("toyworld", 2): 24, ("toyworld", 3): 72, ("toyworld", 4): 96, ("toyworld", 5): 48}
+    assert m.checker == (tmp_path / "checker").resolve() and m.clip == "clip"
+    assert m.model_ref("toyworld") == str((tmp_path / "model").resolve())
+    for s, raw in zip(m.sets, data["sets"]):
+        assert (s.id, s.lora_ids, m.prompt(s), m.scoring_text(s), s.expected) == \
+            (raw["id"], raw["loras"], raw["prompt"], raw["scoring_text"], raw["expected"])
+    st = m.settings(m.sets[0])
+    assert (st.height, st.width, st.scheduler, st.lora_scale) == (32, 32, "default", 1.0)
