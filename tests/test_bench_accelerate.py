@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from evaluation.bench.manifest import load_manifest
 from evaluation.bench.plan import build_plan, parse_methods, shard
 from evaluation.bench.runner import RunOptions, run_benchmark
-from evaluation.bench.testing import write_tiny_benchmark
+from evaluation.bench.testing import torch_threads, write_tiny_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = "item_id, status, png, png_sha256, seed, fingerprint, spec"
@@ -26,10 +25,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _free_port() -> int:

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from evaluation.bench.manifest import load_manifest
 from evaluation.bench.plan import parse_methods
 from evaluation.bench.runner import RunOptions, run_benchmark
-from evaluation.bench.testing import write_tiny_benchmark
+from evaluation.bench.testing import torch_threads, write_tiny_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "merge,switch,composite"
@@ -31,10 +30,8 @@ COMPARED = ("item_id", "set_id", "method", "method_label", "seed_index", "seed_v
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the killed runs use --threads 1 too: identical arithmetic, identical bytes
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _count(db_path: Path) -> int:

@@ -17,16 +17,14 @@ from evaluation.bench.manifest import load_manifest
 from evaluation.bench.plan import parse_methods
 from evaluation.bench.runner import RunOptions, run_benchmark
 from evaluation.bench.stats import estimate
-from evaluation.bench.testing import write_tiny_benchmark
+from evaluation.bench.testing import torch_threads, write_tiny_benchmark
 from evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

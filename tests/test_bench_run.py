@@ -14,7 +14,7 @@ from PIL import Image
 from evaluation.bench.manifest import load_manifest
 from evaluation.bench.plan import build_plan, derived_seed, parse_methods
 from evaluation.bench.runner import RunOptions, StaleStoreError, run_benchmark
-from evaluation.bench.testing import write_tiny_benchmark
+from evaluation.bench.testing import torch_threads, write_tiny_benchmark
 from pipelines.batch import PipelineCache, run_specs
 from pipelines.spec import read_png_spec
 
@@ -24,11 +24,8 @@ CACHE = PipelineCache()  # one tiny model for the whole module (RunOptions.cache
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One torch thread: on a busy 2-core machine two threads of tiny ops spin against each other (30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ toy world's format (32x32, 2 steps). Its images are noise; it exercises every co
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,20 @@ from .manifest import FORMAT
 
 TINY_LORAS = (("char_a", "character", ["ohwx"]), ("char_b", "character", ["sks"]), ("coat", "clothing", ["red coat"]),
               ("ink", "style", ["inkwash"]), ("forest", "background", ["forest"]))
+
+
+@contextmanager
+def torch_threads(n: int = 1):
+    """Run with `n` torch threads. Tests use one: on a busy 2-core machine two threads of tiny operations spin
+    against each other (30x slower), and identical thread counts give identical bytes across processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_sets() -> list[dict]:
