@@ -47,6 +47,17 @@ def test_serves_on_localhost_with_named_endpoints(world):
                       "guidance_scale", "height", "width", "scheduler", "seed"]
 
 
+def test_only_the_output_folder_is_served(world):
+    import httpx
+
+    lora = world["config"].lora_dirs[0] / "tiny_style.safetensors"
+    for path in (lora, Path("/etc/passwd"), Path(__file__)):
+        assert httpx.get(f"{world['url']}gradio_api/file={path}").status_code == 403
+    _, png, *_ = generate(world["client"])
+    served = world["config"].output_dir / Path(png).name
+    assert httpx.get(f"{world['url']}gradio_api/file={served}").status_code == 200
+
+
 def test_generate_writes_png_with_spec(world):
     preview, png, result, spec_json, status = generate(world["client"], method="switch", params={"switch_interval": 1},
                                                        height=32, width=48, seed=3)

@@ -77,6 +77,7 @@ class GenerationService:
     def __init__(self, config: UIConfig):
         self.config = config
         config.output_dir = Path(config.output_dir).expanduser().resolve()
+        config.models = [str(Path(m).expanduser().resolve()) if Path(m).expanduser().exists() else m for m in config.models]
         self.cache = PipelineCache(device=config.device, local_files_only=config.local_files_only)
         self.lock = threading.Lock()
         self._library: list[LibraryItem] | None = None
