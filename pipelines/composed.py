@@ -375,6 +375,7 @@ class _Run:
     def set_latents(self, latents):
         self.new_latents = latents.detach()
 
+    @torch.no_grad()
     def generate_image(self, prompt, gates, *, seed, num_inference_steps):
         """A plain CFG generation with static `gates` (profiling), on its own scheduler and generator."""
         sub = _Run(self.owner, self.loras, prompt, self.negative_prompt, self.guidance_scale, self.height, self.width)
