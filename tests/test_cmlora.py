@@ -68,6 +68,9 @@ def test_dominant_rotation_and_full_passes_paper(steps, k, h, dominant):
     for i, (d, full) in enumerate(plan):
         assert full == (list(range(k)) if i in refresh else [d])  # refresh: all; between: the dominant LoRA only
     assert all(full == list(range(k)) for _, full in _plan(steps, k, h, cache_interval=1))
+    rotating = _plan(steps, k, h, refresh_policy="dominant")
+    assert [d for d, _ in rotating] == dominant
+    assert rotating[0][1] == list(range(k)) and all(full == [d] for d, full in rotating[1:])
 
 
 def test_reference_mode_plan_reproduces_the_code():
