@@ -38,6 +38,9 @@ CSS = """
 /* small model outputs (the toy world's are 32 px) are shown enlarged with crisp pixels */
 #gallery img, #compare-gallery img, #preview img { image-rendering: pixelated; }
 #preview img { height: 200px; width: auto; max-width: 100%; object-fit: contain; }
+#lib-previews img { image-rendering: pixelated; }
+/* Compare: the whole caption (method, CLIPScore, seconds) under each image, not cut off */
+#compare-gallery .caption-label { white-space: normal; max-width: 100%; left: var(--block-label-margin); }
 """
 
 
@@ -216,8 +219,9 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                         sel_suggestions = gr.Markdown("")
                         save_btn = gr.Button("Save to sidecar", elem_id="save-meta")
                     sel_preview = gr.Image(label="Preview", interactive=False, type="pil", scale=1, height=200)
-                    lib_gallery = gr.Gallery([g for g in _preview_items(items)], label="Previews", columns=6,
-                                             format="png", scale=3, height=200)
+                    lib_gallery = gr.Gallery(_preview_items(items), label="Previews", columns=6, fit_columns=False,
+                                             format="png", scale=3, height=200, object_fit="contain",
+                                             elem_id="lib-previews")
                 lora_upload = gr.File(label="Add a LoRA (.safetensors, checked before it is copied into the library)",
                                       file_types=[".safetensors"], type="filepath", visible=config.allow_lora_upload,
                                       elem_id="lora-upload")

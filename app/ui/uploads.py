@@ -18,24 +18,25 @@ class UploadRefused(LoraloomError, ValueError):
     """An uploaded file that is not what it claims, or too large."""
 
 
-def _check_size(path: Path, max_bytes: int, label: str) -> int:
+def _first_checks(path, max_bytes: int, name: str | None, suffix: str, what: str) -> tuple[Path, str]:
+    """Extension and size (before any byte is parsed); returns the path and how messages name the file."""
+    path = Path(path)
+    label = f"the uploaded file {name or path.name!r}"
+    if path.suffix.lower() != suffix:
+        raise UploadRefused(f"{label} is not a {suffix} file; {what}")
     size = path.stat().st_size
     if size > max_bytes:
         raise UploadRefused(f"{label} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB.")
     if size == 0:
         raise UploadRefused(f"{label} is empty.")
-    return size
+    return path, label
 
 
 def check_png_upload(path: str | os.PathLike, max_bytes: int, name: str | None = None) -> Path:
     """A PNG no larger than `max_bytes` with a sane pixel count; returns its path or raises `UploadRefused`."""
     from PIL import Image
 
-    path = Path(path)
-    label = f"the uploaded file {name or path.name!r}"
-    if path.suffix.lower() != ".png":
-        raise UploadRefused(f"{label} is not a .png file; drop a PNG made by loraloom.")
-    _check_size(path, max_bytes, label)
+    path, label = _first_checks(path, max_bytes, name, ".png", "drop a PNG made by loraloom.")
     with open(path, "rb") as f:
         if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
             raise UploadRefused(f"{label} has a .png name but is not a PNG image.")
@@ -54,11 +55,8 @@ def check_lora_upload(path: str | os.PathLike, max_bytes: int, name: str | None 
     from composition.errors import LoRAFileError
     from composition.lora import read_lora_info
 
-    path = Path(path)
-    label = f"the uploaded file {name or path.name!r}"
-    if path.suffix.lower() != ".safetensors":
-        raise UploadRefused(f"{label} is not a .safetensors file; only safetensors LoRAs are accepted (pickles can run code).")
-    _check_size(path, max_bytes, label)
+    path, label = _first_checks(path, max_bytes, name, ".safetensors",
+                                "only safetensors LoRAs are accepted (pickles can run code).")
     try:
         read_lora_info(path)  # header only: no tensor is loaded
     except LoRAFileError as err:
