@@ -58,6 +58,17 @@ def test_only_the_output_folder_is_served(world):
     assert httpx.get(f"{world['url']}gradio_api/file={served}").status_code == 200
 
 
+def test_login_when_auth_is_set(world):
+    import httpx
+
+    with serve(world["config"], service=world["demo"].service, auth=("ann", "s3cret")) as (_, url):
+        assert httpx.get(f"{url}config").status_code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        client = Client(url, auth=("ann", "s3cret"), verbose=False, download_files=False)
+        assert "done" in generate(client)[-1]
+
+
 def test_generate_writes_png_with_spec(world):
     preview, png, result, spec_json, status = generate(world["client"], method="switch", params={"switch_interval": 1},
                                                        height=32, width=48, seed=3)

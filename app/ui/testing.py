@@ -53,11 +53,12 @@ def tiny_ui_world(folder: str | Path, clip: bool = True, hazards: bool = True) -
 
 
 @contextlib.contextmanager
-def serve(config: UIConfig, host: str = "127.0.0.1", **launch_kwargs) -> Iterator[tuple[object, str]]:
-    """Build and launch the app in this process on a free port; yields (demo, url) and always closes it."""
+def serve(config: UIConfig, host: str = "127.0.0.1", service=None, **launch_kwargs) -> Iterator[tuple[object, str]]:
+    """Build and launch the app in this process on a free port; yields (demo, url) and always closes it.
+    `service`: an existing GenerationService (its model stays loaded) instead of a new one."""
     from .app import build_app, launch
 
-    demo = build_app(config)
+    demo = build_app(config, service)
     _, url, _ = launch(demo, config, host=host, port=free_port(), prevent_thread_lock=True, quiet=True, **launch_kwargs)
     try:
         yield demo, url
