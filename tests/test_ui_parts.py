@@ -11,6 +11,7 @@ from PIL import Image
 
 from app.ui.paths import PathRefused, resolve_inside
 from app.ui.uploads import UploadRefused, check_lora_upload, check_png_upload, safe_file_name
+from composition.errors import LoraloomError
 from composition.methods import REGISTRY, Method, register
 from composition.methods.base import param
 
@@ -191,6 +192,28 @@ def test_file_parameters_of_methods_stay_inside_the_folders(probe_method, tiny_s
     for bad in ("/etc/cron.d/x", "../x.safetensors", "~/.ssh/authorized_keys"):
         with pytest.raises(PathRefused, match="ui_probe.save_to"):
             spec(bad)
+
+
+def test_model_folders_sizes_from_configs_and_refusals(tiny_service, tmp_path):
+    from app.ui.config import UIConfig
+    from app.ui.paths import PathRefused
+    from app.ui.service import GenerationService
+
+    models = tmp_path / "models"
+    tiny_service.pipeline("tiny:sd1").pipe.save_pretrained(models / "tiny-folder")
+    (tmp_path / "elsewhere").mkdir()
+    service = GenerationService(UIConfig(models=["tiny:sd1"], model_dirs=[models], lora_dirs=tiny_service.config.lora_dirs,
+                                         output_dir=tmp_path / "out"))
+    folder = str((models / "tiny-folder").resolve())
+    assert service.model_choices() == ["tiny:sd1", folder]
+    assert service.geometry(folder, load=False) == tiny_service.geometry("tiny:sd1")  # read from the configs
+    assert service.cache.pipeline is None  # ... without loading anything
+    assert service.resolve_model(folder) == folder
+    for bad in (str(tmp_path / "elsewhere"), "../elsewhere"):
+        with pytest.raises(PathRefused):
+            service.resolve_model(bad)
+    with pytest.raises(LoraloomError, match="nothing there"):
+        service.resolve_model("runwayml/stable-diffusion-v1-5")  # not configured: never fetched from the hub
 
 
 def test_insert_triggers():

@@ -103,7 +103,12 @@ class GenerationService:
         model = (model or "").strip()
         if model in self.config.models or model in TINY_MODELS:
             return str(Path(model).resolve()) if Path(model).exists() else model
-        return str(resolve_inside(model, self.config.model_roots, "model"))
+        path = resolve_inside(model, self.config.model_roots, "model")
+        if not path.exists():
+            raise SpecError(f"model {model!r}: nothing there inside the model folders "
+                            f"({', '.join(map(str, self.config.model_roots)) or 'none configured'}); hub ids and other "
+                            "models are offered with `loraloom ui --model …`")
+        return str(path)
 
     def pipeline(self, model: str):
         """Load (or keep) `model`; waits for a running generation."""
