@@ -87,10 +87,9 @@ def reference_latents(ctx: DenoiseContext, lora: ActiveLoRA, prompt: str, n: int
     cp = ctx.pipeline
     out = []
     for i in range(n):
-        run = cp(prompt, negative_prompt=getattr(ctx, "negative_prompt", ""), loras=[(lora.name, lora.weight)], method="merge",
+        run = cp(prompt, negative_prompt=ctx.negative_prompt, loras=[(lora.name, lora.weight)], method="merge",
                  method_params={"lora_scale": 1.0, "fuse": False}, num_inference_steps=steps, guidance_scale=ctx.guidance_scale,
-                 height=getattr(ctx, "height", None), width=getattr(ctx, "width", None), seed=seed + i,
-                 output_type="latent", progress_bar=False)
+                 height=ctx.height, width=ctx.width, seed=seed + i, output_type="latent", progress_bar=False)
         out.append(run.latents)
     return torch.cat(out)
 
@@ -195,8 +194,8 @@ class ZipLoRA(MergedLoRAMethod):
         p = self.params
         router = ctx.unet_router
         unet = router.model
-        p_c = own_prompt(subject.lora, p.subject_prompt, getattr(ctx, "prompt", ""))
-        p_s = own_prompt(style.lora, p.style_prompt, getattr(ctx, "prompt", ""))
+        p_c = own_prompt(subject.lora, p.subject_prompt, ctx.prompt)
+        p_s = own_prompt(style.lora, p.style_prompt, ctx.prompt)
         x_c = reference_latents(ctx, subject, p_c, p.reference_images, p.reference_steps, p.seed)
         x_s = reference_latents(ctx, style, p_s, p.reference_images, p.reference_steps, p.seed + 1000)
         data = pair_data(ctx, subject, style, p_c, p_s, x_c, x_s)
