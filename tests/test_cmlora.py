@@ -209,3 +209,16 @@ def test_profiles_are_measured_once_and_cached(loaded, tmp_path, monkeypatch):
     second = loaded("x", loras=LORAS, method="cmlora", method_params=params, **KW)
     assert len(calls) == 6 and second.extras["frequency_delta"] == deltas
     assert torch.equal(first.latents, second.latents)
+
+
+def test_profile_cli_fills_the_cache(lora_files, tmp_path, capsys):
+    from app.cli import main
+
+    cache = tmp_path / "p.json"
+    argv = ["cmlora-profile", "tiny:sd1", str(lora_files["char"]), str(lora_files["bg"]), "--height", "32", "--width", "32",
+            "--profile-steps", "2", "--profile-seeds", "0", "--cache", str(cache), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["delta_h"]) == {"char", "bg"} and sorted(out["order"]) == ["bg", "char"]
+    assert len(json.loads(cache.read_text())["entries"]) == 4
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["delta_h"] == out["delta_h"]
