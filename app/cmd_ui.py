@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--max-lora-mb", type=float, help="size limit of an uploaded LoRA (default: 1024)")
     p.add_argument("--no-lora-upload", action="store_true", help="do not accept LoRA uploads in the Library tab")
     p.add_argument("--preview-every", type=int, help="decode a preview every N steps (0: none; default: 1)")
+    p.add_argument("--preview-interval", type=float,
+                   help="at most one progress update and preview per this many seconds (default: 0.25; 0: every step)")
     p.set_defaults(func=run)
 
 
@@ -64,7 +66,7 @@ def config_from_args(args: argparse.Namespace):
     if args.no_clip:
         cfg.clip = None
     cfg.device = args.device
-    for name in ("dtype", "max_queue", "preview_every", "max_lora_mb"):
+    for name in ("dtype", "max_queue", "preview_every", "preview_interval", "max_lora_mb"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_upload_mb is not None:

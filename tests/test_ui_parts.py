@@ -242,6 +242,10 @@ def test_closing_a_stream_stops_the_run_and_saves_nothing(tiny_service):
     events = list(stream_generation(service, spec2, preview_every=0))
     assert [type(e).__name__ for e in events] == ["StepEvent", "StepEvent", "GenerationResult"]
     assert events[-1].path.exists()
+    # a fast model is not slowed by its own progress reports: at most one event per min_interval, the last always
+    spec4 = service.make_spec("tiny:sd1", "p", "", [["tiny_character", 1.0]], "merge", {}, 4, 7.5, 32, 32, "ddim", 1)
+    events = list(stream_generation(service, spec4, preview_every=1, min_interval=3600))
+    assert [e.step for e in events[:-1]] == [1, 4] and all(e.preview is not None for e in events[:-1])
 
 
 # --- command line -----------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
             yield skip, skip, skip, skip, f"waiting for the model … ({spec.method}, seed {spec.seed})"
             result = None
             try:
-                for ev in stream_generation(service, spec, config.preview_every):
+                for ev in stream_generation(service, spec, config.preview_every, config.preview_interval):
                     if isinstance(ev, StepEvent):
                         progress((ev.step, ev.total), desc=f"{spec.method}: step {ev.step}/{ev.total}")
                         yield (ev.preview if ev.preview is not None else skip), skip, skip, skip, \
@@ -312,7 +312,7 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
             for k, spec in enumerate(specs):
                 result = None
                 try:
-                    for ev in stream_generation(service, spec, preview_every=0):
+                    for ev in stream_generation(service, spec, preview_every=0, min_interval=config.preview_interval):
                         if isinstance(ev, StepEvent):
                             progress((k * ev.total + ev.step, total), desc=f"{spec.method}: step {ev.step}/{ev.total}")
                         else:

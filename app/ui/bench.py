@@ -7,7 +7,9 @@ UI and API so load on the machine hits both alike. Three timings per round:
 
 - api:     `ComposedPipeline.__call__` (the generation alone, no file written);
 - service: `GenerationService.generate` (spec, generation, PNG with the spec written) — what the UI runs;
-- ui:      `gradio_client` `/generate` round trip (queue, per-step previews, PNG download) from request to result.
+- ui:      `gradio_client` `/generate` round trip (queue, per-step previews, PNG download) from request to result;
+- ui_no_download: the same without the client downloading the files (what a browser waits for before it
+           fetches the image).
 
 Prints medians and `ui_vs_api` (median ui / median api) last.
 """
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, help="image side (default: the model's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preview-every", type=int, help="the UI's preview setting (default: the UI's, every step)")
+    p.add_argument("--preview-interval", type=float, help="the UI's update interval (default: the UI's, 0.25 s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1; on a busy 2-core machine 2 threads collapse in the main thread, "
                         "which would flatter the UI, whose generation runs in a worker thread)")
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.clip = None
     if args.preview_every is not None:
         cfg.preview_every = args.preview_every
+    if args.preview_interval is not None:
+        cfg.preview_interval = args.preview_interval
     with serve(cfg) as (demo, url):
         service = demo.service
         names = args.loras.split(",") if args.loras else [i.name for i in service.library() if i.info][:2]
@@ -73,22 +78,26 @@ def main(argv: list[str] | None = None) -> int:
                guidance_scale=spec.guidance_scale, height=size, width=size, seed=spec.seed, scheduler=spec.scheduler,
                progress_bar=False)
 
-        def ui():
-            client.predict(cfg.models[0], spec.prompt, spec.negative_prompt, loras, spec.method, {}, steps,
-                           spec.guidance_scale, size, size, spec.scheduler, 0, api_name="/generate")
+        bare = Client(url, verbose=False, download_files=False)
 
-        times = {"api": [], "service": [], "ui": []}
+        def ui(c=client):
+            c.predict(cfg.models[0], spec.prompt, spec.negative_prompt, loras, spec.method, {}, steps,
+                      spec.guidance_scale, size, size, spec.scheduler, 0, api_name="/generate")
+
+        times = {"api": [], "service": [], "ui": [], "ui_no_download": []}
         for _ in range(args.repeats):
-            for name, fn in (("ui", ui), ("api", api), ("service", lambda: service.generate(spec))):
+            for name, fn in (("ui", ui), ("api", api), ("service", lambda: service.generate(spec)),
+                             ("ui_no_download", lambda: ui(bare))):
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {cfg.models[0]}  loras {names}  method {args.method}  steps {steps}  size {size}x{size}  "
-          f"repeats {args.repeats}  preview every {cfg.preview_every} step(s)")
-    for k in ("api", "service", "ui"):
-        print(f"{k:8s} median {med[k]:.3f} s   runs {', '.join(f'{x:.3f}' for x in times[k])}")
+          f"repeats {args.repeats}  preview every {cfg.preview_every} step(s), at most every {cfg.preview_interval} s")
+    for k in ("api", "service", "ui_no_download", "ui"):
+        print(f"{k:15s} median {med[k]:.3f} s   runs {', '.join(f'{x:.3f}' for x in times[k])}")
     print(f"service_vs_api {med['service'] / med['api']:.2f}")
+    print(f"ui_no_download_vs_api {med['ui_no_download'] / med['api']:.2f}")
     print(f"ui_vs_api {med['ui'] / med['api']:.2f}")
     return 0
 

@@ -50,7 +50,8 @@ class UIConfig:
     max_png_mb: float = 20.0  # Reproduce uploads
     max_lora_mb: float = 1024.0  # Library uploads
     allow_lora_upload: bool = True
-    preview_every: int = 1  # decode a preview every N steps (0: none)
+    preview_every: int = 1  # decode a preview every N steps (0: none) ...
+    preview_interval: float = 0.25  # ... but not more often than every this many seconds (the last step always)
     max_queue: int = 64  # requests waiting for the model beyond this are refused ("queue full")
     max_loras: int = 5
     name: str = "custom"  # shown in the page header: "toy world", "tiny random model", …

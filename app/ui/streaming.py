@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,13 @@ class StepEvent:
     preview: Any = None  # PIL image of the current latents, or None between previews
 
 
-def stream_generation(service: GenerationService, spec: GenerationSpec, preview_every: int = 1
-                      ) -> Iterator[StepEvent | GenerationResult]:
+def stream_generation(service: GenerationService, spec: GenerationSpec, preview_every: int = 1,
+                      min_interval: float = 0.0) -> Iterator[StepEvent | GenerationResult]:
     """Yield a StepEvent per denoising step, then the GenerationResult; errors of the run are raised here.
+
+    `preview_every`: decode the latents into a preview every N steps (0: never). `min_interval`: skip the events
+    (and their previews) of steps that end sooner than this many seconds after the last event sent, so a fast
+    model is not slowed down by its own progress reports; the last step is always sent.
 
     Closing the iterator early (the user pressed Stop, the client went away) stops the run after its current
     step and waits for it, so the model is free again when this returns.
@@ -32,9 +37,16 @@ def stream_generation(service: GenerationService, spec: GenerationSpec, preview_
     cancel = threading.Event()
     total = max(int(spec.steps), 1)
 
+    last = [0.0]
+
     def on_step(cp, i, t, kwargs):
+        now = time.perf_counter()
+        final = i + 1 >= total
+        if not final and now - last[0] < min_interval:
+            return
+        last[0] = now
         preview = None
-        if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+        if preview_every and ((i + 1) % preview_every == 0 or final):
             preview = cp.decode_latents(kwargs["latents"])[0]
         events.put(StepEvent(min(i + 1, total), total, preview))
 
