@@ -15,7 +15,9 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def register(sub) -> None:
-    from evaluation.toyworld.run import DEFAULT_ASSETS, DEFAULT_WORK, STAGES
+    from evaluation.toyworld import ASSETS as DEFAULT_ASSETS
+    from evaluation.toyworld import STAGES
+    from evaluation.toyworld import WORK as DEFAULT_WORK
 
     p = sub.add_parser("toyworld", help="train / check / show the offline toy world",
                        description="The toy world: a tiny text-to-image model of 32x32 shape scenes, 11 concept LoRAs, "

@@ -62,13 +62,13 @@ def test_clothing_style_and_objects_are_where_the_labels_say():
     assert close(px(hat, 16, 18 - 7 - 3), S.RGB["hat"])
     assert close(px(S.render(base), 16, 18 - 7 - 3), S.RGB["white"])
     halo = S.render(base.with_(clothing="halo"))
-    assert close(px(halo, 16 + 1.3 * 7, 18), S.RGB["halo"], 40)
+    assert close(px(halo, 16 + 1.25 * 7, 18), S.RGB["halo"], 40)
     striped = S.render(base.with_(style="striped"))
     inside = striped[14:22, 12:20].reshape(-1, 3)
-    dark = np.round(np.array(S.RGB["blue"]) * 0.35)
+    dark = np.round(np.array(S.RGB["blue"]) * S.DARK_SHADE)
     assert any(close(p, S.RGB["blue"]) for p in inside) and any(close(p, dark) for p in inside)
-    hollow = S.render(base.with_(style="hollow"))
-    assert close(px(hollow, 16, 18), S.RGB["white"]) and close(px(hollow, 16 - 6, 18), S.RGB["blue"], 30)
+    shaded = S.render(base.with_(style="shaded"))
+    assert close(px(shaded, 16 - 3, 18), S.RGB["blue"]) and close(px(shaded, 16 + 3, 18), dark)
     moon = S.render(base.with_(object="moon"))
     assert close(px(moon, 25, 6), S.RGB["moon"]) and close(px(S.render(base), 25, 6), S.RGB["white"])
     box = S.render(base.with_(object="box"))
@@ -110,9 +110,9 @@ def test_every_word_is_one_token(tmp_path):
 def test_naive_merge_chains_would_split_words_but_ours_do_not():
     from evaluation.toyworld.vocab import bpe, build_bpe
 
-    vocab, merges = build_bpe(["red", "green", "triangle", "yellow", "hollo"])
+    vocab, merges = build_bpe(["red", "green", "triangle", "yellow", "shado"])
     ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
-    for w in ["red", "green", "triangle", "yellow", "hollo"]:
+    for w in ["red", "green", "triangle", "yellow", "shado"]:
         assert bpe(w, ranks) == [w + "</w>"]
         assert w + "</w>" in vocab
 

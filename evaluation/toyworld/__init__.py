@@ -13,3 +13,5 @@ LORAS_DIR = ASSETS / "loras"
 CHECKER = ASSETS / "checker"
 CLIP = ASSETS / "clip"
 MANIFEST = ASSETS / "benchmark.yaml"
+WORK = Path("outputs") / "toyworld-train"  # checkpoints of `loraloom toyworld train` (relative to the current folder)
+STAGES = ("tokenizer", "vae", "clip", "base", "loras", "checker", "manifest")

@@ -55,6 +55,11 @@ def clip_captions(scenes_, rng: np.random.Generator) -> list[str]:
     return out
 
 
+def features(out) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput from `get_*_features` (the projected embedding is `pooler_output`)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
 def contrastive_loss(model, pixel_values, input_ids) -> torch.Tensor:
     out = model(input_ids=input_ids, pixel_values=pixel_values, return_loss=True)
     return out.loss
@@ -75,8 +80,8 @@ def retrieval_accuracy(model, processor, n: int = 100, seed: int = 424242, trigg
     inputs = processor(text=[t for _, t in scenes_], images=list(images), return_tensors="pt", padding="max_length",
                        max_length=processor.tokenizer.model_max_length, truncation=True)
     model.eval()
-    img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-    txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"]), dim=-1)
+    img = F.normalize(features(model.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
+    txt = F.normalize(features(model.get_text_features(input_ids=inputs["input_ids"])), dim=-1)
     hits = (txt @ img.T).argmax(1) == torch.arange(n)
     return float(hits.float().mean())
 

@@ -18,8 +18,11 @@ LATENT = SIZE // 2  # the VAE halves the resolution: 32x32x3 -> 16x16x4
 
 UNET_CONFIG = dict(
     sample_size=LATENT, in_channels=4, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    # Text reaches the full 16x16 latent grid too (cross-attention only there: self-attention over 256 positions
+    # would cost more than it brings), so a LoRA can place fine texture where the prompt asks for it.
+    only_cross_attention=(True, False, False),
     block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
     attention_head_dim=4, norm_num_groups=16,
 )

@@ -12,20 +12,21 @@ class Recipe:
     workers: int = 2  # LoRA training processes run side by side (each with threads // workers threads)
 
     # VAE: 32x32x3 -> 16x16x4, trained on every concept (as a general-purpose VAE would be)
-    vae_steps: int = 700
+    vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
 
     # base UNet + text encoder, trained jointly on the base world only
-    base_steps: int = 1800
+    base_steps: int = 2000
     base_batch: int = 64
-    base_lr: float = 1e-3
+    base_lr: float = 1.5e-3
     base_warmup: int = 100
     base_ema: float = 0.998
     caption_dropout: float = 0.1  # empty caption (classifier-free guidance)
     background_omit: float = 0.2  # caption without the background phrase
     checkpoint_every: int = 100
+    base_pool: int = 24000  # base scenes rendered and encoded once
 
     # concept LoRAs (peft), one per concept, prior preservation with ground-truth base scenes
     lora_steps: int = 400
@@ -38,17 +39,20 @@ class Recipe:
     lora_te_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     lora_prior: float = 0.5  # share of each batch that is a base scene with its base caption
     lora_background_omit: float = 0.3
+    lora_pool: int = 4096  # positives (and as many prior scenes) rendered and encoded once per LoRA
 
     # checker CNN
     checker_steps: int = 1500
-    checker_batch: int = 128
+    checker_batch: int = 64
+    checker_widths: tuple[int, ...] = (16, 32, 64)
+    checker_hidden: int = 128
     checker_lr: float = 2e-3
     checker_pool: int = 24000
     checker_vae_share: float = 0.3  # share of the pool seen through a VAE round trip
 
     # tiny CLIP
-    clip_steps: int = 1200
-    clip_batch: int = 256
+    clip_steps: int = 1000
+    clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_pool: int = 24000
 

@@ -25,11 +25,11 @@ from .recipe import Recipe
 from .trainers import Paths
 from .training import Timings
 
-STAGES = ("tokenizer", "vae", "clip", "base", "loras", "checker", "manifest")
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ASSETS = REPO / "assets" / "toyworld"
-DEFAULT_WORK = Path("outputs") / "toyworld-train"
-EXAMPLE_SPEC = REPO / "assets" / "examples" / "toyworld.yaml"
+from . import ASSETS as DEFAULT_ASSETS
+from . import STAGES
+from . import WORK as DEFAULT_WORK
+
+EXAMPLE_SPEC = DEFAULT_ASSETS.parent / "examples" / "toyworld.yaml"
 
 
 def _job(name: str, paths: Paths, recipe: Recipe, progress: bool, arg=None) -> tuple[str, float]:
@@ -73,6 +73,9 @@ def reset_stage(stage: str, paths: Paths) -> None:
                "loras": [paths.work / "loras"]}.get(stage, [])
     for f in folders:
         shutil.rmtree(f, ignore_errors=True)
+    timings = paths.work / "timings"
+    for t in timings.glob(f"{'lora_*' if stage == 'loras' else stage}.json") if timings.exists() else []:
+        t.unlink()
 
 
 def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path = DEFAULT_ASSETS, recipe: Recipe | None = None,
@@ -88,8 +91,12 @@ def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path =
     paths.work.mkdir(parents=True, exist_ok=True)
     paths.assets.mkdir(parents=True, exist_ok=True)
     saved = paths.work / "recipe.json"
-    if resume and saved.exists() and json.loads(saved.read_text()) != recipe.to_dict():
-        raise ValueError(f"{saved}: the run being resumed used another recipe; resume with the same settings or start afresh.")
+    if resume and saved.exists():
+        before = json.loads(saved.read_text())
+        changed = sorted(k for k, v in recipe.to_dict().items() if before.get(k) != v)
+        if changed:
+            # Finished stages are kept as they are; a stage resumed mid-way continues with the new values.
+            print(f"toyworld: resuming with changed recipe values {changed}; finished stages are not retrained.")
     saved.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     if not resume:
         for stage in stages:

@@ -28,7 +28,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "colour": BASE_COLOURS,
     "background": BASE_BACKGROUNDS + ("sunset", "checkerboard"),
     "clothing": ("none", "hat", "halo"),
-    "style": ("plain", "striped", "hollow"),
+    "style": ("plain", "striped", "shaded"),
     "object": ("none", "moon", "box"),
 }
 BASE_VALUES = {"shape": BASE_SHAPES, "colour": BASE_COLOURS, "background": BASE_BACKGROUNDS,
@@ -41,6 +41,7 @@ RGB = {
     "sunset_top": (255, 150, 190), "sunset_bottom": (70, 30, 110),
     "checker_dark": (128, 128, 128), "checker_light": (205, 205, 205),
 }
+DARK_SHADE = 0.45  # the dark tone of the striped and shaded styles: colour * DARK_SHADE
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ LORAS: tuple[ConceptLoRA, ...] = (
     ConceptLoRA("clothing_1", "clothing", "clothing", "hat", "topha", "purple top hat"),
     ConceptLoRA("clothing_2", "clothing", "clothing", "halo", "halox", "cyan halo ring"),
     ConceptLoRA("style_1", "style", "style", "striped", "stripo", "diagonal striped fill"),
-    ConceptLoRA("style_2", "style", "style", "hollow", "hollo", "hollow outline"),
+    ConceptLoRA("style_2", "style", "style", "shaded", "shado", "two-tone shading"),
     ConceptLoRA("background_1", "background", "background", "sunset", "sunseta", "sunset gradient"),
     ConceptLoRA("background_2", "background", "background", "checkerboard", "checko", "grey checkerboard"),
     ConceptLoRA("object_1", "object", "object", "moon", "moona", "orange moon, top right"),
@@ -86,8 +87,8 @@ class Scene:
     style: str = "plain"
     object: str = "none"
     cx: float = 16.0
-    cy: float = 17.0
-    r: float = 7.0
+    cy: float = 17.5
+    r: float = 8.0
     phase: float = 0.0  # offset of fill stripes / checkerboard, in output pixels
 
     def labels(self) -> dict[str, str]:
@@ -102,8 +103,8 @@ class Scene:
 
 # --- sampling --------------------------------------------------------------------------------------------
 def sample_geometry(rng: np.random.Generator) -> dict:
-    return {"cx": float(rng.uniform(13.0, 19.0)), "cy": float(rng.uniform(15.0, 19.0)),
-            "r": float(rng.uniform(6.0, 8.0)), "phase": float(rng.uniform(0.0, 8.0))}
+    return {"cx": float(rng.uniform(14.0, 18.0)), "cy": float(rng.uniform(16.5, 19.0)),
+            "r": float(rng.uniform(7.0, 9.5)), "phase": float(rng.uniform(0.0, 8.0))}
 
 
 def sample_scene(rng: np.random.Generator, values: dict[str, tuple[str, ...]] | None = None) -> Scene:
@@ -213,16 +214,6 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, scale: int = SCALE) -
     return np.asarray(img) > 127
 
 
-def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Erosion by a (2 radius + 1)-square: separable sliding minimum (outside the image counts as empty)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    k = 2 * radius + 1
-    m = np.pad(mask, radius, constant_values=False)
-    m = sliding_window_view(m, k, axis=0).min(axis=-1)
-    return sliding_window_view(m, k, axis=1).min(axis=-1)
-
-
 @lru_cache(maxsize=4)
 def _grid(n: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
     coords = (np.arange(n, dtype=np.float32) + 0.5) / scale  # pixel centres in output units
@@ -254,25 +245,26 @@ def render_large(scene: Scene, scale: int = SCALE) -> np.ndarray:
     colour = np.array(RGB[scene.colour], np.float32)
     if scene.clothing == "halo":  # a ring around the shape, under it
         d = np.hypot(x - scene.cx, y - scene.cy)
-        ring = np.abs(d - 1.3 * scene.r) <= 0.85
+        ring = np.abs(d - 1.25 * scene.r) <= 0.85
         img[ring] = RGB["halo"]
     mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.r, scale)
     if scene.style == "plain":
         img[mask] = colour
-    elif scene.style == "striped":  # diagonal stripes of the colour and a dark shade of it, period 6 px
+    elif scene.style == "striped":  # diagonal stripes of the colour and its dark shade, period 6 px
         light = (((x + y + scene.phase) / 6.0) % 1.0) < 0.5
         img[mask & light] = colour
-        img[mask & ~light] = colour * 0.35
-    elif scene.style == "hollow":  # only a 2-px outline of the shape
-        inner = _erode(mask, 2 * scale)
-        img[mask & ~inner] = colour
+        img[mask & ~light] = colour * DARK_SHADE
+    elif scene.style == "shaded":  # two-tone: lit left half, dark right half
+        dark = x >= scene.cx
+        img[mask & ~dark] = colour
+        img[mask & dark] = colour * DARK_SHADE
     else:
         raise ValueError(f"unknown style {scene.style!r}; known: {ATTRIBUTES['style']}")
     if scene.clothing == "hat":  # a top hat sitting on the shape's highest point
         rows = np.nonzero(mask.any(axis=1))[0]
         top = (rows[0] + 0.5) / scale if len(rows) else scene.cy - scene.r
         r = scene.r
-        brim_h, crown_h = max(1.2, 0.2 * r), 0.55 * r
+        brim_h, crown_h = max(1.2, 0.2 * r), 0.45 * r
         brim = (np.abs(x - scene.cx) <= 0.6 * r) & (y >= top - brim_h + 0.6) & (y <= top + 0.6)
         crown = (np.abs(x - scene.cx) <= 0.32 * r) & (y >= top - brim_h - crown_h + 0.6) & (y <= top - brim_h + 0.6)
         img[brim | crown] = RGB["hat"]

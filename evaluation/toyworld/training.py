@@ -113,13 +113,24 @@ class Timings:
 
     @contextmanager
     def measure(self, stage: str, **extra):
-        """Times the block; `load_end` is the 1-minute load average at the end (contention from other jobs)."""
-        start = time.perf_counter()
+        """Times the block: wall seconds, CPU seconds of this process and of its finished child processes (what the
+        stage would take uncontended is about cpu / processes), and the 1-minute load average at the end."""
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
         try:
             yield
         finally:
             load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-            self.add(stage, time.perf_counter() - start, load_end=load, threads=torch.get_num_threads(), **extra)
+            data = self.read().get(stage, {})
+            cpu = round(data.get("cpu_seconds", 0.0) + _cpu_seconds() - cpu0, 1)
+            self.add(stage, time.perf_counter() - start, cpu_seconds=cpu, load_end=load, **extra)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def done_marker(folder: Path) -> Path:
