@@ -7,6 +7,13 @@ import json
 from pathlib import Path
 
 
+# Extra toy-world LoRAs for hypernetwork training: concept id : training seed (the shipped LoRAs use seed 0).
+TOY_SUBJECTS = ("character_1:1", "character_2:1", "character_3:1", "clothing_1:1", "clothing_2:1", "object_1:1",
+                "object_2:1", "character_1:2", "character_2:2", "character_3:2")
+TOY_STYLES = ("style_1:1", "style_2:1", "background_1:1", "background_2:1", "style_1:2", "style_2:2", "background_1:2",
+              "background_2:2")
+
+
 def _names_or_count(value: str):
     return int(value) if value.isdigit() else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -72,6 +79,34 @@ def register(sub) -> None:
     i = hn.add_parser("info", help="show a hypernetwork checkpoint's configuration and training record")
     i.add_argument("checkpoint")
     i.set_defaults(func=run_info)
+
+    tl = hn.add_parser("toyworld-loras", help="train extra toy-world subject and style LoRAs for the hypernetwork",
+                       description="Re-trains toy-world concepts with the toy world's own LoRA recipe under other seeds "
+                                   "(the toy world has 7 subject-like and 4 style-like concepts; the shipped LoRAs are "
+                                   "kept for evaluation). Writes <out>/subjects and <out>/styles with sidecars that "
+                                   "carry each LoRA's own prompt. Resumable.")
+    tl.add_argument("--out", required=True, help="folder for subjects/ and styles/")
+    tl.add_argument("--work", help="checkpoints (default: <out>.work/)")
+    tl.add_argument("--model", help="toy-world model folder (default: assets/toyworld/model)")
+    tl.add_argument("--subjects", nargs="+", default=list(TOY_SUBJECTS), metavar="ID:SEED",
+                    help=f"subject LoRAs as concept-id:seed (default: {' '.join(TOY_SUBJECTS)})")
+    tl.add_argument("--styles", nargs="+", default=list(TOY_STYLES), metavar="ID:SEED",
+                    help=f"style LoRAs as concept-id:seed (default: {' '.join(TOY_STYLES)})")
+    tl.add_argument("--no-progress", action="store_true")
+    tl.set_defaults(func=run_toyworld_loras)
+
+    te = hn.add_parser("toyworld-eval", help="the toy-world table: subject x style pairs, checker rate per method",
+                       description="Every (subject LoRA, style LoRA) pair of the shipped toy world x seeds, generated "
+                                   "with each method at its defaults; the checker says whether the subject and the style "
+                                   "are both present. Resumable (existing images are re-scored, not regenerated).")
+    te.add_argument("--out", default="outputs/hypernet-toyworld-eval", help="images, scores.json and table.md")
+    te.add_argument("--methods", default="merge,klora,ziplora,hypernet,composite,switch")
+    te.add_argument("--subjects", default="character_1,character_2,character_3")
+    te.add_argument("--styles", default="style_1,style_2,background_1,background_2")
+    te.add_argument("--seeds", type=int, default=4)
+    te.add_argument("--checkpoint", help="hypernetwork (default: the shipped one)")
+    te.add_argument("--no-progress", action="store_true")
+    te.set_defaults(func=run_toyworld_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -121,4 +156,108 @@ def run_info(args: argparse.Namespace) -> int:
     from composition.hypernetwork import read_info
 
     print(json.dumps(read_info(args.checkpoint), indent=2))
+    return 0
+
+
+# --- toy world -------------------------------------------------------------------------------------------
+def toy_prompt(spec, colour: str = "red") -> str:
+    """A concept's own prompt in the toy world's caption language: the concept on a plain scene."""
+    from evaluation.toyworld import scenes as S
+
+    base = S.Scene(shape="circle", colour=colour, background="white")
+    return S.caption(base.with_(**{spec.attribute: spec.value}), background=spec.attribute != "shape")
+
+
+def run_toyworld_loras(args: argparse.Namespace) -> int:
+    import shutil
+
+    from evaluation.toyworld import MODEL
+    from evaluation.toyworld import scenes as S
+    from evaluation.toyworld.recipe import Recipe
+    from evaluation.toyworld.trainers import Paths, train_lora
+
+    model = Path(args.model or MODEL)
+    out = Path(args.out)
+    work = Path(args.work or f"{out}.work")
+
+    class VariantPaths(Paths):
+        """The toy world's LoRA trainer with the shipped model and a folder per seed."""
+
+        model = property(lambda self: model)
+
+    for kind, items in (("subjects", args.subjects), ("styles", args.styles)):
+        for item in items:
+            lora_id, _, seed = item.partition(":")
+            spec = S.LORA_BY_ID[lora_id]
+            target = out / kind / f"{lora_id}_s{seed}.safetensors"
+            if target.exists():
+                continue
+            paths = VariantPaths(work / f"seed{seed}", work / f"seed{seed}" / "assets")
+            trained = train_lora(paths, Recipe(seed=int(seed), threads=1, workers=1), spec, progress=not args.no_progress)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            side = json.loads(trained.with_suffix(".json").read_text())
+            side.update({"prompt": toy_prompt(spec), "training_seed": int(seed)})
+            shutil.copyfile(trained, target.with_suffix(".tmp"))
+            target.with_suffix(".json").write_text(json.dumps(side, indent=2) + "\n")
+            target.with_suffix(".tmp").replace(target)
+            print(f"{target}: {spec.name} ({spec.category}), seed {seed}")
+    return 0
+
+
+def run_toyworld_eval(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from evaluation.toyworld import CHECKER, LORAS_DIR, MODEL
+    from evaluation.toyworld import scenes as S
+    from evaluation.toyworld.checker import Checker
+    from pipelines import ComposedPipeline
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cp = ComposedPipeline.from_pretrained(str(MODEL))
+    checker = Checker.load(CHECKER)
+    methods = [m for m in args.methods.split(",") if m]
+    subjects, styles = args.subjects.split(","), args.styles.split(",")
+    for lora_id in subjects + styles:
+        cp.load_lora(LORAS_DIR / f"{lora_id}.safetensors", lora_id)
+    colours = list(S.BASE_COLOURS)
+    scores_file = out / "scores.json"
+    scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+    todo = [(m, c, s, seed) for m in methods for c in subjects for s in styles for seed in range(args.seeds)]
+    for method, c, s, seed in tqdm(todo, desc="toyworld eval", disable=args.no_progress, dynamic_ncols=True):
+        key = f"{method}/{c}+{s}/s{seed}"
+        image_path = out / method / f"{c}+{s}_s{seed}.png"
+        spec_c, spec_s = S.LORA_BY_ID[c], S.LORA_BY_ID[s]
+        colour = colours[seed % len(colours)]
+        if not image_path.exists():
+            prompt = f"a {colour} {spec_c.trigger}, {spec_s.trigger}"
+            params = {}
+            if method == "ziplora":
+                params = {"subject_prompt": toy_prompt(spec_c, colour="red"), "style_prompt": toy_prompt(spec_s, colour="red"),
+                          "coefficients": str(out / "ziplora_coefficients" / f"{c}+{s}.safetensors"), "progress": False}
+            if method == "hypernet" and args.checkpoint:
+                params = {"checkpoint": args.checkpoint}
+            img = cp(prompt, loras=[c, s], method=method, method_params=params, num_inference_steps=25, guidance_scale=4.0,
+                     scheduler="default", seed=seed, progress_bar=False).images[0]
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(image_path)
+        from PIL import Image
+
+        seen = checker.predict([Image.open(image_path)])[0]
+        scores[key] = {"subject": seen[spec_c.attribute] == spec_c.value, "style": seen[spec_s.attribute] == spec_s.value,
+                       "colour": seen["colour"] == colour, "seen": seen}
+    scores_file.write_text(json.dumps(scores, indent=1))
+    rows = ["| method | subject and style | subject | style | n |", "|---|---|---|---|---|"]
+    for method in methods:
+        mine = [v for k, v in scores.items() if k.startswith(method + "/") and k.split("/")[1].split("+")[0] in subjects
+                and k.split("/")[1].split("+")[1] in styles and int(k.split("/s")[-1]) < args.seeds]
+        n = len(mine)
+        both = sum(v["subject"] and v["style"] for v in mine)
+        rows.append(f"| {method} | {both / n:.2f} ({both}/{n}) | {sum(v['subject'] for v in mine) / n:.2f} | "
+                    f"{sum(v['style'] for v in mine) / n:.2f} | {n} |")
+    table = "\n".join(rows)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
     return 0

@@ -151,3 +151,20 @@ def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
     assert all(json.loads(json.dumps(h)) for h in state["history"])
     with pytest.raises(SystemExit):
         main(["hypernet", "train", "--model", "tiny:sd1"])
+
+
+def test_all_three_methods_run_on_sdxl(tiny_sdxl, tmp_path):
+    """SDXL (two text encoders, added time/text conditioning): K-LoRA, ZipLoRA and the hypernetwork all run."""
+    from pipelines.testing import write_random_lora
+
+    for name, cat, seed in (("subj", "character", 1), ("sty", "style", 2)):
+        tiny_sdxl.load_lora(write_random_lora(tiny_sdxl.pipe, tmp_path / f"{name}.safetensors", seed=seed, category=cat,
+                                              triggers=(name,), std=0.1), name)
+    net = _random_net(widths_of([tiny_sdxl.loras["subj"], tiny_sdxl.loras["sty"]], ("to_q", "to_out.0")))
+    ckpt = net.save(tmp_path / "h.safetensors")
+    kw = dict(num_inference_steps=1, seed=0, output_type="latent", progress_bar=False, height=32, width=32)
+    base = tiny_sdxl("x", **kw).latents
+    for method, params in (("klora", {}), ("ziplora", {"steps": 1, "reference_images": 1, "reference_steps": 1, "progress": False}),
+                           ("hypernet", {"checkpoint": str(ckpt)})):
+        out = tiny_sdxl("x", loras=["sty", "subj"], method=method, method_params=params, **kw).latents
+        assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-4, method
