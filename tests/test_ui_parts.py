@@ -16,6 +16,17 @@ from composition.methods import REGISTRY, Method, register
 from composition.methods.base import param
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --- paths ------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def tree(tmp_path):

@@ -182,9 +182,9 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                                                        interactive=False, elem_id="preview", height=256)
                                     latest = gr.File(label="Download PNG (spec embedded)", interactive=False,
                                                      elem_id="download")
-                                gallery = gr.Gallery(label="Results", format="png", columns=4, fit_columns=False, height=360, preview=False,
-                                                     object_fit="contain", elem_id="gallery",
-                                                     buttons=["download", "fullscreen"])
+                                gallery = gr.Gallery(label="Results", format="png", columns=4, fit_columns=False,
+                                                     height=360, preview=False, object_fit="contain",
+                                                     elem_id="gallery", buttons=["download", "fullscreen"])
                                 result_view = gr.JSON(label="Last result", elem_id="result")
                                 with gr.Accordion("Spec of the last image (as embedded in the PNG)", open=False):
                                     spec_view = gr.Code(language="json", label="spec", elem_id="spec")
@@ -195,8 +195,9 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
                                 compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
                                 compare_status = gr.Markdown("", elem_id="compare-status")
                                 compare_gallery = gr.Gallery(label="Same prompt and seed", format="png",
-                                                             columns=max(len(compare0), 1), fit_columns=False, preview=False, height=360,
-                                                             object_fit="contain", elem_id="compare-gallery")
+                                                             columns=max(len(compare0), 1), fit_columns=False,
+                                                             preview=False, height=360, object_fit="contain",
+                                                             elem_id="compare-gallery")
                                 compare_table = gr.Dataframe(headers=["method", "CLIPScore", "seconds", "file", "error"],
                                                              interactive=False, elem_id="compare-table")
                             with gr.Tab("Reproduce", id="reproduce"):
