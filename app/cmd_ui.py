@@ -29,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for the model (default: 64)")
     p.add_argument("--max-upload-mb", type=float, help="size limit of a dropped PNG (default: 20)")
     p.add_argument("--max-lora-mb", type=float, help="size limit of an uploaded LoRA (default: 1024)")
@@ -79,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = parse_auth(args.auth)
     cfg = config_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         print("loraloom ui: warning: reachable from other machines without a login; consider --auth USER:PASS",
               file=sys.stderr)
