@@ -71,14 +71,9 @@ def lora_identity(lora) -> str:
     """sha256 of the LoRA file (or of its factors when it was built in memory)."""
     if lora.path is not None and Path(lora.path).is_file():
         return file_sha256(lora.path)
-    h = hashlib.sha256()
-    for comp in sorted(lora.layers):
-        for name in sorted(lora.layers[comp]):
-            layer = lora.layers[comp][name]
-            h.update(f"{comp}.{name}:{layer.alpha}".encode())
-            for t in (layer.down, layer.up):
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return "mem-" + h.hexdigest()
+    from .merging import lora_fingerprint
+
+    return "mem-" + lora_fingerprint(lora)
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:
