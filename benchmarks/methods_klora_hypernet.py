@@ -8,18 +8,38 @@
                          included; reference-image generation, our stand-in for training images, excluded
                          and reported as an info line)                                             target <= 0.001
 
+Both ratios are of process CPU time (run with --threads 1): on a shared machine wall-clock time measures the
+neighbours' load as much as ours. The wall-clock ratios follow as `info …_wall` lines.
 The hypernetwork here is untrained (random weights, input layers for this model's widths): its cost does not
 depend on its training. ZipLoRA is timed once (it takes minutes on sd15-shape); the hypernetwork as a median.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import interleaved_medians
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    gc.collect()
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float, list[float]]]:
+    """Round-robin repeats after one warm-up each: {name: (median wall, median CPU, CPU runs)}."""
+    for fn in fns.values():
+        fn()
+    runs = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(_timed(fn))
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v), [c for _, c in v]) for k, v in runs.items()}
 
 
 def _klora_lines(env) -> list[tuple[str, float]]:
@@ -27,22 +47,21 @@ def _klora_lines(env) -> list[tuple[str, float]]:
 
     ours, kw, a, b = env.ours, env.kw, env.names[0], env.names[1]
     klora._SCORES.clear()
-    t0 = time.perf_counter()
-    ours(env.prompt, loras=[a, b], method="klora", **kw)  # fills the table: the first-use cost
-    first = time.perf_counter() - t0
-    res = interleaved_medians({
+    first_wall, first_cpu = _timed(lambda: ours(env.prompt, loras=[a, b], method="klora", **kw))  # builds the table
+    res = _interleaved({
         "klora": lambda: ours(env.prompt, loras=[a, b], method="klora", **kw),
         "single": lambda: ours(env.prompt, loras=[a], method="merge", method_params={"fuse": False}, **kw),
-    }, repeats=env.repeats)
+    }, env.repeats)
     klora._SCORES.clear()
-    t0 = time.perf_counter()
-    table = _table_only(env)
-    table_seconds = time.perf_counter() - t0
-    for name, (med, times) in res.items():
-        print(f"time {name:20s} median {med:8.3f} s  runs {[round(t, 3) for t in times]}")
-    print(f"info klora first generation (table built) {first:.3f} s; table of {len(table.paths)} layers {table_seconds:.3f} s")
-    return [("info klora_table_seconds", table_seconds), ("info klora_first_vs_single", first / res["single"][0]),
-            ("klora_vs_single", res["klora"][0] / res["single"][0])]
+    tables = []
+    table_wall, table_cpu = _timed(lambda: tables.append(_table_only(env)))
+    for name, (wall, cpu, runs) in res.items():
+        print(f"time {name:20s} median {wall:8.3f} s  cpu {cpu:8.3f} s  cpu runs {[round(t, 3) for t in runs]}", flush=True)
+    print(f"info klora first generation (table built): cpu {first_cpu:.3f} s; table of {len(tables[0].paths)} layers: "
+          f"cpu {table_cpu:.3f} s", flush=True)
+    return [("info klora_table_cpu_seconds", table_cpu), ("info klora_first_vs_single", first_cpu / res["single"][1]),
+            ("info klora_vs_single_wall", res["klora"][0] / res["single"][0]),
+            ("klora_vs_single", res["klora"][1] / res["single"][1])]
 
 
 def _table_only(env):
@@ -69,33 +88,32 @@ def _merge_lines(env) -> list[tuple[str, float]]:
     subject, style = ours.loras[env.names[0]], ours.loras[env.names[1]]
     torch.manual_seed(0)
     net = MergeHypernetwork(widths_of([subject, style], ("to_q", "to_out.0")))
-    times = []
-    for _ in range(max(env.repeats, 3)):
-        t0 = time.perf_counter()
-        merge_with_hypernet(net, subject, style)
-        times.append(time.perf_counter() - t0)
-    hyper = statistics.median(times)
-    print(f"time hypernet_merge        median {hyper:8.4f} s  runs {[round(t, 4) for t in times]}")
+    times = [_timed(lambda: merge_with_hypernet(net, subject, style)) for _ in range(max(env.repeats, 3))]
+    hyper_wall, hyper = statistics.median(w for w, _ in times), statistics.median(c for _, c in times)
+    print(f"time hypernet_merge        median {hyper_wall:8.4f} s  cpu {hyper:8.4f} s", flush=True)
 
     p = ZipLoRAParams()
     active = [ActiveLoRA(subject.name, 1.0, subject), ActiveLoRA(style.name, 1.0, style)]
     run = _Run(ours, active, env.prompt, "", env.kw["guidance_scale"], env.size, env.size)
-    t0 = time.perf_counter()
-    x_c = reference_latents(run, active[0], env.prompt, p.reference_images, p.reference_steps, p.seed)
-    x_s = reference_latents(run, active[1], env.prompt, p.reference_images, p.reference_steps, p.seed + 1000)
-    references = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    data = pair_data(run, active[0], active[1], env.prompt, env.prompt, x_c, x_s)
-    router = ours.routers["unet"]
-    with TrainableMerge(router, "bench-zip", subject, style, merge_layers(subject, style, "unet", p.scope)) as merged:
-        coefs, _ = optimise_coefficients(router.model, router, merged, data, training_scheduler(ours.pipe), p.steps, p.lr,
-                                         p.lam, p.similarity, p.seed, progress=False)
-    merged_lora("bench-zipped", subject, style, {"unet": coefs})
-    zip_seconds = time.perf_counter() - t0
-    print(f"time ziplora_optimisation  once   {zip_seconds:8.3f} s  ({p.steps} steps); reference images {references:.3f} s "
-          f"({2 * p.reference_images} x {p.reference_steps} steps)")
-    return [("info ziplora_seconds", zip_seconds), ("info ziplora_reference_images_seconds", references),
-            ("info hypernet_merge_seconds", hyper), ("hypernet_vs_ziplora", hyper / zip_seconds)]
+    refs = []
+    ref_wall, ref_cpu = _timed(lambda: refs.extend([
+        reference_latents(run, active[0], env.prompt, p.reference_images, p.reference_steps, p.seed),
+        reference_latents(run, active[1], env.prompt, p.reference_images, p.reference_steps, p.seed + 1000)]))
+
+    def optimise():
+        data = pair_data(run, active[0], active[1], env.prompt, env.prompt, *refs)
+        router = ours.routers["unet"]
+        with TrainableMerge(router, "bench-zip", subject, style, merge_layers(subject, style, "unet", p.scope)) as merged:
+            coefs, _ = optimise_coefficients(router.model, router, merged, data, training_scheduler(ours.pipe), p.steps,
+                                             p.lr, p.lam, p.similarity, p.seed, progress=False)
+        merged_lora("bench-zipped", subject, style, {"unet": coefs})
+
+    zip_wall, zip_cpu = _timed(optimise)
+    print(f"time ziplora_optimisation  once   {zip_wall:8.3f} s  cpu {zip_cpu:8.3f} s  ({p.steps} steps); reference images "
+          f"cpu {ref_cpu:.3f} s ({2 * p.reference_images} x {p.reference_steps} steps)", flush=True)
+    return [("info ziplora_cpu_seconds", zip_cpu), ("info ziplora_reference_images_cpu_seconds", ref_cpu),
+            ("info hypernet_merge_cpu_seconds", hyper), ("info hypernet_vs_ziplora_wall", hyper_wall / zip_wall),
+            ("hypernet_vs_ziplora", hyper / zip_cpu)]
 
 
 def measure(env) -> list[tuple[str, float]]:
