@@ -13,7 +13,6 @@ Also here: which of two LoRAs is the subject and which the style, and writing a 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -241,6 +240,3 @@ def load_coefficients(path: str | Path) -> tuple[Coefficients, dict[str, str]]:
         out.setdefault(comp, {})[module] = (tensors[key], tensors[key[:-4] + ".m_s"])
     return out, meta
 
-
-def describe_json(data) -> str:
-    return json.dumps(data, sort_keys=True)

@@ -18,7 +18,7 @@ from ..hypernetwork import MergeHypernetwork, hypernet_coefficients
 from ..lora import LoRA
 from ..merging import merged_lora
 from .base import ActiveLoRA, DenoiseContext, param, register
-from .ziplora import MergedLoRAMethod
+from .ziplora import MergedLoRAMethod, MergedLoRAParams
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "assets" / "hypernet" / "toyworld_hypernet.safetensors"
 
@@ -35,18 +35,11 @@ def merge_with_hypernet(net: MergeHypernetwork, subject: LoRA, style: LoRA, w_c:
 
 
 @dataclass
-class HypernetParams:
-    checkpoint: str = param(str(DEFAULT_CHECKPOINT), "Hypernetwork checkpoint (.safetensors from `loraloom hypernet "
-                                                     "train`). Default: the one trained on the toy world.")
+class HypernetParams(MergedLoRAParams):
+    checkpoint: str = param("", "Hypernetwork checkpoint (.safetensors from `loraloom hypernet train`). Empty: the one "
+                                "shipped for the toy world, assets/hypernet/toyworld_hypernet.safetensors.")
     kv_merge: str = param("sum", "to_k/to_v: 'sum' (coefficients 1, 1: LoRA.rar's code) or 'average' (0.5, 0.5: a "
                                  "second-hand reading of the paper).", choices=["sum", "average"])
-    save_merged: str = param("", "Also write the merged LoRA to this .safetensors path (diffusers layout; loads in "
-                                 "loraloom and diffusers' load_lora_weights).")
-    lora_scale: float = param(1.0, "Scale of the merged LoRA (the coefficients replace a merge scale; paper 1).")
-    roles: str = param("category", "Which LoRA is the subject: 'category' (character/clothing/object vs "
-                                    "style/background; given order when undecided) or 'given' (first = subject).",
-                       choices=["category", "given"])
-    fuse: bool = param(True, "Fuse the merged LoRA into the UNet weights for the run (restored bit-exactly after).")
 
 
 @register
@@ -57,6 +50,7 @@ class HypernetMerge(MergedLoRAMethod):
     description = "Subject and style merged column-wise with coefficients predicted by a trained hypernetwork."
 
     def build(self, ctx: DenoiseContext, subject: ActiveLoRA, style: ActiveLoRA) -> LoRA:
-        net = MergeHypernetwork.load(self.params.checkpoint)
-        self.build_extras = {"checkpoint": self.params.checkpoint}
+        checkpoint = self.params.checkpoint or DEFAULT_CHECKPOINT
+        net = MergeHypernetwork.load(checkpoint)
+        self.build_extras = {"checkpoint": str(checkpoint)}
         return merge_with_hypernet(net, subject.lora, style.lora, subject.weight, style.weight, self.params.kv_merge)

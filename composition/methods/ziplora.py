@@ -129,7 +129,20 @@ def optimise_coefficients(unet, router, merged: TrainableMerge, data: PairBatchD
 
 
 @dataclass
-class ZipLoRAParams:
+class MergedLoRAParams:
+    """Parameters every merged-LoRA method shares (listed first)."""
+
+    save_merged: str = param("", "Also write the merged LoRA to this .safetensors path (diffusers layout; loads in "
+                                 "loraloom and diffusers' load_lora_weights).")
+    lora_scale: float = param(1.0, "Scale of the merged LoRA (the coefficients replace a merge scale; paper 1).")
+    roles: str = param("category", "Which LoRA is the subject: 'category' (character/clothing/object vs "
+                                    "style/background; given order when undecided) or 'given' (first = subject).",
+                       choices=["category", "given"])
+    fuse: bool = param(True, "Fuse the merged LoRA into the UNet weights for the run (restored bit-exactly after).")
+
+
+@dataclass
+class ZipLoRAParams(MergedLoRAParams):
     steps: int = param(100, "Optimisation steps of the merge coefficients (paper: <= 100).", min=0)
     lr: float = param(0.01, "Learning rate of the coefficients (LoRA.rar's ZipLoRA script: 0.01; mkshing's README "
                             "5e-5 barely moves them in 100 steps).")
@@ -149,13 +162,6 @@ class ZipLoRAParams:
     seed: int = param(0, "Seed of the reference images, noise and timesteps.")
     coefficients: str = param("", "Coefficient file (.safetensors): loaded if it exists and matches the pair, else "
                                   "written after optimising. Empty: optimise every generation, keep nothing.")
-    save_merged: str = param("", "Also write the merged LoRA to this .safetensors path (diffusers layout; loads in "
-                                 "loraloom and diffusers' load_lora_weights).")
-    lora_scale: float = param(1.0, "Scale of the merged LoRA (the coefficients replace a merge scale; paper 1).")
-    roles: str = param("category", "Which LoRA is the subject: 'category' (character/clothing/object vs "
-                                    "style/background; given order when undecided) or 'given' (first = subject).",
-                       choices=["category", "given"])
-    fuse: bool = param(True, "Fuse the merged LoRA into the UNet weights for the run (restored bit-exactly after).")
     progress: bool = param(True, "Show a progress bar for the optimisation.")
 
 
