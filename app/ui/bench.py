@@ -8,8 +8,9 @@ UI and API so load on the machine hits both alike. Three timings per round:
 - api:     `ComposedPipeline.__call__` (the generation alone, no file written);
 - service: `GenerationService.generate` (spec, generation, PNG with the spec written) — what the UI runs;
 - ui:      `gradio_client` `/generate` round trip (queue, per-step previews, PNG download) from request to result;
-- ui_no_download: the same without the client downloading the files (what a browser waits for before it
-           fetches the image).
+- ui_no_download: the same without the client downloading the files;
+- browser: with `--browser`, headless Chromium clicks Generate (a new seed each time) and waits until the image
+           is in the gallery — the time a person waits.
 
 Prints medians and `ui_vs_api` (median ui / median api) last.
 """
@@ -17,6 +18,7 @@ Prints medians and `ui_vs_api` (median ui / median api) last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--preview-every", type=int, help="the UI's preview setting (default: the UI's, every step)")
     p.add_argument("--preview-interval", type=float, help="the UI's update interval (default: the UI's, 0.25 s)")
+    p.add_argument("--browser", action="store_true", help="also time clicks in headless Chromium (/usr/bin/chromium)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1; on a busy 2-core machine 2 threads collapse in the main thread, "
                         "which would flatter the UI, whose generation runs in a worker thread)")
@@ -59,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg.preview_every = args.preview_every
     if args.preview_interval is not None:
         cfg.preview_interval = args.preview_interval
+    from .service import GenerationService
+
+    probe = GenerationService(cfg)
+    names = args.loras.split(",") if args.loras else [i.name for i in probe.library() if i.info][:2]
+    side, _ = probe.geometry(cfg.models[0], load=False)
+    size = args.size or cfg.height or side
+    steps = args.steps or cfg.steps
+    # the page opens with these settings, so a click in the browser asks for the same image as the API calls
+    cfg.loras, cfg.method, cfg.steps, cfg.height, cfg.width = [(n, 1.0) for n in names], args.method, steps, size, size
+    cfg.prompt = cfg.prompt or "a picture, {triggers}"
     with serve(cfg) as (demo, url):
         service = demo.service
-        names = args.loras.split(",") if args.loras else [i.name for i in service.library() if i.info][:2]
-        side, _ = service.geometry(cfg.models[0])
-        size = args.size or cfg.height or side
-        steps = args.steps or cfg.steps
         loras = [[n, 1.0] for n in names]
         client = Client(url, verbose=False, download_files=str(cfg.output_dir / "downloads"))
         spec = service.make_spec(cfg.models[0], cfg.prompt or "a picture, {triggers}", cfg.negative_prompt, loras,
@@ -84,22 +93,57 @@ def main(argv: list[str] | None = None) -> int:
             c.predict(cfg.models[0], spec.prompt, spec.negative_prompt, loras, spec.method, {}, steps,
                       spec.guidance_scale, size, size, spec.scheduler, 0, api_name="/generate")
 
-        times = {"api": [], "service": [], "ui": [], "ui_no_download": []}
-        for _ in range(args.repeats):
-            for name, fn in (("ui", ui), ("api", api), ("service", lambda: service.generate(spec)),
-                             ("ui_no_download", lambda: ui(bare))):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+        runs = [("ui", ui), ("api", api), ("service", lambda: service.generate(spec)), ("ui_no_download", lambda: ui(bare))]
+        with _browser(url, args.browser) as click:
+            if click:
+                runs.append(("browser", click))
+            times = {name: [] for name, _ in runs}
+            for _ in range(args.repeats):
+                for name, fn in runs:
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {cfg.models[0]}  loras {names}  method {args.method}  steps {steps}  size {size}x{size}  "
           f"repeats {args.repeats}  preview every {cfg.preview_every} step(s), at most every {cfg.preview_interval} s")
-    for k in ("api", "service", "ui_no_download", "ui"):
+    for k in times:
         print(f"{k:15s} median {med[k]:.3f} s   runs {', '.join(f'{x:.3f}' for x in times[k])}")
-    print(f"service_vs_api {med['service'] / med['api']:.2f}")
-    print(f"ui_no_download_vs_api {med['ui_no_download'] / med['api']:.2f}")
+    for k in times:
+        if k not in ("api", "ui"):
+            print(f"{k}_vs_api {med[k] / med['api']:.2f}")
     print(f"ui_vs_api {med['ui'] / med['api']:.2f}")
     return 0
+
+
+@contextlib.contextmanager
+def _browser(url: str, wanted: bool):
+    """A `click()` that generates once in headless Chromium and returns when the image is in the gallery."""
+    if not wanted:
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("LORALOOM_CHROMIUM", "/usr/bin/chromium"), args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.set_default_timeout(300_000)
+        page.goto(url)
+        page.wait_for_selector("#generate-btn")
+        seeds = iter(range(1000, 100000))
+
+        def click():
+            seed = next(seeds)
+            page.locator("#seed input").fill(str(seed))
+            page.locator("#generate-btn").click()
+            page.wait_for_selector(f'#gallery img[src*="_s{seed}_"]')
+
+        try:
+            click()  # warm-up (page scripts, first update)
+            yield click
+        finally:
+            browser.close()
 
 
 if __name__ == "__main__":
