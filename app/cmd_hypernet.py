@@ -92,6 +92,8 @@ def register(sub) -> None:
                     help=f"subject LoRAs as concept-id:seed (default: {' '.join(TOY_SUBJECTS)})")
     tl.add_argument("--styles", nargs="+", default=list(TOY_STYLES), metavar="ID:SEED",
                     help=f"style LoRAs as concept-id:seed (default: {' '.join(TOY_STYLES)})")
+    tl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the toy world's recipe (evaluation/toyworld/recipe.py), e.g. lora_steps=200")
     tl.add_argument("--no-progress", action="store_true")
     tl.set_defaults(func=run_toyworld_loras)
 
@@ -178,6 +180,12 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
 
     model = Path(args.model or MODEL)
     out = Path(args.out)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in Recipe.__dataclass_fields__:
+            raise SystemExit(f"--set {item}: the toy-world recipe has no {key!r}")
+        overrides[key] = type(getattr(Recipe(), key))(value)
     work = Path(args.work or f"{out}.work")
 
     class VariantPaths(Paths):
@@ -193,7 +201,8 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
             if target.exists():
                 continue
             paths = VariantPaths(work / f"seed{seed}", work / f"seed{seed}" / "assets")
-            trained = train_lora(paths, Recipe(seed=int(seed), threads=1, workers=1), spec, progress=not args.no_progress)
+            recipe = Recipe.from_dict({**Recipe().to_dict(), **overrides, "seed": int(seed), "threads": 1, "workers": 1})
+            trained = train_lora(paths, recipe, spec, progress=not args.no_progress)
             target.parent.mkdir(parents=True, exist_ok=True)
             side = json.loads(trained.with_suffix(".json").read_text())
             side.update({"prompt": toy_prompt(spec), "training_seed": int(seed)})
