@@ -18,10 +18,13 @@ import pytest
 pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
+from playwright.sync_api import expect  # noqa: E402
+
 from app.ui.testing import serve, tiny_ui_world  # noqa: E402
 
 CHROMIUM = os.environ.get("LORALOOM_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(os.environ.get("LORALOOM_UI_SCREENSHOT", Path(__file__).resolve().parents[1] / "outputs" / "ui_screenshot.png"))
+WAIT = 60_000  # ms; Playwright's default 5 s is too short on a busy 2-core machine
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -89,19 +92,22 @@ def test_browser_generates_an_image(tmp_path):
                 pick(page, "#lora-1", pair[0])
                 pick(page, "#lora-2", pair[0])  # a mistake first: the error shows in the page
                 page.locator("#generate-btn").click()
-                playwright_api.expect(page.get_by_test_id("toast-body").first).to_contain_text("chosen twice")
+                expect(page.get_by_test_id("toast-body").first).to_contain_text("chosen twice", timeout=WAIT)
                 pick(page, "#lora-2", pair[1])
                 pick(page, "#method", "switch")
-                playwright_api.expect(page.locator("#params-switch")).to_be_visible()
+                expect(page.locator("#params-switch")).to_be_visible(timeout=WAIT)
                 page.locator("#insert-triggers").click()
                 page.locator("#generate-btn").click()
                 image = page.locator("#gallery img").first
-                playwright_api.expect(image).to_be_visible(timeout=180_000)
-                playwright_api.expect(page.locator("#status")).to_contain_text("done")
-                playwright_api.expect(page.locator("#preview img")).to_be_visible()
+                expect(image).to_be_visible(timeout=180_000)
+                expect(page.locator("#status")).to_contain_text("done", timeout=WAIT)
+                expect(page.locator("#preview img")).to_be_visible(timeout=WAIT)
                 data = page.request.get(image.get_attribute("src")).body()
                 for close in page.get_by_test_id("toast-close").all():  # the earlier error's toast, if still shown
-                    close.click()
+                    try:
+                        close.click(timeout=2000)
+                    except playwright_api.Error:  # it closed by itself meanwhile
+                        pass
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
             finally:
