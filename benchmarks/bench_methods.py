@@ -48,6 +48,7 @@ class BenchEnv:
     kw: dict  # generation keyword arguments shared by every timed call
     prompt: str
     repeats: int
+    clock: str  # "cpu" or "wall": the time the ratio lines use
     size: int
     steps: int
     rank: int
@@ -87,10 +88,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--n", type=int, default=3, help="number of LoRAs composed")
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, so CPU time measures the work)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="time the ratios use: process CPU time (default; robust on a shared machine) or wall clock")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     _, size, steps, rank = MODELS[args.model]
     steps = args.steps or steps
     from pipelines import ComposedPipeline
@@ -103,6 +105,9 @@ def main() -> None:
 
     # Memory: resident bytes added by making the N LoRAs resident in our routing layer.
     ours = ComposedPipeline(copy.deepcopy(base))
+    from composition import load_lora
+
+    load_lora(paths[0])  # discarded: the first load imports converters; that is code, not memory added per LoRA
     before = rss_bytes()
     for i, p in enumerate(paths):
         ours.load_lora(p, f"l{i}")
@@ -141,23 +146,25 @@ def main() -> None:
     agree = (ref_lat - our_lat).abs().max().item()
     print(f"check: |our composite (reference text encoding) - reference loop| max = {agree:.2e}")
 
-    res = interleaved_medians(fns, repeats=args.repeats)
-    for name, (med, times) in res.items():
-        print(f"time {name:20s} median {med:8.3f} s  runs {[round(t, 3) for t in times]}")
-    single = res["single"][0]
-    print(f"info single_vs_diffusers_single {single / res['diffusers_single'][0]:.3f}")
+    timings = interleaved_medians(fns, repeats=args.repeats)
+    for name, t in timings.items():
+        print(f"time {name:20s} wall {t.wall:8.3f} s  cpu {t.cpu:8.3f} s  wall runs {[round(x, 3) for x in t.walls]}")
+    res = {name: t.get(args.clock) for name, t in timings.items()}
+    print(f"clock {args.clock}")
+    single = res["single"]
+    print(f"info single_vs_diffusers_single {single / res['diffusers_single']:.3f}")
     print(f"info lora_factor_bytes_ratio {factor_bytes / file_bytes:.3f} ({factor_bytes} factor bytes, {file_bytes} file bytes)")
     # Methods added later contribute their own measurements: benchmarks/methods_<name>.py with
     # `measure(env) -> list[(line_name, value)]`, where env holds what was built above.
     env = BenchEnv(model=args.model, ours=ours, reference=reference, lora_paths=paths, names=names, kw=kw, prompt=PROMPT,
-                   repeats=args.repeats, size=size, steps=steps, rank=rank, single_seconds=single, base_factory=builder(args.model))
+                   repeats=args.repeats, clock=args.clock, size=size, steps=steps, rank=rank, single_seconds=single, base_factory=builder(args.model))
     extra = []
     for mod in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("methods_")):
         extra += importlib.import_module(f"benchmarks.{mod}").measure(env)
-    print(f"switch_vs_single {res['switch'][0] / single:.3f}")
-    print(f"composite_vs_reference {res['composite'][0] / res['reference_composite'][0]:.3f}")
-    print(f"composite_vs_limit {res['composite'][0] / (args.n * single):.3f}")
-    print(f"merge_vs_base {res['merge_fused'][0] / res['base'][0]:.3f}")
+    print(f"switch_vs_single {res['switch'] / single:.3f}")
+    print(f"composite_vs_reference {res['composite'] / res['reference_composite']:.3f}")
+    print(f"composite_vs_limit {res['composite'] / (args.n * single):.3f}")
+    print(f"merge_vs_base {res['merge_fused'] / res['base']:.3f}")
     print(f"lora_memory_ratio {(after - before) / file_bytes:.3f}")
     for name, value in extra:
         print(f"{name} {value:.4g}")

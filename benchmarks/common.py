@@ -7,36 +7,44 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
-def median_time(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+@dataclass
+class Timing:
+    """Medians of wall-clock and process CPU time over repeated runs (seconds)."""
+
+    wall: float
+    cpu: float
+    walls: list[float]
+    cpus: list[float]
+
+    def get(self, clock: str) -> float:
+        return self.cpu if clock == "cpu" else self.wall
 
 
-def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, tuple[float, list[float]]]:
-    """Time several functions round-robin (A B C, A B C, ...) so drift in machine load hits all of them alike."""
+def interleaved_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Time several functions round-robin (A B C, A B C, ...) so drift in machine load hits all of them alike.
+
+    Both clocks are kept: on a machine shared with other jobs, wall time measures the neighbours too, while the
+    process CPU time of a single-threaded run (`torch.set_num_threads(1)`) measures the work itself.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {k: [] for k in fns}
+    walls = {k: [] for k in fns}
+    cpus = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()
-            t0 = time.perf_counter()
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), v) for k, v in times.items()}
+            walls[name].append(time.perf_counter() - w)
+            cpus[name].append(time.process_time() - c)
+    return {k: Timing(statistics.median(walls[k]), statistics.median(cpus[k]), walls[k], cpus[k]) for k in fns}
 
 
 def rss_bytes() -> int:
