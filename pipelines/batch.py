@@ -183,6 +183,12 @@ class PipelineCache:
         self.pipeline: ComposedPipeline | None = None
         self._files: dict[str, str] = {}
 
+    def forget(self, name: str) -> None:
+        """Unload a LoRA so the next spec that uses it reloads the file (after its sidecar or file changed)."""
+        if self.pipeline is not None and name in self._files:
+            self.pipeline.remove_lora(name)
+            del self._files[name]
+
     def get(self, spec: GenerationSpec) -> ComposedPipeline:
         key = (spec.model, spec.family, spec.dtype)
         if key != self._key:

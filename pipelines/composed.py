@@ -38,6 +38,7 @@ class GenerationOutput:
     unet_calls: int = 0
     unet_rows: int = 0
     extras: dict = field(default_factory=dict)
+    interrupted: bool = False  # stopped by `interrupt()` before the last step: latents are partial
 
 
 class ComposedPipeline:
@@ -171,6 +172,7 @@ class ComposedPipeline:
             self._interrupt = False
             active = self._active(loras)
             started = time.perf_counter()
+            interrupted = False
             run = _Run(self, active, prompt, negative_prompt or "", float(guidance_scale), height, width)
             sched = make_scheduler(scheduler, self.pipe.scheduler.config, type(self.pipe.scheduler))
             sched.set_timesteps(num_inference_steps, device=self.device)
@@ -182,6 +184,7 @@ class ComposedPipeline:
                 method.prepare(run)
                 for i, t in enumerate(tqdm(timesteps, desc=method.name, disable=not progress_bar, leave=False)):
                     if self._interrupt:
+                        interrupted = True
                         break
                     step = Step(i, len(timesteps), t)
                     eps = method.denoise(run, latents, step)
@@ -198,15 +201,20 @@ class ComposedPipeline:
             return GenerationOutput(
                 images=images, latents=latents, seconds=time.perf_counter() - started, method=method.name,
                 params=params_to_dict(method.params), unet_calls=run.unet_calls, unet_rows=run.unet_rows,
-                extras=getattr(method, "extras", {}),
+                extras=getattr(method, "extras", {}), interrupted=interrupted,
             )
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor x the UNet's downsampling)."""
+        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
     def _check_args(self, steps, guidance_scale, height, width) -> None:
         if int(steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        multiple = self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        multiple = self.size_multiple
         for label, v in (("height", height), ("width", width)):
             if v <= 0 or v % multiple:
                 raise ValueError(f"{label} must be a positive multiple of {multiple} for this model, got {v}")

@@ -146,3 +146,15 @@ def test_shipped_example_spec_runs(tmp_path):
     assert len(specs) == 1 and "ohwx person" in specs[0].prompt
     paths, _ = run_specs(specs, tmp_path / "o", progress=False)
     assert Image.open(paths[0]).size == (64, 64)
+
+
+def test_pipeline_cache_reuses_model_and_forgets_loras(tmp_path, lora_files):
+    from pipelines.batch import PipelineCache
+
+    specs = expand(load_batch_spec(_spec(tmp_path, lora_files, prompts=["x"], methods=["merge"], seeds=[0])))
+    cache = PipelineCache()
+    cp = cache.get(specs[0])
+    assert set(cp.loras) == {"char", "style"}
+    cache.forget("char")
+    assert set(cp.loras) == {"style"}
+    assert cache.get(specs[0]) is cp and set(cp.loras) == {"char", "style"}

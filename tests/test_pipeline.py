@@ -76,8 +76,9 @@ def test_interrupt_stops_after_current_step(tiny_sd):
         seen.append(i)
         pipe.interrupt()
 
-    tiny_sd("x", num_inference_steps=5, callback_on_step_end=cb, output_type="latent", progress_bar=False)
-    assert seen == [0]
+    out = tiny_sd("x", num_inference_steps=5, callback_on_step_end=cb, output_type="latent", progress_bar=False)
+    assert seen == [0] and out.interrupted
+    assert not tiny_sd("x", num_inference_steps=2, output_type="latent", progress_bar=False).interrupted
 
 
 @pytest.mark.parametrize("kw,msg", [
