@@ -52,6 +52,8 @@ def register(sub) -> None:
     t.add_argument("--subject-prompt", default="", help="template of a subject LoRA's own prompt ({trigger} = its trigger "
                                                         "words); default: its sidecar 'prompt', else its trigger words")
     t.add_argument("--style-prompt", default="", help="the same for style LoRAs")
+    t.add_argument("--images", default="", help="folder with a sub-folder per LoRA (named as its file, without .safetensors) "
+                                                "of its training images; LoRAs without one get generated references")
     t.add_argument("--val-subjects", type=_names_or_count, default=d.val_subjects,
                    help=f"held-out subject LoRAs: a count drawn with the seed, or comma-separated names (default {d.val_subjects})")
     t.add_argument("--val-styles", type=_names_or_count, default=d.val_styles, help=f"the same for styles (default {d.val_styles})")
@@ -124,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, lr=args.lr, lam=args.lam, hidden=args.hidden, input_scale=args.input_scale,
         images_per_lora=args.images_per_lora, reference_steps=args.reference_steps, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, subject_prompt=args.subject_prompt,
-        style_prompt=args.style_prompt, val_subjects=args.val_subjects, val_styles=args.val_styles,
+        style_prompt=args.style_prompt, images=args.images, val_subjects=args.val_subjects, val_styles=args.val_styles,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
     )
     cp = ComposedPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype or "float32")

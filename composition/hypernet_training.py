@@ -11,8 +11,9 @@ prompt is always `--instance_prompt_2` ("a women in 3d rendering style"), whatev
 repository; here validation LoRAs are held out by LoRA (`val_subjects`, `val_styles`), so every validation pair
 is unseen, and the validation loss is measured on all held-out pairs at fixed noise and timesteps.
 
-Reference images: the reference trains on each LoRA's training images; we have none, so each LoRA's references
-are generated with that LoRA alone on its own prompt (cached in the work folder).
+Reference images: the reference trains on each LoRA's training images. Give them with `images` (a sub-folder per
+LoRA); for a LoRA without them, its references are generated with that LoRA alone on its own prompt (cached in the
+work folder).
 
 Everything is deterministic given the seed (pair choice, noise and t are seeded per epoch and step), checkpoints
 are written every `checkpoint_every` epochs and training resumes from the last one. The pipeline is a
@@ -28,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -57,6 +59,7 @@ class HypernetTrainConfig:
     width: int | None = None
     subject_prompt: str = ""  # template with {trigger}; empty: the sidecar's "prompt", else the trigger words
     style_prompt: str = ""
+    images: str = ""  # folder with <lora file stem>/ sub-folders of training images (used instead of generated ones)
     val_subjects: list[str] | int = 2  # names, or how many to hold out (chosen with the seed)
     val_styles: list[str] | int = 2
     val_every: int = 10
@@ -124,7 +127,8 @@ class HypernetTrainer:
 
     # --- data ------------------------------------------------------------------------------------------------
     def reference_latents(self) -> None:
-        """Each LoRA's reference images, generated with it alone on its own prompt; cached in `work/references`."""
+        """Each LoRA's reference latents: its training images when `images/<file stem>/` has them (VAE-encoded),
+        else images generated with the LoRA alone on its own prompt; cached in `work/references`."""
         from safetensors.torch import load_file, save_file
 
         folder = self.work / "references"
@@ -135,7 +139,7 @@ class HypernetTrainer:
         for name in bar:
             key = json.dumps({"prompt": self.prompts[name], "n": cfg.images_per_lora, "steps": cfg.reference_steps,
                               "cfg": cfg.guidance_scale, "neg": cfg.negative_prompt, "h": cfg.height, "w": cfg.width,
-                              "seed": cfg.seed}, sort_keys=True)
+                              "seed": cfg.seed, "images": [str(p) for p in self._image_files(name)]}, sort_keys=True)
             file = folder / (name.replace("/", "__") + ".safetensors")
             if file.exists():
                 from safetensors import safe_open
@@ -144,13 +148,43 @@ class HypernetTrainer:
                     if (f.metadata() or {}).get("key") == key:
                         self.latents[name] = load_file(str(file))["latents"].to(self.cp.device, self.cp.dtype)
                         continue
-            out = [self.cp(self.prompts[name], negative_prompt=cfg.negative_prompt, loras=[name], method="merge",
-                           method_params={"lora_scale": 1.0, "fuse": False}, num_inference_steps=cfg.reference_steps,
-                           guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, seed=cfg.seed + i,
-                           output_type="latent", progress_bar=False).latents for i in range(cfg.images_per_lora)]
-            lat = torch.cat(out)
+            given = self._image_files(name)
+            if given:
+                lat = self._encode_images(given)
+            else:
+                lat = torch.cat([self.cp(self.prompts[name], negative_prompt=cfg.negative_prompt, loras=[name], method="merge",
+                                         method_params={"lora_scale": 1.0, "fuse": False}, num_inference_steps=cfg.reference_steps,
+                                         guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, seed=cfg.seed + i,
+                                         output_type="latent", progress_bar=False).latents for i in range(cfg.images_per_lora)])
             save_file({"latents": lat.float().cpu().contiguous()}, str(file), metadata={"key": key})
             self.latents[name] = lat
+
+    def _image_files(self, name: str) -> list[Path]:
+        if not self.cfg.images:
+            return []
+        folder = Path(self.cfg.images) / Path(self.cp.loras[name].path).stem
+        return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) if folder.is_dir() else []
+
+    @torch.no_grad()
+    def _encode_images(self, files: list[Path]) -> torch.Tensor:
+        """Training images -> latents as the UNet sees them (resized and centre-cropped to the model size)."""
+        from PIL import Image, ImageOps
+
+        h = self.cfg.height or self.cp.default_size
+        w = self.cfg.width or self.cp.default_size
+        vae = self.cp.pipe.vae
+        out = []
+        for f in files:
+            img = ImageOps.fit(Image.open(f).convert("RGB"), (w, h), Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+            z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+            mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+            if mean is not None and std is not None:
+                z = (z - torch.tensor(mean).view(1, -1, 1, 1).to(z)) * vae.config.scaling_factor / torch.tensor(std).view(1, -1, 1, 1).to(z)
+            else:
+                z = z * vae.config.scaling_factor
+            out.append(z.to(self.cp.dtype))
+        return torch.cat(out)
 
     def pair_data(self, subject: str, style: str) -> PairBatchData:
         both = {subject: 1.0, style: 1.0}

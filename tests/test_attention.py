@@ -155,3 +155,12 @@ def test_token_positions(tiny_sd):
     assert token_positions(tok, "ab ab", ["ab"]) == [[1, 2, 3, 4]]
     long = "x " * 100 + "dog"
     assert token_positions(tok, long, ["dog"]) == [[]]  # cut off by the text encoder's 77 tokens
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin-wait each other (see bench_clipscore)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -129,7 +129,12 @@ def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
         for i in range(3):
             write_random_lora(tiny_sd.pipe, tmp_path / kind / f"{kind[:-1]}{i}.safetensors", seed=10 * i + len(kind), rank=2,
                               category=cat, triggers=(f"{kind[:3]}{i}",), text_encoder=False, std=0.15)
-    common = ["hypernet", "train", "--model", "tiny:sd1", "--subjects", str(tmp_path / "subjects"), "--styles",
+    from PIL import Image
+
+    (tmp_path / "images" / "subject0").mkdir(parents=True)
+    for i in range(2):  # training images for one LoRA: used instead of generated references
+        Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(tmp_path / "images" / "subject0" / f"{i}.png")
+    common = ["hypernet", "train", "--model", "tiny:sd1", "--images", str(tmp_path / "images"), "--subjects", str(tmp_path / "subjects"), "--styles",
               str(tmp_path / "styles"), "--images-per-lora", "1", "--reference-steps", "1", "--height", "32", "--width", "32",
               "--val-subjects", "1", "--val-styles", "style2", "--val-every", "1", "--checkpoint-every", "1",
               "--hidden", "8", "--no-progress"]
@@ -146,6 +151,10 @@ def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
     assert not held & set(info["train_subjects"] + info["train_styles"])
     assert info["epochs"] == 3 and [v["epoch"] for v in info["validation"]] == [1, 2, 3]
     assert a.widths == [64] and a.input_scale > 1  # the tiny UNet attends at 64 channels only; 1 / RMS of small deltas
+    from safetensors.torch import load_file
+
+    refs = {p.stem: load_file(p)["latents"].shape for p in (tmp_path / "wb" / "references").glob("*.safetensors")}
+    assert refs["subject__subject0"] == (2, 4, 16, 16) and refs["subject__subject1"] == (1, 4, 16, 16)
     state = torch.load(tmp_path / "wb" / "checkpoint.pt", weights_only=True)
     assert all(h["subject"] not in held and h["style"] not in held for h in state["history"])
     assert all(json.loads(json.dumps(h)) for h in state["history"])
