@@ -39,6 +39,7 @@ class Recipe:
     lora_te_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     lora_prior: float = 0.5  # share of each batch that is a base scene with its base caption
     lora_background_omit: float = 0.3
+    lora_timestep_power: float = 1.0  # t = T * u ** power (1: uniform; < 1: more noisy, layout-deciding steps)
     lora_pool: int = 4096  # positives (and as many prior scenes) rendered and encoded once per LoRA
 
     # checker CNN

@@ -256,10 +256,15 @@ class LatentPool:
         return (self.mean[idx] + self.std[idx] * eps) * self.scaling
 
 
-def v_loss(unet, sched, z, enc, g: torch.Generator, n_total: int, rows: slice) -> torch.Tensor:
-    """Plain MSE on the v target (uniform over timesteps, so t = T, where the prompt alone must decide, counts)."""
+def v_loss(unet, sched, z, enc, g: torch.Generator, n_total: int, rows: slice, timestep_power: float = 1.0) -> torch.Tensor:
+    """Plain MSE on the v target. Timesteps t = T * u ** power, u uniform: power 1 is uniform (so t = T, where the
+    prompt alone must decide, counts as much as any); power < 1 favours the noisy steps that decide layout."""
     noise = torch.randn((n_total, *z.shape[1:]), generator=g)[rows]
-    t = torch.randint(0, sched.config.num_train_timesteps, (n_total,), generator=g)[rows]
+    T = sched.config.num_train_timesteps
+    if timestep_power == 1.0:
+        t = torch.randint(0, T, (n_total,), generator=g)[rows]
+    else:
+        t = (T * torch.rand((n_total,), generator=g) ** timestep_power).long().clamp_(0, T - 1)[rows]
     noisy = sched.add_noise(z, noise, t)
     target = sched.get_velocity(z, noise, t)
     pred = unet(noisy, t, enc, return_dict=False)[0]
@@ -451,7 +456,10 @@ def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool
     torch.manual_seed(SEEDS["lora"] + recipe.seed + index)
     unet.add_adapter(cfgs["unet"])
     if "text_encoder" in cfgs:
-        te.add_adapter(cfgs["text_encoder"])
+        # peft directly: transformers' `add_adapter` insists on a newer peft than diffusers needs
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(cfgs["text_encoder"], te)
     params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lora_lr, weight_decay=1e-4)
     ckpt = Checkpoint(work)
@@ -475,7 +483,7 @@ def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool
         z, caps = lora_batch(pools, rng, step_generator(seed + 1, step), B, recipe.lora_prior, recipe.lora_background_omit)
         with torch.set_grad_enabled("text_encoder" in cfgs):
             enc = te(tokenize(tok, caps))[0]
-        loss = v_loss(unet, sched, z, enc, g, B, slice(0, B))
+        loss = v_loss(unet, sched, z, enc, g, B, slice(0, B), recipe.lora_timestep_power)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, recipe.lora_steps, recipe.lora_lr, warmup=20)
         opt.zero_grad(set_to_none=True)
