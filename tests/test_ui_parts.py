@@ -282,3 +282,15 @@ def test_cli_defaults_are_safe_and_flags_reach_launch(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         main(["ui", "--auth", "no-colon"])
     assert main(["ui", "--lora-dir", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
+
+
+@pytest.mark.parametrize("method, name", [("ziplora", "save_merged"), ("ziplora", "coefficients"), ("hypernet", "checkpoint"),
+                                          ("clora", "mask_dir"), ("cmlora", "profile_cache")])
+def test_shipped_methods_mark_their_file_parameters(method, name):
+    """The methods say which parameters name files (`param(..., path=...)`), so the UI checks them without guessing."""
+    from app.ui.params import method_fields
+    from composition.methods import describe_params, get_method
+
+    assert next(d for d in describe_params(get_method(method)) if d["name"] == name)["path"] in ("file", "dir")
+    assert next(f for f in method_fields(method) if f.name == name).path
+    assert not any(f.path for f in method_fields(method) if f.name in ("lora_scale", "roles", "scope", "kv_merge"))

@@ -59,7 +59,7 @@ class CLoRAParams:
     attention_resolution: int = param(0, "Cells across of the attention maps; 0: CLoRA's rule, W/32 for an 8x VAE "
                                          "(SD 1.x 512² -> 16, SDXL 1024² -> 32), at least 8 (toy world -> 8).", min=0)
     mask_dir: str = param("", "Folder to save each step's masks as PNG strips (base branch first, then each concept "
-                              "LoRA; white = the branch acts there). Empty: not saved.")
+                              "LoRA; white = the branch acts there). Empty: not saved.", path="dir")
     reference_mode: bool = param(False, "Reproduce the reference code: maps averaged over both CFG halves, a grad "
                                         "forward over every row, and fusion of the predictions made before the last "
                                         "latent update (stale).")

@@ -110,7 +110,7 @@ class CMLoRAParams:
     profile_seeds: list = param([0, 1], "Seeds of the profiling images.")
     profile_prompt: str = param("{triggers}", "Prompt of the profiling images; {triggers}: the LoRA's trigger words.")
     profile_cache: str = param("", "JSON file caching the scores (key: LoRA file sha256, model, settings). Empty: "
-                                   "$LORALOOM_CACHE or ~/.cache/loraloom/frequency_profiles.json; 'off': no cache.")
+                                   "$LORALOOM_CACHE or ~/.cache/loraloom/frequency_profiles.json; 'off': no cache.", path="file")
     reference_mode: bool = param(False, "Reproduce the reference code (pipeline_offline.py) with its bugs: category "
                                         "partition, no caching on the non-uniform schedule, fixed weights, no late "
                                         "refresh, one shared prompt encoding.")

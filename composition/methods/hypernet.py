@@ -37,7 +37,7 @@ def merge_with_hypernet(net: MergeHypernetwork, subject: LoRA, style: LoRA, w_c:
 @dataclass
 class HypernetParams(MergedLoRAParams):
     checkpoint: str = param("", "Hypernetwork checkpoint (.safetensors from `loraloom hypernet train`). Empty: the one "
-                                "shipped for the toy world, assets/hypernet/toyworld_hypernet.safetensors.")
+                                "shipped for the toy world, assets/hypernet/toyworld_hypernet.safetensors.", path="file")
     kv_merge: str = param("sum", "to_k/to_v: 'sum' (coefficients 1, 1: LoRA.rar's code) or 'average' (0.5, 0.5: a "
                                  "second-hand reading of the paper).", choices=["sum", "average"])
 

@@ -133,7 +133,7 @@ class MergedLoRAParams:
     """Parameters every merged-LoRA method shares (listed first)."""
 
     save_merged: str = param("", "Also write the merged LoRA to this .safetensors path (diffusers layout; loads in "
-                                 "loraloom and diffusers' load_lora_weights).")
+                                 "loraloom and diffusers' load_lora_weights).", path="file")
     lora_scale: float = param(1.0, "Scale of the merged LoRA (the coefficients replace a merge scale; paper 1).")
     roles: str = param("category", "Which LoRA is the subject: 'category' (character/clothing/object vs "
                                     "style/background; given order when undecided) or 'given' (first = subject).",
@@ -161,7 +161,7 @@ class ZipLoRAParams(MergedLoRAParams):
     style_prompt: str = param("", "The style LoRA's own prompt, as subject_prompt.")
     seed: int = param(0, "Seed of the reference images, noise and timesteps.")
     coefficients: str = param("", "Coefficient file (.safetensors): loaded if it exists and matches the pair, else "
-                                  "written after optimising. Empty: optimise every generation, keep nothing.")
+                                  "written after optimising. Empty: optimise every generation, keep nothing.", path="file")
     progress: bool = param(True, "Show a progress bar for the optimisation.")
 
 
