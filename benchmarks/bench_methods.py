@@ -91,7 +91,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, so CPU time measures the work)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="time the ratios use: process CPU time (default; robust on a shared machine) or wall clock")
+    ap.add_argument("--plugins", default="all",
+                    help="which benchmarks/methods_<name>.py plug-ins run: 'all' (default), 'none', or names, e.g. "
+                         "'klora_hypernet,clora_cmlora'")
     args = ap.parse_args()
+    available = sorted(m.name[len("methods_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                       if m.name.startswith("methods_"))
+    plugins = available if args.plugins == "all" else [] if args.plugins == "none" else args.plugins.split(",")
+    unknown = sorted(set(plugins) - set(available))
+    if unknown:
+        ap.error(f"unknown plug-in(s) {unknown}; available: {available}")
     torch.set_num_threads(args.threads)
     _, size, steps, rank = MODELS[args.model]
     steps = args.steps or steps
@@ -159,8 +168,8 @@ def main() -> None:
     env = BenchEnv(model=args.model, ours=ours, reference=reference, lora_paths=paths, names=names, kw=kw, prompt=PROMPT,
                    repeats=args.repeats, clock=args.clock, size=size, steps=steps, rank=rank, single_seconds=single, base_factory=builder(args.model))
     extra = []
-    for mod in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name.startswith("methods_")):
-        extra += importlib.import_module(f"benchmarks.{mod}").measure(env)
+    for name in plugins:
+        extra += importlib.import_module(f"benchmarks.methods_{name}").measure(env)
     print(f"switch_vs_single {res['switch'] / single:.3f}")
     print(f"composite_vs_reference {res['composite'] / res['reference_composite']:.3f}")
     print(f"composite_vs_limit {res['composite'] / (args.n * single):.3f}")
