@@ -29,15 +29,15 @@ class Recipe:
     base_pool: int = 24000  # base scenes rendered and encoded once
 
     # concept LoRAs (peft), one per concept, prior preservation with ground-truth base scenes
-    lora_steps: int = 400
+    lora_steps: int = 600
     lora_batch: int = 32
-    lora_lr: float = 3e-3
+    lora_lr: float = 2e-3
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     lora_text_encoder: bool = False
     lora_te_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    lora_prior: float = 0.5  # share of each batch that is a base scene with its base caption
+    lora_prior: float = 0.25  # share of each batch that is a base scene with its base caption
     lora_background_omit: float = 0.3
     lora_timestep_power: float = 1.0  # t = T * u ** power (1: uniform; < 1: more noisy, layout-deciding steps)
     lora_pool: int = 4096  # positives (and as many prior scenes) rendered and encoded once per LoRA
