@@ -17,6 +17,16 @@ warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: the tiny models gain nothing from a second one, and on a shared
+    2-core machine two threads spin-wait each other (see benchmarks/bench_clipscore.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def weights_hash(module: torch.nn.Module) -> str:
     """Bit-level fingerprint of every parameter and buffer."""
     h = hashlib.sha256()

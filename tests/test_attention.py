@@ -17,6 +17,8 @@ from pipelines.attention import (
 from pipelines.composed import _Run
 from pipelines.schedulers import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _unet(down, up, channels, **kw):
     from diffusers import UNet2DConditionModel
@@ -156,11 +158,3 @@ def test_token_positions(tiny_sd):
     long = "x " * 100 + "dog"
     assert token_positions(tok, long, ["dog"]) == [[]]  # cut off by the text encoder's 77 tokens
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin-wait each other (see bench_clipscore)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -20,6 +20,8 @@ from composition.methods.guidance import classifier_free_guidance
 from pipelines.composed import _Run
 from pipelines.schedulers import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- pure math ---------------------------------------------------------------------------------------------------
 def test_info_nce_matches_a_hand_computation():
@@ -166,11 +168,3 @@ def test_whole_generation_saves_masks_and_differs_from_no_update(loaded, tmp_pat
     again = loaded("ohwx in forest", method="clora", method_params=params, **kw)
     assert torch.equal(out.latents, again.latents)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin-wait each other (see bench_clipscore)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

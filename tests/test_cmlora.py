@@ -18,14 +18,7 @@ from composition.routing import Routing
 from composition.conditioning import Conditioning
 from pipelines.composed import _Run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin-wait each other (see bench_clipscore)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- schedules -----------------------------------------------------------------------------------------------------

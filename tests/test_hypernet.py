@@ -13,14 +13,7 @@ from composition.errors import LoraloomError
 from composition.hypernetwork import MergeHypernetwork, delta_rms, hypernet_coefficients, read_info, widths_of
 from composition.lora import LoRALayer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are too small for a second thread to help; on a busy machine it only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KW = dict(num_inference_steps=2, seed=1, scheduler="ddim", output_type="latent", progress_bar=False, height=32, width=32)

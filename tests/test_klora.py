@@ -13,15 +13,8 @@ from composition.methods.klora import balance_factor, klora_table, time_pieces, 
 from composition.merging import is_attention_projection
 from pipelines.composed import _Run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are too small for a second thread to help; on a busy machine it only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def _layer(up, down, alpha=None):
     up, down = torch.tensor(up, dtype=torch.float32), torch.tensor(down, dtype=torch.float32)

@@ -11,18 +11,11 @@ from composition.errors import LoraloomError
 from composition.lora import LoRALayer
 from composition.merging import column_merged_layer, merged_lora, save_lora_file, subject_and_style
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KW = dict(num_inference_steps=2, seed=1, scheduler="ddim", output_type="latent", progress_bar=False, height=32, width=32)
 FAST = {"steps": 4, "reference_images": 1, "reference_steps": 2, "progress": False}
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are too small for a second thread to help; on a busy machine it only spins."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def test_column_merge_is_exact_rank_sum_lora():
     g = torch.Generator().manual_seed(0)
