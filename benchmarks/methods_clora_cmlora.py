@@ -52,23 +52,10 @@ def _prompt(n: int) -> str:
 
 
 def _interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict[str, tuple[float, float, list[float]]]:
-    """Round-robin timing (one warm-up each): name -> (median wall s, median process CPU s, wall runs). CPU time
-    is the steadier number on a shared machine (other jobs stretch wall time, not this process's CPU time)."""
-    import gc
-    import statistics
+    """benchmarks.common.interleaved_medians as name -> (median wall s, median process CPU s, wall runs)."""
+    from benchmarks.common import interleaved_medians
 
-    for fn in fns.values() if warmup else ():
-        fn()
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            gc.collect()
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k]), wall[k]) for k in fns}
+    return {k: (t.wall, t.cpu, t.walls) for k, t in interleaved_medians(fns, repeats, int(warmup)).items()}
 
 
 def _timed(env, cp, names, steps):
