@@ -17,14 +17,17 @@ warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 torch.set_num_threads(2)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op torch thread for the test: the tiny models gain nothing from a second one, and on a shared
-    2-core machine two threads spin-wait each other (see benchmarks/bench_clipscore.py)."""
+def _single_threaded():
+    """One intra-op torch thread: the tiny models gain nothing from a second one, and on a shared 2-core machine
+    two threads spin-wait each other (see benchmarks/bench_clipscore.py)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+one_thread = pytest.fixture(_single_threaded, name="one_thread")
+one_thread_module = pytest.fixture(_single_threaded, scope="module", name="one_thread_module")  # for module-scoped servers
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -22,15 +22,7 @@ from pipelines.spec import read_png_spec  # noqa: E402
 PAIR = [["tiny_character", 1.0], ["tiny_style", 0.8]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,7 @@ from composition.methods import REGISTRY, Method, register
 from composition.methods.base import param
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # --- paths ------------------------------------------------------------------------------------------------------
