@@ -68,6 +68,7 @@ class TrainableMerge:
             new = column_merged_layer(c, s, m_c, m_s, self.w_c, self.w_s)
             layer = self.lora.layers[comp][path]
             layer.down, layer.up = new.down.to(self.dtype), new.up.to(self.dtype)
+        self.router.invalidate()
 
     def close(self) -> None:
         self.router.remove(self.name)

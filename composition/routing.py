@@ -10,6 +10,12 @@ for the rows each adapter is routed to. Methods change the routing between steps
 only rebuilds small per-layer lists: no module surgery, no `set_adapters` walk over the model.
 Rows are given as contiguous blocks (`RowBlock`), so a batch whose rows use different LoRAs computes each
 adapter on its own rows only.
+
+Per-call cost is kept to what the active adapters need (it matters on small models, where dispatch overhead
+is a large share of a step): a module with no active adapter runs its own forward (the routed forward is
+installed only while something is active), the scale is folded into one in-place `addmm_`, and equal-sized
+single-adapter row blocks (Composite's branches) run as two batched matmuls over all branches instead of a
+loop. Setting the same routing again is free.
 """
 
 from __future__ import annotations
@@ -88,10 +94,34 @@ class RoutedLayer:
     name: str
     factors: dict[str, LoRALayer] = field(default_factory=dict)
     active: list = field(default_factory=list)  # [(down, up, weight, rows)]
+    grouped: tuple | None = None  # (lo, hi, k, down^T stacked [k, in, r], weight * up^T stacked [k, r, out])
+    installed: bool = False
 
     def __post_init__(self):
         self.is_conv = isinstance(self.module, nn.Conv2d)
         self.base_forward = type(self.module).forward.__get__(self.module)
+
+    def install(self, on: bool) -> None:
+        """Shadow the module's forward with the routed one only while some adapter is active on it."""
+        if on and not self.installed:
+            self.module.forward = self  # instance attribute shadows the class forward
+        elif not on and self.installed:
+            del self.module.forward
+        self.installed = on
+
+    def set_terms(self, terms: list) -> None:
+        """Active terms [(down, up, weight, rows)]; equal-sized one-adapter row blocks become one grouped term."""
+        self.active, self.grouped = terms, None
+        if len(terms) >= 2 and not self.is_conv:
+            rows = [t[3] for t in terms]
+            ranks = {t[0].shape[0] for t in terms}
+            if all(r is not None and r.step in (None, 1) for r in rows) and len(ranks) == 1:
+                size = rows[0].stop - rows[0].start
+                if size > 0 and all(r.start == rows[0].start + i * size and r.stop == r.start + size for i, r in enumerate(rows)):
+                    self.grouped = (rows[0].start, rows[-1].stop, len(terms),
+                                    torch.stack([t[0].t() for t in terms]),
+                                    torch.stack([t[1].t() * t[2] for t in terms]))
+        self.install(bool(terms))
 
     def low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weight: float) -> torch.Tensor:
         if self.is_conv:
@@ -102,11 +132,19 @@ class RoutedLayer:
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_forward(x, *args, **kwargs)
+        if self.grouped is not None and y.is_contiguous():
+            # Branch i's rows times adapter i, all branches at once: (k, rows*tokens, in) @ (k, in, r) @ (k, r, out).
+            lo, hi, k, down_t, up_t = self.grouped
+            xs, ys = x[lo:hi], y[lo:hi]
+            h = torch.bmm(xs.reshape(k, -1, xs.shape[-1]), down_t)
+            ys.view(k, -1, ys.shape[-1]).baddbmm_(h, up_t)
+            return y
         for down, up, weight, rows in self.active:
-            if rows is None:
-                y = y + self.low_rank(x, down, up, weight)
-            else:
-                y[rows] += self.low_rank(x[rows], down, up, weight)
+            xs, ys = (x, y) if rows is None else (x[rows], y[rows])
+            if self.is_conv or not ys.is_contiguous():
+                ys += self.low_rank(xs, down, up, weight)
+            else:  # y += weight * (x A^T) B^T in one fused in-place op
+                ys.view(-1, ys.shape[-1]).addmm_(F.linear(xs, down).reshape(-1, down.shape[0]), up.t(), alpha=weight)
         return y
 
 
@@ -120,6 +158,7 @@ class LoRARouter:
         self.adapters: dict[str, LoRA] = {}
         self._fused: dict[str, torch.Tensor] | None = None
         self._routing: Routing = Routing.none()
+        self._routing_key = None  # (routing, layer_gates) last applied; None forces a rebuild
 
     # --- adapters -------------------------------------------------------------------------------------------
     def check(self, lora: LoRA) -> None:
@@ -171,10 +210,10 @@ class LoRARouter:
             routed = self.layers.get(path)
             if routed is None:
                 routed = RoutedLayer(modules[path], path)
-                modules[path].forward = routed  # instance attribute shadows the class forward
                 self.layers[path] = routed
             routed.factors[lora.name] = layer
         self.adapters[lora.name] = lora
+        self._routing_key = None
         self.set_routing(self._routing)
 
     def remove(self, name: str) -> None:
@@ -184,9 +223,10 @@ class LoRARouter:
             routed = self.layers[path]
             routed.factors.pop(name, None)
             if not routed.factors:
-                del routed.module.forward
+                routed.set_terms([])
                 del self.layers[path]
         del self.adapters[name]
+        self._routing_key = None
         self.set_routing(Routing(tuple(
             RowBlock(b.rows, tuple((k, w) for k, w in b.gates if k != name)) for b in self._routing.blocks
         )))
@@ -197,6 +237,10 @@ class LoRARouter:
             self.remove(name)
 
     # --- routing --------------------------------------------------------------------------------------------
+    def invalidate(self) -> None:
+        """Rebuild the routing on the next `set_routing`: call after replacing a resident adapter's factors."""
+        self._routing_key = None
+
     @property
     def routing(self) -> Routing:
         return self._routing
@@ -207,8 +251,9 @@ class LoRARouter:
         Adapters unknown to this model are ignored (a LoRA may have no text-encoder part).
         """
         routing = routing or Routing.none()
-        for routed in self.layers.values():
-            routed.active = []
+        if self._routing_key is not None and self._routing_key[0] == routing and self._routing_key[1] is layer_gates:
+            return  # the same routing again (e.g. every step of Composite): nothing to rebuild
+        terms: dict[str, list] = {path: [] for path in self.layers}
         for block in routing.blocks:
             for name, gate in block.gates:
                 if name not in self.adapters or gate == 0.0:
@@ -222,8 +267,11 @@ class LoRARouter:
                         g *= layer_gates.get(path, {}).get(name, 1.0)
                         if g == 0.0:
                             continue
-                    routed.active.append((layer.down, layer.up, g * layer.scale, block.rows))
+                    terms[path].append((layer.down, layer.up, g * layer.scale, block.rows))
+        for path, routed in self.layers.items():
+            routed.set_terms(terms[path])
         self._routing = routing
+        self._routing_key = (routing, layer_gates)
 
     # --- fusing ---------------------------------------------------------------------------------------------
     @contextmanager
@@ -248,10 +296,12 @@ class LoRARouter:
                     delta = sum(g * layer.delta(torch.float32) for layer, g in terms)
                     self._fused[path] = weight.data
                     weight.data = (weight.data.float() + delta).to(weight.dtype)
+            self._routing_key = None
             self.set_routing(None)
             yield self
         finally:
             for path, original in (self._fused or {}).items():
                 self.layers[path].module.weight.data = original
             self._fused = None
+            self._routing_key = None
             self.set_routing(saved_routing)

@@ -135,8 +135,12 @@ def test_fused_weights_restored_when_generation_fails(tiny_sd, lora_files):
 
 def test_remove_lora_restores_modules(tiny_sd, lora_files):
     tiny_sd.load_lora(lora_files["char"], "char")
+    router = tiny_sd.routers["unet"]
+    # The routed forward is installed only on modules where an adapter is active.
+    assert not any("forward" in m.__dict__ for m in tiny_sd.pipe.unet.modules())
+    router.set_routing(Routing.uniform({"char": 1.0}))
     patched = [m for m in tiny_sd.pipe.unet.modules() if "forward" in m.__dict__]
-    assert patched
+    assert len(patched) == len(router.layers) > 0
     tiny_sd.remove_lora("char")
     assert not any("forward" in m.__dict__ for m in tiny_sd.pipe.unet.modules())
     assert not any("forward" in m.__dict__ for m in tiny_sd.pipe.text_encoder.modules())
@@ -168,3 +172,36 @@ def test_switching_gates_costs_no_module_walk(tiny_sd, lora_files, monkeypatch):
                 num_inference_steps=steps, output_type="latent", progress_bar=False)
         walks.append(len(calls))
     assert walks[0] == walks[1]
+
+
+def test_grouped_branches_equal_per_branch_loop(tiny_sd, lora_files):
+    """Equal-sized one-adapter row blocks (Composite) take the batched-matmul path; it equals the plain loop."""
+    for name, path in lora_files.items():
+        tiny_sd.load_lora(path, name)
+    router = tiny_sd.routers["unet"]
+    names = list(lora_files)
+    routing = Routing.blocks([(2, {n: 0.7 + 0.1 * i}) for i, n in enumerate(names)])
+    unet = tiny_sd.pipe.unet
+    x = torch.randn(2 * len(names), unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(x.shape[0], 7, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        router.set_routing(routing)
+        assert sum(r.grouped is not None for r in router.layers.values()) > 0
+        grouped = unet(x, 5, encoder_hidden_states=ctx).sample
+        for r in router.layers.values():
+            r.grouped = None  # force the per-term loop on the same routing
+        looped = unet(x, 5, encoder_hidden_states=ctx).sample
+        router.set_routing(None)
+    torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
+
+
+def test_same_routing_again_is_not_rebuilt(tiny_sd, lora_files):
+    tiny_sd.load_lora(lora_files["char"], "char")
+    router = tiny_sd.routers["unet"]
+    routing = Routing.uniform({"char": 1.0})
+    router.set_routing(routing)
+    first = {p: r.active for p, r in router.layers.items()}
+    router.set_routing(Routing.uniform({"char": 1.0}))  # equal routing: the same term lists are kept
+    assert all(router.layers[p].active is a for p, a in first.items())
+    router.set_routing(Routing.uniform({"char": 0.5}))
+    assert all(router.layers[p].active is not a for p, a in first.items())
