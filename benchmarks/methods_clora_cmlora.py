@@ -1,13 +1,14 @@
 """CLoRA and CMLoRA lines of `benchmarks/bench_methods.py` (a method plug-in; also runnable alone).
 
     cmlora_vs_composite  CMLoRA / Composite, N = 4, T steps, CMLoRA defaults (non-uniform 2/3/2 refresh schedule,
-                         DeepCache-style feature cache, every LoRA refreshed at a refresh step)    target <= 0.55
+                         DeepCache-style feature cache, the newly dominant LoRA refreshed at a
+                         refresh step)                                                           target <= 0.55
     clora_vs_composite   CLoRA / Composite, N = 2, T steps, CLoRA's paper defaults (20 refinement iterations at
                          0 / 0.2 / 0.4 of the run, latent updates on the first half)               reported
 
 T is 20 on both models (the schedules are fractions of the run; at the bench's 4 sd15-shape steps they would
-degenerate). CMLoRA's one-time profiling uses one seed and 10 steps here (the defaults are 2 and 20). Info lines: CMLoRA variants (only the dominant LoRA refreshing; cached noise predictions instead
-of features), the one-time profiling cost, the refresh share, and peak memory (RSS above the loaded model, sampled
+degenerate). CMLoRA's one-time profiling uses one seed and 10 steps here (the defaults are 2 and 20). Info lines: CMLoRA variants (every LoRA refreshing at a refresh step; cached noise predictions
+instead of features), the one-time profiling cost, the refresh share, and peak memory (RSS above the loaded model, sampled
 every 5 ms in a fresh process) of one CLoRA, CLoRA reference_mode and Composite generation (N = 2, 2 steps, no
 refinement iterations: the peak is one gradient pass however many there are).
 
@@ -75,7 +76,7 @@ def _timed(env, cp, names, steps):
     fns = {
         "composite4": run("composite", four, 4),
         "cmlora4": run("cmlora", four, 4, profile_cache=str(prof), **PROFILE),
-        "cmlora4_dominant": run("cmlora", four, 4, profile_cache=str(prof), **PROFILE, refresh_policy="dominant"),
+        "cmlora4_all": run("cmlora", four, 4, profile_cache=str(prof), **PROFILE, refresh_policy="all"),
         "cmlora4_noise": run("cmlora", four, 4, profile_cache=str(prof), **PROFILE, cache_mode="noise"),
         "composite2": run("composite", two, 2),
         "clora2": run("clora", two, 2),
@@ -126,9 +127,12 @@ def peak_memory(model: str, size: int, steps: int, paths: list[Path], method: st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(env) -> list[tuple[str, float]]:
+def measure(env, parts: str = "all") -> list[tuple[str, float]]:
+    """The plug-in's lines; `parts`: "all", "timing" (the ratios) or "memory" (the peak-memory info lines)."""
     folder = Path(tempfile.mkdtemp(prefix="loraloom-bench-cc-"))
     paths = _write_loras(env.ours.pipe, folder, env.rank)
+    if parts == "memory":
+        return _memory_lines(env, paths)
     names = [env.ours.load_lora(p).name for p in paths]
     try:
         res, profile_s = _timed(env, env.ours, names, STEPS)
@@ -143,18 +147,25 @@ def measure(env) -> list[tuple[str, float]]:
     lines = [("info cmlora_refresh_share", len(refresh_steps(STEPS)) / STEPS),
              ("info cmlora_profile_seconds", profile_s),
              ("info cmlora_vs_composite_cpu", ratio("cmlora4", "composite4", 1)),
-             ("info cmlora_dominant_refresh_vs_composite", ratio("cmlora4_dominant", "composite4")),
-             ("info cmlora_dominant_refresh_vs_composite_cpu", ratio("cmlora4_dominant", "composite4", 1)),
+             ("info cmlora_all_refresh_vs_composite", ratio("cmlora4_all", "composite4")),
+             ("info cmlora_all_refresh_vs_composite_cpu", ratio("cmlora4_all", "composite4", 1)),
              ("info cmlora_noise_cache_vs_composite", ratio("cmlora4_noise", "composite4")),
              ("info cmlora_noise_cache_vs_composite_cpu", ratio("cmlora4_noise", "composite4", 1)),
              ("info clora_vs_composite_cpu", ratio("clora2", "composite2", 1))]
+    if parts == "all":
+        lines += _memory_lines(env, paths)
+    lines += [("cmlora_vs_composite", ratio("cmlora4", "composite4")), ("clora_vs_composite", ratio("clora2", "composite2"))]
+    return lines
+
+
+def _memory_lines(env, paths) -> list[tuple[str, float]]:
+    lines = []
     for method, params, label in (("clora", {"refine_iterations": 0}, "clora"),
                                   ("clora", {"refine_iterations": 0, "reference_mode": True}, "clora_reference"),
                                   ("composite", {}, "composite")):
         mem = peak_memory(env.model, env.size, MEMORY_STEPS, paths[:2], method, params)
         print(f"info memory {label}: model loaded {mem['base_mb']:.0f} MB, generation peak +{mem['peak_extra_mb']:.0f} MB", flush=True)
         lines.append((f"info peak_extra_mb_{label}", mem["peak_extra_mb"]))
-    lines += [("cmlora_vs_composite", ratio("cmlora4", "composite4")), ("clora_vs_composite", ratio("clora2", "composite2"))]
     return lines
 
 
@@ -173,6 +184,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-warmup", action="store_true", help="no untimed run before the timed rounds")
+    ap.add_argument("--only", choices=["all", "timing", "memory"], default="all",
+                    help="run only the timed ratios or only the peak-memory lines (sd15-shape timing takes hours on a CPU)")
     args = ap.parse_args()
     global WARMUP
     WARMUP = not args.no_warmup
@@ -186,7 +199,7 @@ def main() -> None:
                    repeats=args.repeats, size=size, steps=steps, rank=rank, single_seconds=float("nan"),
                    base_factory=builder(args.model))
     print(f"model={args.model} size={size} steps={STEPS} rank={rank} repeats={args.repeats} threads={torch.get_num_threads()}")
-    for name, value in measure(env):
+    for name, value in measure(env, args.only):
         print(f"{name} {value:.4g}")
 
 

@@ -55,13 +55,13 @@ def _plan(steps, k, h, **params):
     (10, 4, 0, [0, 0, 1, 2, 2, 2, 3, 3, 0, 0]),  # no H: every LoRA rotates
 ])
 def test_dominant_rotation_and_full_passes_paper(steps, k, h, dominant):
-    plan = _plan(steps, k, h)
+    plan = _plan(steps, k, h, refresh_policy="all")
     assert [d for d, _ in plan] == dominant
     refresh = set(refresh_steps(steps))
     for i, (d, full) in enumerate(plan):
         assert full == (list(range(k)) if i in refresh else [d])  # refresh: all; between: the dominant LoRA only
     assert all(full == list(range(k)) for _, full in _plan(steps, k, h, cache_interval=1))
-    rotating = _plan(steps, k, h, refresh_policy="dominant")
+    rotating = _plan(steps, k, h)  # the default policy: only the newly dominant LoRA refreshes
     assert [d for d, _ in rotating] == dominant
     assert rotating[0][1] == list(range(k)) and all(full == [d] for d, full in rotating[1:])
 
@@ -127,13 +127,17 @@ def test_cached_steps_skip_unet_work(loaded, monkeypatch):
     real = _Run.predict_features
     monkeypatch.setattr(_Run, "predict_features", lambda self, *a, **k: shallow.append(k.get("features", a[4] if len(a) > 4 else None) is not None) or real(self, *a, **k))
     comp = loaded("x", loras=LORAS, method="composite", **KW)
-    feat = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given"}, **KW)
-    noise = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given", "cache_mode": "noise"}, **KW)
+    every = {"order": "given", "refresh_policy": "all"}
+    feat = loaded("x", loras=LORAS, method="cmlora", method_params=every, **KW)
+    noise = loaded("x", loras=LORAS, method="cmlora", method_params={**every, "cache_mode": "noise"}, **KW)
     assert comp.unet_rows == 36
     assert feat.unet_rows == 24 and feat.extras["full_rows"] == 24 and feat.extras["cached_rows"] == 12
     assert shallow.count(True) == 3  # one batched shallow call on each of steps 1, 3, 4
     assert noise.unet_rows == 24 and noise.unet_calls == 6
     assert feat.extras["dominant"] == ["char", "char", "style", "style", "style", "bg"]
+    default = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given"}, **KW)
+    # default policy: all three full on step 0 (empty caches), then only the dominant one: (3 + 5) x 2 full rows
+    assert default.unet_rows == 16 and default.extras["cached_rows"] == 20
     uncached = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given", "cache_interval": 1}, **KW)
     assert 0 < (feat.latents - uncached.latents).abs().max() < (uncached.latents - comp.latents).abs().max() * 10
 

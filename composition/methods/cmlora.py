@@ -8,8 +8,10 @@ work between refresh steps, on a non-uniform schedule (refresh every 2nd step on
 3rd step up to 87.5 %, every 2nd to the end).
 
 Default (paper-intent) mode, per step:
-  - refresh step (in R): the dominant LoRA rotates; every LoRA runs the full UNet and refreshes its cache
-    (`refresh_policy="dominant"`: only the newly dominant one, as the reference invalidates one cache per refresh);
+  - refresh step (in R): the dominant LoRA rotates; the newly dominant LoRA runs the full UNet and refreshes its
+    cache (`refresh_policy="dominant"`, the default: the reference code invalidates exactly that one cache per
+    refresh, §9.5; the paper's text does not say more). `refresh_policy="all"`: every LoRA refreshes at every
+    refresh step — fresher caches, but at k = 4 at least ~0.56 of Composite's cost, see docs;
   - other steps: the dominant LoRA runs the full UNet; the others run a DeepCache-style shallow pass on their own
     cached deep features (`cache_mode="features"`) or reuse their cached noise prediction (`cache_mode="noise"`);
   - eps = (1/k) sum_j w_j [eps_j(n) + s (eps_j(c) - eps_j(n))], w_dom = c_dom * w_non, weights summing to k, the
@@ -97,10 +99,11 @@ class CMLoRAParams:
                                     "'frequency' (measured high-frequency score, cached per LoRA file), 'category' "
                                     "(the reference: background = L, set order), 'given' (all H, given order).",
                        choices=["frequency", "category", "given"])
-    refresh_policy: str = param("all", "Who refreshes at a refresh step: 'all' (every LoRA runs the full UNet: the "
-                                       "paper's per-LoRA cache intervals) or 'dominant' (only the newly dominant LoRA, "
-                                       "as the reference code invalidates one cache per refresh; each cache is renewed "
-                                       "while its LoRA is dominant; cheaper, staler).", choices=["all", "dominant"])
+    refresh_policy: str = param("dominant", "Who refreshes at a refresh step: 'dominant' (default: only the newly "
+                                            "dominant LoRA, as the reference code invalidates one cache per refresh; "
+                                            "each cache is renewed while its LoRA is dominant) or 'all' (every LoRA "
+                                            "runs the full UNet at every refresh step: fresher caches, costlier).",
+                                choices=["all", "dominant"])
     late_phase_start: float = param(LATE_PHASE_START, "Share of the run after which L LoRAs join the dominant "
                                                       "rotation (the code's step 120 of 220).", min=0.0, max=1.0)
     dominant_decay: bool = param(True, "Let the dominant weight decay towards the others' at each refresh (paper); "
