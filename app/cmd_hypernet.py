@@ -90,9 +90,9 @@ def register(sub) -> None:
     tl.add_argument("--out", required=True, help="folder for subjects/ and styles/")
     tl.add_argument("--work", help="checkpoints (default: <out>.work/)")
     tl.add_argument("--model", help="toy-world model folder (default: assets/toyworld/model)")
-    tl.add_argument("--subjects", nargs="+", default=list(TOY_SUBJECTS), metavar="ID:SEED",
+    tl.add_argument("--subjects", nargs="*", default=list(TOY_SUBJECTS), metavar="ID:SEED",
                     help=f"subject LoRAs as concept-id:seed (default: {' '.join(TOY_SUBJECTS)})")
-    tl.add_argument("--styles", nargs="+", default=list(TOY_STYLES), metavar="ID:SEED",
+    tl.add_argument("--styles", nargs="*", default=list(TOY_STYLES), metavar="ID:SEED",
                     help=f"style LoRAs as concept-id:seed (default: {' '.join(TOY_STYLES)})")
     tl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of the toy world's recipe (evaluation/toyworld/recipe.py), e.g. lora_steps=200")
@@ -180,6 +180,9 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
     from evaluation.toyworld.recipe import Recipe
     from evaluation.toyworld.trainers import Paths, train_lora
 
+    import torch
+
+    torch.set_num_threads(1)  # one core per process (the recipe's threads=1); run two processes to use two cores
     model = Path(args.model or MODEL)
     out = Path(args.out)
     overrides = {}
