@@ -85,7 +85,8 @@ def reference_composite(pipe, names, steps, guidance, size, seed, scale=0.8):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, help="timed rounds per function (default 9 on tiny, where one run is ~1 s "
+                                                "and the noise of a shared machine is largest; 5 otherwise)")
     ap.add_argument("--n", type=int, default=3, help="number of LoRAs composed")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, so CPU time measures the work)")
@@ -104,6 +105,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _, size, steps, rank = MODELS[args.model]
     steps = args.steps or steps
+    args.repeats = args.repeats or (9 if args.model == "tiny" else 5)
     from pipelines import ComposedPipeline
 
     print(f"model={args.model} size={size} steps={steps} rank={rank} N={args.n} repeats={args.repeats} threads={torch.get_num_threads()}")
