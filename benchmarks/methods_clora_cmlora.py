@@ -196,7 +196,7 @@ def main() -> None:
     kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=0, negative_prompt="blurry",
               output_type="latent", progress_bar=False, scheduler="dpmsolver++")
     env = BenchEnv(model=args.model, ours=ours, reference=None, lora_paths=[], names=[], kw=kw, prompt=PROMPT,
-                   repeats=args.repeats, size=size, steps=steps, rank=rank, single_seconds=float("nan"),
+                   repeats=args.repeats, clock="cpu", size=size, steps=steps, rank=rank, single_seconds=float("nan"),
                    base_factory=builder(args.model))
     print(f"model={args.model} size={size} steps={STEPS} rank={rank} repeats={args.repeats} threads={torch.get_num_threads()}")
     for name, value in measure(env, args.only):

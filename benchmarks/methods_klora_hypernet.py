@@ -175,7 +175,7 @@ def main() -> None:
     kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=0, negative_prompt=NEGATIVE,
               output_type="latent", progress_bar=False, scheduler="dpmsolver++")
     env = BenchEnv(model=args.model, ours=ours, reference=None, lora_paths=paths, names=names, kw=kw, prompt=PROMPT,
-                   repeats=args.repeats, size=size, steps=steps, rank=rank, single_seconds=math.nan,
+                   repeats=args.repeats, clock="cpu", size=size, steps=steps, rank=rank, single_seconds=math.nan,
                    base_factory=builder(args.model))
     for name, value in measure(env):
         print(f"{name} {value:.4g}")
