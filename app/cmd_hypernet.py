@@ -175,12 +175,12 @@ def toy_prompt(spec, colour: str = "red") -> str:
 def run_toyworld_loras(args: argparse.Namespace) -> int:
     import shutil
 
+    import torch
+
     from evaluation.toyworld import MODEL
     from evaluation.toyworld import scenes as S
     from evaluation.toyworld.recipe import Recipe
     from evaluation.toyworld.trainers import Paths, train_lora
-
-    import torch
 
     torch.set_num_threads(1)  # one core per process (the recipe's threads=1); run two processes to use two cores
     model = Path(args.model or MODEL)

@@ -213,7 +213,7 @@ class LoRARouter:
                 self.layers[path] = routed
             routed.factors[lora.name] = layer
         self.adapters[lora.name] = lora
-        self._routing_key = None
+        self.invalidate()
         self.set_routing(self._routing)
 
     def remove(self, name: str) -> None:
@@ -226,7 +226,7 @@ class LoRARouter:
                 routed.set_terms([])
                 del self.layers[path]
         del self.adapters[name]
-        self._routing_key = None
+        self.invalidate()
         self.set_routing(Routing(tuple(
             RowBlock(b.rows, tuple((k, w) for k, w in b.gates if k != name)) for b in self._routing.blocks
         )))
@@ -296,12 +296,12 @@ class LoRARouter:
                     delta = sum(g * layer.delta(torch.float32) for layer, g in terms)
                     self._fused[path] = weight.data
                     weight.data = (weight.data.float() + delta).to(weight.dtype)
-            self._routing_key = None
+            self.invalidate()
             self.set_routing(None)
             yield self
         finally:
             for path, original in (self._fused or {}).items():
                 self.layers[path].module.weight.data = original
             self._fused = None
-            self._routing_key = None
+            self.invalidate()
             self.set_routing(saved_routing)
