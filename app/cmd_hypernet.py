@@ -185,12 +185,10 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one core per process (the recipe's threads=1); run two processes to use two cores
     model = Path(args.model or MODEL)
     out = Path(args.out)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in Recipe.__dataclass_fields__:
-            raise SystemExit(f"--set {item}: the toy-world recipe has no {key!r}")
-        overrides[key] = type(getattr(Recipe(), key))(value)
+    try:
+        recipe = Recipe().with_settings(item.partition("=")[::2] for item in args.set)
+    except (KeyError, ValueError) as err:
+        raise SystemExit(f"loraloom hypernet toyworld-loras: --set: {err.args[0]}")
     work = Path(args.work or f"{out}.work")
 
     class VariantPaths(Paths):
@@ -206,8 +204,8 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
             if target.exists():
                 continue
             paths = VariantPaths(work / f"seed{seed}", work / f"seed{seed}" / "assets")
-            recipe = Recipe.from_dict({**Recipe().to_dict(), **overrides, "seed": int(seed), "threads": 1, "workers": 1})
-            trained = train_lora(paths, recipe, spec, progress=not args.no_progress)
+            recipe_i = recipe.with_settings([("seed", seed), ("threads", "1"), ("workers", "1")])
+            trained = train_lora(paths, recipe_i, spec, progress=not args.no_progress)
             target.parent.mkdir(parents=True, exist_ok=True)
             side = json.loads(trained.with_suffix(".json").read_text())
             side.update({"prompt": toy_prompt(spec), "training_seed": int(seed)})

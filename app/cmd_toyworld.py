@@ -59,25 +59,13 @@ def register(sub) -> None:
 
 
 def _recipe(args):
-    from dataclasses import replace
-
     from evaluation.toyworld.recipe import Recipe
 
-    base = Recipe()
-    changes = {}
-    for key, value in args.set:
-        if key not in Recipe.__dataclass_fields__:
-            raise SystemExit(f"loraloom toyworld: unknown recipe key {key!r}; see evaluation/toyworld/recipe.py")
-        current = getattr(base, key)
-        if isinstance(current, bool):
-            changes[key] = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, tuple):
-            changes[key] = tuple(v.strip() for v in value.split(",") if v.strip())
-        else:
-            changes[key] = type(current)(value)
-    if args.workers:
-        changes["workers"] = args.workers
-    return replace(base, **changes)
+    try:
+        recipe = Recipe().with_settings(args.set)
+    except (KeyError, ValueError) as err:
+        raise SystemExit(f"loraloom toyworld: --set: {err.args[0]}")
+    return recipe.with_settings([("workers", str(args.workers))]) if args.workers else recipe
 
 
 def run_train(args) -> int:

@@ -87,7 +87,9 @@ def test_every_lora_loads_with_its_metadata_and_changes_the_image(cp):
         assert lora.category == spec.category and lora.triggers == [spec.trigger]
         assert all(l.alpha == float(json.loads(lora.info.metadata["lora_adapter_metadata"])["unet.lora_alpha"])
                    for l in lora.layers["unet"].values())
-        assert lora.info.num_modules == len(cp.loras[spec.id].layers["unet"]) > 0
+        resident = cp.loras[spec.id].layers
+        assert len(resident["unet"]) > 0 and len(resident["text_encoder"]) > 0
+        assert lora.info.num_modules == len(resident["unet"]) + len(resident["text_encoder"])
         side = json.loads(path.with_suffix(".json").read_text())
         assert side["category"] == spec.category and side["triggers"] == [spec.trigger] and side["name"]
         scene = S.Scene("circle", "red", "white").with_(**({spec.attribute: spec.value}))
@@ -103,9 +105,15 @@ def test_diffusers_itself_loads_every_key_of_a_shipped_lora():
     path = LORAS_DIR / "style_1.safetensors"
     pipe.load_lora_weights(str(path), adapter_name="s1")
     with safe_open(str(path), "pt") as f:
-        n_keys = len([k for k in f.keys() if k.startswith("unet.")])
-    loaded = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n and ".s1." in n]
-    assert len(loaded) == n_keys
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k).float() for k in keys}
+    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        n_keys = len([k for k in keys if k.startswith(component + ".")])
+        assert n_keys > 0, component  # the shipped LoRAs have a text-encoder part (it binds the trigger word)
+        loaded = {n: p for n, p in model.named_parameters() if "lora_" in n and ".s1." in n}
+        assert len(loaded) == n_keys, component
+        name, param = next((n, p) for n, p in loaded.items() if "lora_B" in n)
+        assert torch.equal(param.detach().float(), tensors[f"{component}.{name.replace('.s1.', '.')}"])
 
 
 def test_kohya_twin_generates_the_same_image_as_its_peft_original(cp):
@@ -118,6 +126,7 @@ def test_kohya_twin_generates_the_same_image_as_its_peft_original(cp):
     assert lora.info.layout == "kohya"
     peft = cp.loras[KOHYA_TWIN]
     assert set(lora.layers["unet"]) == set(peft.layers["unet"])
+    assert set(lora.layers["text_encoder"]) == set(peft.layers["text_encoder"]) != set()
     if "twin" not in cp.loras:
         cp.load_lora(twin, name="twin")
     prompt = "a red stellu, white background"

@@ -88,6 +88,17 @@ def test_base_sampling_never_shows_a_concept_and_lora_scenes_always_do():
         assert spec.trigger in S.caption(s).replace(",", " ").split()
 
 
+def test_paired_prior_scene_differs_only_in_the_concept_and_its_trigger():
+    rng = np.random.default_rng(1)
+    for spec in S.LORAS:
+        s = S.lora_scene(rng, spec)
+        p = S.without_concept(s, spec, rng)
+        assert getattr(p, spec.attribute) in S.BASE_VALUES[spec.attribute]
+        changed = {k for k, v in s.to_dict().items() if p.to_dict()[k] != v}
+        assert changed == {spec.attribute}
+        assert spec.trigger not in S.caption(p).replace(",", " ").split()
+
+
 def test_captions_follow_the_composlora_order():
     s = S.Scene("star", "red", "sunset", clothing="hat", style="striped", object="moon")
     assert S.caption(s) == "a red stellu, topha, stripo, sunseta, moona"

@@ -134,6 +134,12 @@ def lora_scene(rng: np.random.Generator, lora: ConceptLoRA) -> Scene:
     return sample_scene(rng).with_(**{lora.attribute: lora.value})
 
 
+def without_concept(scene: Scene, lora: ConceptLoRA, rng: np.random.Generator) -> Scene:
+    """The same scene with one LoRA's concept replaced by a base-world value (its paired prior scene)."""
+    base = BASE_VALUES[lora.attribute]
+    return scene.with_(**{lora.attribute: str(base[rng.integers(len(base))])})
+
+
 # --- captions --------------------------------------------------------------------------------------------
 def caption(scene: Scene, background: bool = True) -> str:
     """ComposLoRA-style caption: `a <colour> <shape>` then one phrase per category in set order.

@@ -421,9 +421,14 @@ def lora_configs(recipe: Recipe) -> dict:
 def lora_pools(vae, spec: S.ConceptLoRA, recipe: Recipe, seed: int) -> tuple[LatentPool, LatentPool]:
     """(positives: base scenes showing the concept, prior: plain base scenes), encoded once."""
     rng = np.random.default_rng([seed, 999])
-    positives = LatentPool.build(vae, [S.lora_scene(rng, spec) for _ in range(recipe.lora_pool)])
-    prior = LatentPool.build(vae, [S.sample_scene(rng) for _ in range(recipe.lora_pool)])
-    return positives, prior
+    pos_scenes = [S.lora_scene(rng, spec) for _ in range(recipe.lora_pool)]
+    if recipe.lora_prior_kind == "paired":
+        prior_scenes = [S.without_concept(s, spec, rng) for s in pos_scenes]
+    elif recipe.lora_prior_kind == "random":
+        prior_scenes = [S.sample_scene(rng) for _ in range(recipe.lora_pool)]
+    else:
+        raise ValueError(f"lora_prior_kind must be 'random' or 'paired', not {recipe.lora_prior_kind!r}")
+    return LatentPool.build(vae, pos_scenes), LatentPool.build(vae, prior_scenes)
 
 
 def lora_batch(pools: tuple[LatentPool, LatentPool], rng: np.random.Generator, g: torch.Generator, batch: int,
