@@ -6,7 +6,8 @@
     clora_vs_composite   CLoRA / Composite, N = 2, T steps, CLoRA's paper defaults (20 refinement iterations at
                          0 / 0.2 / 0.4 of the run, latent updates on the first half)               reported
 
-T is 20 on both models (the schedules are fractions of the run; at the bench's 4 sd15-shape steps they would
+Ratios use the run's clock (`bench_methods.py --clock`, process CPU time by default; the standalone run uses CPU
+time); the other clock follows in `info …_wall` / `info …_cpu` lines. T is 20 on both models (the schedules are fractions of the run; at the bench's 4 sd15-shape steps they would
 degenerate). CMLoRA's one-time profiling uses one seed and 10 steps here (the defaults are 2 and 20). Info lines: CMLoRA variants (every LoRA refreshing at a refresh step; cached noise predictions
 instead of features), the one-time profiling cost, the refresh share, and peak memory (RSS above the loaded model, sampled
 every 5 ms in a fresh process) of one CLoRA, CLoRA reference_mode and Composite generation (N = 2, 2 steps, no
@@ -141,17 +142,20 @@ def measure(env, parts: str = "all") -> list[tuple[str, float]]:
             env.ours.remove_lora(n)
     from composition.methods.cmlora import refresh_steps
 
-    def ratio(a, b, i=0):
+    main, other = (1, 0) if env.clock == "cpu" else (0, 1)  # index into (wall, cpu): the lines use env.clock
+    suffix = "_wall" if env.clock == "cpu" else "_cpu"
+
+    def ratio(a, b, i=main):
         return res[a][i] / res[b][i]
 
     lines = [("info cmlora_refresh_share", len(refresh_steps(STEPS)) / STEPS),
              ("info cmlora_profile_seconds", profile_s),
-             ("info cmlora_vs_composite_cpu", ratio("cmlora4", "composite4", 1)),
+             (f"info cmlora_vs_composite{suffix}", ratio("cmlora4", "composite4", other)),
              ("info cmlora_all_refresh_vs_composite", ratio("cmlora4_all", "composite4")),
-             ("info cmlora_all_refresh_vs_composite_cpu", ratio("cmlora4_all", "composite4", 1)),
+             (f"info cmlora_all_refresh_vs_composite{suffix}", ratio("cmlora4_all", "composite4", other)),
              ("info cmlora_noise_cache_vs_composite", ratio("cmlora4_noise", "composite4")),
-             ("info cmlora_noise_cache_vs_composite_cpu", ratio("cmlora4_noise", "composite4", 1)),
-             ("info clora_vs_composite_cpu", ratio("clora2", "composite2", 1))]
+             (f"info cmlora_noise_cache_vs_composite{suffix}", ratio("cmlora4_noise", "composite4", other)),
+             (f"info clora_vs_composite{suffix}", ratio("clora2", "composite2", other))]
     if parts == "all":
         lines += _memory_lines(env, paths)
     lines += [("cmlora_vs_composite", ratio("cmlora4", "composite4")), ("clora_vs_composite", ratio("clora2", "composite2"))]
