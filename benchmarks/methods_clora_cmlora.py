@@ -7,7 +7,9 @@
                          0 / 0.2 / 0.4 of the run, latent updates on the first half)               reported
 
 Ratios use the run's clock (`bench_methods.py --clock`, process CPU time by default; the standalone run uses CPU
-time); the other clock follows in `info …_wall` / `info …_cpu` lines. T is 20 on both models (the schedules are fractions of the run; at the bench's 4 sd15-shape steps they would
+time); the other clock follows in `info …_wall` / `info …_cpu` lines.
+
+T is 20 on both models (the schedules are fractions of the run; at the bench's 4 sd15-shape steps they would
 degenerate). CMLoRA's one-time profiling uses one seed and 10 steps here (the defaults are 2 and 20). Info lines: CMLoRA variants (every LoRA refreshing at a refresh step; cached noise predictions
 instead of features), the one-time profiling cost, the refresh share, and peak memory (RSS above the loaded model, sampled
 every 5 ms in a fresh process) of one CLoRA, CLoRA reference_mode and Composite generation (N = 2, 2 steps, no
