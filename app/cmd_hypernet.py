@@ -174,6 +174,7 @@ def toy_prompt(spec, colour: str = "red") -> str:
 
 def run_toyworld_loras(args: argparse.Namespace) -> int:
     import shutil
+    from dataclasses import replace
 
     import torch
 
@@ -204,7 +205,7 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
             if target.exists():
                 continue
             paths = VariantPaths(work / f"seed{seed}", work / f"seed{seed}" / "assets")
-            recipe_i = recipe.with_settings([("seed", seed), ("threads", "1"), ("workers", "1")])
+            recipe_i = replace(recipe, seed=int(seed), threads=1, workers=1)
             trained = train_lora(paths, recipe_i, spec, progress=not args.no_progress)
             target.parent.mkdir(parents=True, exist_ok=True)
             side = json.loads(trained.with_suffix(".json").read_text())

@@ -59,13 +59,15 @@ def register(sub) -> None:
 
 
 def _recipe(args):
+    from dataclasses import replace
+
     from evaluation.toyworld.recipe import Recipe
 
     try:
         recipe = Recipe().with_settings(args.set)
     except (KeyError, ValueError) as err:
         raise SystemExit(f"loraloom toyworld: --set: {err.args[0]}")
-    return recipe.with_settings([("workers", str(args.workers))]) if args.workers else recipe
+    return replace(recipe, workers=args.workers) if args.workers else recipe
 
 
 def run_train(args) -> int:

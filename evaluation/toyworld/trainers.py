@@ -419,7 +419,7 @@ def lora_configs(recipe: Recipe) -> dict:
 
 
 def lora_pools(vae, spec: S.ConceptLoRA, recipe: Recipe, seed: int) -> tuple[LatentPool, LatentPool]:
-    """(positives: base scenes showing the concept, prior: plain base scenes), encoded once."""
+    """(positives: base scenes showing the concept, prior scenes without it: see `Recipe.lora_prior_kind`), encoded once."""
     rng = np.random.default_rng([seed, 999])
     pos_scenes = [S.lora_scene(rng, spec) for _ in range(recipe.lora_pool)]
     if recipe.lora_prior_kind == "paired":
