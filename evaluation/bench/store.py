@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 DB_NAME = "bench.sqlite"
@@ -117,11 +118,26 @@ class Store:
         self.db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout=120000")
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL mode
         with self.tx():
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 self.db.execute(stmt)
+
+    def _enable_wal(self, wait_s: float = 120.0) -> None:
+        """Switch to WAL. SQLite answers "database is locked" at once, without its busy handler, when another
+        process is creating or switching the same file at that moment, so retry with a short back-off."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.01
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def close(self) -> None:
         self.db.close()
