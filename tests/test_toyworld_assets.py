@@ -97,12 +97,13 @@ def test_every_lora_loads_with_its_metadata_and_changes_the_image(cp):
         assert np.abs(with_lora - base).mean() > 2.0, spec.id
 
 
-def test_diffusers_itself_loads_every_key_of_a_shipped_lora():
+@pytest.mark.parametrize("lora_id", ["style_1", "character_1"])  # attention-only; with conv (LoCon-style) targets
+def test_diffusers_itself_loads_every_key_of_a_shipped_lora(lora_id):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL), local_files_only=True, torch_dtype=torch.float32)
-    path = LORAS_DIR / "style_1.safetensors"
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL), local_files_only=True, dtype=torch.float32)
+    path = LORAS_DIR / f"{lora_id}.safetensors"
     pipe.load_lora_weights(str(path), adapter_name="s1")
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
@@ -127,6 +128,7 @@ def test_kohya_twin_generates_the_same_image_as_its_peft_original(cp):
     peft = cp.loras[KOHYA_TWIN]
     assert set(lora.layers["unet"]) == set(peft.layers["unet"])
     assert set(lora.layers["text_encoder"]) == set(peft.layers["text_encoder"]) != set()
+    assert any(name.endswith(".conv1") for name in lora.layers["unet"])  # the kohya loader's LoCon path, on a trained file
     if "twin" not in cp.loras:
         cp.load_lora(twin, name="twin")
     prompt = "a red stellu, white background"

@@ -28,3 +28,27 @@ def test_bad_settings_are_refused_by_name():
 def test_default_lora_recipe_binds_the_trigger():
     r = Recipe()
     assert r.lora_text_encoder and r.lora_prior_kind == "paired" and r.lora_prior == 0.5
+
+
+def test_per_lora_overrides_apply_to_that_lora_only_and_survive_the_json_round_trip():
+    r = Recipe(lora_overrides={"style_2": {"lora_steps": 900, "lora_targets": ["to_q", "conv1"]}})
+    s2 = r.for_lora("style_2")
+    assert (s2.lora_steps, s2.lora_targets) == (900, ("to_q", "conv1"))  # lists (from JSON) become tuples
+    assert r.for_lora("style_1") == r
+    assert Recipe.from_dict(r.to_dict()).for_lora("style_2") == s2
+    with pytest.raises(KeyError, match="vae_steps"):
+        Recipe(lora_overrides={"style_2": {"vae_steps": 1}}).for_lora("style_2")
+    # the command line can only empty them (the hypernetwork's training LoRAs use the shared settings)
+    assert Recipe().with_settings([("lora_overrides", "none")]).lora_overrides == {}
+    with pytest.raises(ValueError, match="lora_overrides"):
+        Recipe().with_settings([("lora_overrides", "style_2")])
+
+
+def test_shipped_overrides_name_real_loras_and_train_longest_first():
+    from evaluation.toyworld import scenes as S
+    from evaluation.toyworld.run import _lora_cost
+
+    r = Recipe()
+    assert set(r.lora_overrides) <= set(S.LORA_BY_ID)
+    costs = {l.id: _lora_cost(r.for_lora(l.id)) for l in S.LORAS}
+    assert max(costs, key=costs.get) == "style_2"

@@ -144,8 +144,8 @@ def generate_probes(assets, probes: list[Probe], steps: int = 25, guidance_scale
 @dataclass
 class CheckSettings:
     base_seeds: int = 4  # per shape x colour x background prompt (24 prompts)
-    lora_images: int = 24  # per LoRA, with its trigger
-    leak_images: int = 24  # per LoRA, without its trigger
+    lora_images: int = 48  # per LoRA, with its trigger (24 gave a spread of about ±0.06 around a bar of 0.90)
+    leak_images: int = 48  # per LoRA, without its trigger
     merge2_seeds: int = 4  # per 2-LoRA set (24 sets)
     merge4_sets: int = 48  # of the 96 4-LoRA sets (evenly spaced)
     merge4_seeds: int = 2

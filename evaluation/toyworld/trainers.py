@@ -451,6 +451,7 @@ def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool
 
     from .lora_io import save_peft_lora
 
+    recipe = recipe.for_lora(spec.id)
     work = paths.lora_work(spec.id)
     out = paths.loras / f"{spec.id}.safetensors"
     if is_done(work) and out.exists():
