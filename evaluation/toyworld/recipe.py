@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 # attention projections plus the resnet convolutions and the transformer in/out projections (LoCon-style targets)
@@ -86,8 +86,6 @@ class Recipe:
 
     def with_settings(self, settings) -> "Recipe":
         """A copy with `(key, text)` overrides (`--set key=text` on the command line), each parsed as its field's type."""
-        from dataclasses import replace
-
         changes = {}
         for key, text in settings:
             if key not in self.__dataclass_fields__:
@@ -109,8 +107,6 @@ class Recipe:
 
     def for_lora(self, lora_id: str) -> "Recipe":
         """The recipe one LoRA is trained with: this one with that LoRA's `lora_overrides` applied."""
-        from dataclasses import replace
-
         changes = dict(self.lora_overrides.get(lora_id, {}))
         unknown = sorted(k for k in changes if not k.startswith("lora_") or k not in self.__dataclass_fields__ or k == "lora_overrides")
         if unknown:
