@@ -108,7 +108,8 @@ class Recipe:
     def for_lora(self, lora_id: str) -> "Recipe":
         """The recipe one LoRA is trained with: this one with that LoRA's `lora_overrides` applied."""
         changes = dict(self.lora_overrides.get(lora_id, {}))
-        unknown = sorted(k for k in changes if not k.startswith("lora_") or k not in self.__dataclass_fields__ or k == "lora_overrides")
+        per_lora = {k for k in self.__dataclass_fields__ if k.startswith("lora_")} - {"lora_overrides"}
+        unknown = sorted(set(changes) - per_lora)
         if unknown:
             raise KeyError(f"lora_overrides[{lora_id!r}]: {unknown} are not per-LoRA settings of the recipe")
         for k, v in changes.items():
