@@ -220,11 +220,7 @@ def _run(opts: RunOptions, dist: Distributed) -> RunSummary:
     plan = build_plan(opts.manifest, opts.sets, opts.variants, seeds=opts.seeds, reference_seeding=opts.reference_seeding,
                       lora_dir=opts.lora_dir, overrides=opts.overrides, dtype=opts.dtype, hashes=FileHashes())
     out = Path(opts.out)
-    # The main process creates the file and its schema first; the others open it after (two processes creating
-    # one SQLite file at the same moment is where "database is locked" came from).
-    store = Store(out) if dist.is_main else None
-    dist.barrier()
-    store = store or Store(out)
+    store = Store(out)  # every process opens it at once: Store waits out the others' schema and WAL switch
     meta = store.claim_meta({"format": "loraloom-bench-store/1", "seeding": seeding_mode(opts), "manifest_name": opts.manifest.name,
                              "created_at": now()})
     if meta["seeding"] != seeding_mode(opts):
