@@ -47,7 +47,7 @@ def _job(name: str, paths: Paths, recipe: Recipe, progress: bool, arg=None) -> t
         elif name == "checker":
             from diffusers import AutoencoderKL
 
-            T.stage_checker(paths, recipe, AutoencoderKL.from_pretrained(paths.vae / "final"), progress)
+            T.stage_checker(paths, recipe, AutoencoderKL.from_pretrained(paths.trained_vae()), progress)
         elif name == "lora":
             T.train_lora(paths, recipe, S.LORA_BY_ID[arg], progress=progress)
         else:

@@ -48,6 +48,16 @@ class Paths:
     def lora_work(self, lora_id: str) -> Path:
         return self.work / "loras" / lora_id
 
+    def trained_vae(self) -> Path:
+        """The VAE the base model and the checker are trained against: this run's fp32 checkpoint or, when a later
+        stage is retrained on its own against shipped assets (`--stage checker` in a fresh work folder), the
+        shipped fp16 VAE in the model folder."""
+        for folder in (self.vae / "final", self.model / "vae"):
+            if (folder / "config.json").exists():
+                return folder
+        raise FileNotFoundError(f"no trained VAE in {self.vae / 'final'} or {self.model / 'vae'}: "
+                                "train it first (`loraloom toyworld train --stage vae`)")
+
 
 def _bar(total: int, start: int, desc: str, enabled: bool = True):
     return tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0)
@@ -298,7 +308,7 @@ def _base_worker(rank: int, world: int, paths: Paths, recipe: Recipe, progress: 
     from .training import average_gradients, barrier
 
     tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
-    vae = AutoencoderKL.from_pretrained(paths.vae / "final").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(paths.trained_vae()).eval().requires_grad_(False)
     unet = build_unet(recipe.seed)
     te = build_text_encoder(tokenizer, recipe.seed)
     params = list(unet.parameters()) + list(te.parameters())
@@ -378,7 +388,7 @@ def stage_base(paths: Paths, recipe: Recipe, progress: bool = True) -> None:
         launch(_base_worker, recipe.workers, (paths, recipe, progress), paths.work / "dist_init")
     state = Checkpoint(paths.base).load()
     tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
-    vae = AutoencoderKL.from_pretrained(paths.vae / "final")
+    vae = AutoencoderKL.from_pretrained(paths.trained_vae())
     unet = build_unet(recipe.seed)
     te = build_text_encoder(tokenizer, recipe.seed)
     unet.load_state_dict(state["unet"])
