@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from evaluation.toyworld.recipe import Recipe
@@ -50,3 +52,10 @@ def test_shipped_overrides_name_real_loras():
     r = Recipe()
     assert set(r.lora_overrides) <= set(S.LORA_BY_ID)
     assert all(r.for_lora(i) != r for i in r.lora_overrides)
+
+
+def test_a_resumed_run_sees_no_change_in_the_saved_recipe_but_names_a_real_one():
+    saved = json.loads(json.dumps(Recipe().to_dict()))  # what run.py writes to <work>/recipe.json
+    assert Recipe().changed_from(saved) == []  # nested override tuples equal their saved lists
+    assert Recipe(lora_steps=700).changed_from(saved) == ["lora_steps"]
+    assert Recipe(lora_overrides={}).changed_from(saved) == ["lora_overrides"]

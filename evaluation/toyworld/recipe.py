@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 
 
@@ -83,6 +84,12 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def changed_from(self, saved: dict) -> list[str]:
+        """Names of the fields whose value differs from `saved` (a recipe.json), compared as JSON values (so the
+        tuples nested in `lora_overrides` equal the lists they were saved as)."""
+        now = json.loads(json.dumps(self.to_dict()))
+        return sorted(k for k, v in now.items() if saved.get(k) != v)
 
     def with_settings(self, settings) -> "Recipe":
         """A copy with `(key, text)` overrides (`--set key=text` on the command line), each parsed as its field's type."""

@@ -93,7 +93,7 @@ def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path =
     saved = paths.work / "recipe.json"
     if resume and saved.exists():
         before = json.loads(saved.read_text())
-        changed = sorted(k for k, v in recipe.to_dict().items() if before.get(k) != v)
+        changed = recipe.changed_from(before)
         if changed:
             # Finished stages are kept as they are; a stage resumed mid-way continues with the new values.
             print(f"toyworld: resuming with changed recipe values {changed}; finished stages are not retrained.")
