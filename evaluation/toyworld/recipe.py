@@ -85,14 +85,12 @@ class Recipe:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        """Plain JSON values: tuples, also those nested in `lora_overrides`, become lists (as saved in recipe.json)."""
+        return json.loads(json.dumps(asdict(self)))
 
     def changed_from(self, saved: dict) -> list[str]:
-        """Names of the fields whose value differs from `saved` (a recipe.json), compared as JSON values (so the
-        tuples nested in `lora_overrides` equal the lists they were saved as)."""
-        now = json.loads(json.dumps(self.to_dict()))
-        return sorted(k for k, v in now.items() if saved.get(k) != v)
+        """Names of the fields whose value differs from `saved` (a recipe.json)."""
+        return sorted(k for k, v in self.to_dict().items() if saved.get(k) != v)
 
     def with_settings(self, settings) -> "Recipe":
         """A copy with `(key, text)` overrides (`--set key=text` on the command line), each parsed as its field's type."""
