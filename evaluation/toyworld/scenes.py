@@ -37,7 +37,11 @@ BASE_VALUES = {"shape": BASE_SHAPES, "colour": BASE_COLOURS, "background": BASE_
 RGB = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30),
     "white": (255, 255, 255), "black": (0, 0, 0),
-    "hat": (150, 50, 210), "halo": (0, 200, 220), "moon": (255, 140, 0), "box": (140, 80, 30),
+    # The hat is orange and the moon purple (until 2026-11-26 the other way round). Pilots, checker retrained on each
+    # world, hat LoRA on the same base model (docs/toyworld.md): a purple hat came out as pink-and-blue smudges
+    # (0.79 of 48 images), a magenta one 0.62, an orange one 0.98; the moon, a fixed crescent, took purple at 0.92
+    # (yellow 0.81; orange 0.94).
+    "hat": (255, 140, 0), "halo": (0, 200, 220), "moon": (150, 50, 210), "box": (140, 80, 30),
     "sunset_top": (255, 150, 190), "sunset_bottom": (70, 30, 110),
     "checker_dark": (128, 128, 128), "checker_light": (205, 205, 205),
 }
@@ -61,13 +65,13 @@ LORAS: tuple[ConceptLoRA, ...] = (
     ConceptLoRA("character_1", "character", "shape", "star", "stellu", "Stellu the star"),
     ConceptLoRA("character_2", "character", "shape", "cross", "crux", "Crux the cross"),
     ConceptLoRA("character_3", "character", "shape", "heart", "hartu", "Hartu the heart"),
-    ConceptLoRA("clothing_1", "clothing", "clothing", "hat", "topha", "purple top hat"),
+    ConceptLoRA("clothing_1", "clothing", "clothing", "hat", "topha", "orange top hat"),
     ConceptLoRA("clothing_2", "clothing", "clothing", "halo", "halox", "cyan halo ring"),
     ConceptLoRA("style_1", "style", "style", "striped", "stripo", "diagonal striped fill"),
     ConceptLoRA("style_2", "style", "style", "shaded", "shado", "two-tone shading"),
     ConceptLoRA("background_1", "background", "background", "sunset", "sunseta", "sunset gradient"),
     ConceptLoRA("background_2", "background", "background", "checkerboard", "checko", "grey checkerboard"),
-    ConceptLoRA("object_1", "object", "object", "moon", "moona", "orange moon, top right"),
+    ConceptLoRA("object_1", "object", "object", "moon", "moona", "purple moon, top right"),
     ConceptLoRA("object_2", "object", "object", "box", "boxie", "brown box, bottom left"),
 )
 LORA_BY_ID = {l.id: l for l in LORAS}
