@@ -40,7 +40,7 @@ RGB = {
     # The hat is orange and the moon purple (until 2026-11-26 the other way round). Pilots, checker retrained on each
     # world, hat LoRA on the same base model (docs/toyworld.md): a purple hat came out as pink-and-blue smudges
     # (0.79 of 48 images), a magenta one 0.62, an orange one 0.98; the moon, a fixed crescent, took purple at 0.92
-    # (yellow 0.81; orange 0.94).
+    # (yellow 0.81; orange 0.94). On the retrained base model the orange hat reached 0.85: it fails on red shapes.
     "hat": (255, 140, 0), "halo": (0, 200, 220), "moon": (150, 50, 210), "box": (140, 80, 30),
     "sunset_top": (255, 150, 190), "sunset_bottom": (70, 30, 110),
     "checker_dark": (128, 128, 128), "checker_light": (205, 205, 205),
