@@ -109,6 +109,10 @@ def register(sub) -> None:
     te.add_argument("--styles", default="style_1,style_2,background_1,background_2")
     te.add_argument("--seeds", type=int, default=4)
     te.add_argument("--checkpoint", help="hypernetwork (default: the shipped one)")
+    te.add_argument("--steps", type=int, help="sampling steps (default: the toy world's own, from its benchmark.yaml)")
+    te.add_argument("--guidance-scale", type=float,
+                    help="CFG scale (default: the toy world's own, from its benchmark.yaml; the tables in "
+                         "docs/methods_klora_ziplora_hypernet.md were made with 4)")
     te.add_argument("--no-progress", action="store_true")
     te.set_defaults(func=run_toyworld_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -221,12 +225,16 @@ def run_toyworld_eval(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from evaluation.toyworld import CHECKER, LORAS_DIR, MODEL
+    from evaluation.toyworld import ASSETS, CHECKER, LORAS_DIR, MODEL
     from evaluation.toyworld import scenes as S
     from evaluation.toyworld.checker import Checker
+    from evaluation.toyworld.manifest import sampler_defaults
     from pipelines import ComposedPipeline
 
     torch.set_num_threads(1)
+    sampler = sampler_defaults(ASSETS)
+    steps = sampler["steps"] if args.steps is None else args.steps
+    cfg = sampler["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cp = ComposedPipeline.from_pretrained(str(MODEL))
@@ -252,7 +260,7 @@ def run_toyworld_eval(args: argparse.Namespace) -> int:
                           "coefficients": str(out / "ziplora_coefficients" / f"{c}+{s}.safetensors"), "progress": False}
             if method == "hypernet" and args.checkpoint:
                 params = {"checkpoint": args.checkpoint}
-            img = cp(prompt, loras=[c, s], method=method, method_params=params, num_inference_steps=25, guidance_scale=4.0,
+            img = cp(prompt, loras=[c, s], method=method, method_params=params, num_inference_steps=steps, guidance_scale=cfg,
                      scheduler="default", seed=seed, progress_bar=False).images[0]
             image_path.parent.mkdir(parents=True, exist_ok=True)
             img.save(image_path)

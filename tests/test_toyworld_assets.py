@@ -36,7 +36,10 @@ def checker():
 
 
 def generate(cp, prompt, seeds, loras=()):
-    return np.stack([np.asarray(cp(prompt, loras=[(l, 1.0) for l in loras], num_inference_steps=STEPS, guidance_scale=4.0,
+    from evaluation.toyworld.manifest import sampler_defaults
+
+    cfg = sampler_defaults(ASSETS)["guidance_scale"]  # the world's own CFG, as its users get it
+    return np.stack([np.asarray(cp(prompt, loras=[(l, 1.0) for l in loras], num_inference_steps=STEPS, guidance_scale=cfg,
                                    seed=s, scheduler="default", progress_bar=False).images[0]) for s in seeds])
 
 
@@ -158,6 +161,23 @@ def test_manifest_counts_and_order():
         assert s["scoring_text"] == ", ".join(trig) and s["prompt"].endswith(s["scoring_text"])
     d = data["defaults"]
     assert (d["height"], d["width"], d["scheduler"]) == (32, 32, "default")
+
+
+def test_shipped_sampler_defaults_are_the_recipes_and_the_check_uses_them():
+    """benchmark.yaml, the example spec and the check all sample at the recipe's settings (a CFG changed in the
+    recipe but not re-written into the manifest, or a check that hard-codes its own, fails here)."""
+    from evaluation.toyworld.manifest import sampler_defaults
+    from evaluation.toyworld.quality import ComposedGenerator
+    from evaluation.toyworld.recipe import Recipe
+
+    r = Recipe()
+    want = {"steps": r.sample_steps, "guidance_scale": r.guidance_scale}
+    assert sampler_defaults(ASSETS) == want
+    example = yaml.safe_load((ASSETS.parent / "examples" / "toyworld.yaml").read_text())
+    assert (example["steps"], example["guidance_scale"]) == (want["steps"], want["guidance_scale"])
+    gen = ComposedGenerator(ASSETS)
+    assert (gen.steps, gen.guidance_scale) == (want["steps"], want["guidance_scale"])
+    assert ComposedGenerator(ASSETS, guidance_scale=7.0).guidance_scale == 7.0
 
 
 def test_checker_reads_fresh_generator_images(checker):

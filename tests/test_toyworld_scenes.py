@@ -141,3 +141,13 @@ def test_composlora_sets():
     assert sets[0]["id"] == "n2-000" and sets[0]["loras"] == ["character_1", "clothing_1"]
     assert sets[0]["prompt"] == "a red stellu, topha" and sets[0]["scoring_text"] == "stellu, topha"
     assert sets[0]["expected"] == {"colour": "red", "shape": "star", "clothing": "hat"}
+
+
+def test_sampler_defaults_come_from_the_worlds_manifest(tmp_path):
+    from evaluation.toyworld.manifest import sampler_defaults, write_manifest
+    from evaluation.toyworld.recipe import Recipe
+
+    r = Recipe()
+    assert sampler_defaults(tmp_path) == {"steps": r.sample_steps, "guidance_scale": r.guidance_scale}  # no manifest
+    write_manifest(tmp_path / "benchmark.yaml", Recipe(sample_steps=30, guidance_scale=5.5))
+    assert sampler_defaults(tmp_path) == {"steps": 30, "guidance_scale": 5.5}

@@ -56,8 +56,8 @@ def benchmark_sets(sizes=(2, 3, 4, 5)) -> list[dict]:
 
 
 def manifest(recipe=None) -> dict:
-    steps = getattr(recipe, "sample_steps", 25)
-    cfg = getattr(recipe, "guidance_scale", 4.0)
+    recipe = recipe or _default_recipe()
+    steps, cfg = recipe.sample_steps, recipe.guidance_scale
     return {
         "format": FORMAT,
         "name": "toyworld",
@@ -107,5 +107,25 @@ out: outputs/toyworld-example
 def write_example(path: str | Path, recipe=None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(EXAMPLE.format(steps=getattr(recipe, "sample_steps", 25), cfg=getattr(recipe, "guidance_scale", 4.0)))
+    recipe = recipe or _default_recipe()
+    path.write_text(EXAMPLE.format(steps=recipe.sample_steps, cfg=recipe.guidance_scale))
     return path
+
+
+def _default_recipe():
+    from .recipe import Recipe
+
+    return Recipe()
+
+
+def sampler_defaults(assets: str | Path) -> dict:
+    """`{"steps", "guidance_scale"}` a toy world is sampled with: its manifest's `defaults` (`benchmark.yaml`, written
+    from the recipe it was trained with), else the current recipe's. The check, the grid and the method evaluations
+    read them here, so that they measure the world at the settings its users get."""
+    path = Path(assets) / "benchmark.yaml"
+    recipe = _default_recipe()
+    out = {"steps": recipe.sample_steps, "guidance_scale": recipe.guidance_scale}
+    if path.exists():
+        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or {}
+        out.update({k: type(out[k])(defaults[k]) for k in out if k in defaults})
+    return out

@@ -2,7 +2,8 @@
 checker, and report what fraction shows what the prompt asked for.
 
 Every image here is generated through `pipelines.ComposedPipeline` (the product path), with the sampler
-defaults of the toy model (25 trailing-DDIM steps, CFG 4, 32x32).
+defaults of the toy model as its manifest gives them (`manifest.sampler_defaults`: 25 trailing-DDIM steps and the
+recipe's CFG scale, 32x32).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scenes as S
-from .manifest import composition_sets, set_colour, set_prompt
+from .manifest import composition_sets, sampler_defaults, set_colour, set_prompt
 
 CHECK_SEED = 100_000  # fresh seeds: training never samples initial noise from these
 
@@ -90,10 +91,15 @@ def judge(probes: list[Probe], predictions: list[dict[str, str]]) -> list[bool]:
 class ComposedGenerator:
     """Generates probes through `ComposedPipeline` with the toy world's LoRAs resident."""
 
-    def __init__(self, assets: str | Path, steps: int = 25, guidance_scale: float = 4.0, method: str = "merge"):
+    def __init__(self, assets: str | Path, steps: int | None = None, guidance_scale: float | None = None,
+                 method: str = "merge"):
+        """`steps` and `guidance_scale` default to the world's own (`sampler_defaults`)."""
         from pipelines import ComposedPipeline
 
         assets = Path(assets)
+        defaults = sampler_defaults(assets)
+        steps = defaults["steps"] if steps is None else steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         self.cp = ComposedPipeline.from_pretrained(str(assets / "model"))
         for spec in S.LORAS:
             self.cp.load_lora(assets / "loras" / f"{spec.id}.safetensors", name=spec.id)
@@ -112,7 +118,8 @@ class ComposedGenerator:
         return np.stack(images)
 
 
-def _generate_chunk(assets: str, probes: list[Probe], steps: int, guidance_scale: float, position: int, progress: bool):
+def _generate_chunk(assets: str, probes: list[Probe], steps: int | None, guidance_scale: float | None, position: int,
+                    progress: bool):
     import torch
     from tqdm.auto import tqdm
 
@@ -123,9 +130,10 @@ def _generate_chunk(assets: str, probes: list[Probe], steps: int, guidance_scale
         return gen(probes, bar)
 
 
-def generate_probes(assets, probes: list[Probe], steps: int = 25, guidance_scale: float = 4.0, workers: int = 2,
-                    progress: bool = True) -> np.ndarray:
-    """Images of all probes, split over `workers` single-threaded processes (each image depends only on its probe)."""
+def generate_probes(assets, probes: list[Probe], steps: int | None = None, guidance_scale: float | None = None,
+                    workers: int = 2, progress: bool = True) -> np.ndarray:
+    """Images of all probes, split over `workers` single-threaded processes (each image depends only on its probe);
+    `steps` and `guidance_scale` default to the world's own (`sampler_defaults`)."""
     if workers <= 1:
         return _generate_chunk(str(assets), probes, steps, guidance_scale, 0, progress)
     from concurrent.futures import ProcessPoolExecutor
@@ -153,14 +161,21 @@ class CheckSettings:
     workers: int = 2
 
 
-def run_check(assets, settings: CheckSettings | None = None, steps: int = 25, guidance_scale: float = 4.0,
-              progress: bool = True, out_dir: Path | None = None, printer=print) -> dict[str, float]:
-    """Compute the quality bars; prints details, then the six result lines last. Returns the numbers."""
+def run_check(assets, settings: CheckSettings | None = None, steps: int | None = None,
+              guidance_scale: float | None = None, progress: bool = True, out_dir: Path | None = None,
+              printer=print) -> dict[str, float]:
+    """Compute the quality bars; prints details, then the six result lines last. Returns the numbers.
+
+    `steps` and `guidance_scale` default to the world's own sampler settings (`sampler_defaults`)."""
     from .checker import Checker
     from .trainers import checker_accuracy
 
     settings = settings or CheckSettings()
     assets = Path(assets)
+    defaults = sampler_defaults(assets)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    printer(f"sampler: {steps} steps, CFG {guidance_scale:g}, {S.SIZE}x{S.SIZE}, LoRA weight 1.0, naive merge for sets")
     checker = Checker.load(assets / "checker")
     acc = checker_accuracy(checker, settings.checker_images)
     printer("checker accuracy on fresh generator images: " + ", ".join(f"{a} {v:.4f}" for a, v in acc.items()))
