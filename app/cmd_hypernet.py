@@ -232,9 +232,8 @@ def run_toyworld_eval(args: argparse.Namespace) -> int:
     from pipelines import ComposedPipeline
 
     torch.set_num_threads(1)
-    sampler = sampler_defaults(ASSETS)
-    steps = sampler["steps"] if args.steps is None else args.steps
-    cfg = sampler["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    sampler = sampler_defaults(ASSETS, args.steps, args.guidance_scale)
+    steps, cfg = sampler["steps"], sampler["guidance_scale"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cp = ComposedPipeline.from_pretrained(str(MODEL))

@@ -151,3 +151,14 @@ def test_sampler_defaults_come_from_the_worlds_manifest(tmp_path):
     assert sampler_defaults(tmp_path) == {"steps": r.sample_steps, "guidance_scale": r.guidance_scale}  # no manifest
     write_manifest(tmp_path / "benchmark.yaml", Recipe(sample_steps=30, guidance_scale=5.5))
     assert sampler_defaults(tmp_path) == {"steps": 30, "guidance_scale": 5.5}
+    assert sampler_defaults(tmp_path, guidance_scale=3) == {"steps": 30, "guidance_scale": 3.0}  # given values win
+    assert sampler_defaults(tmp_path, 12, None) == {"steps": 12, "guidance_scale": 5.5}
+
+
+def test_scene_pool_bar_follows_no_progress(capsys):
+    from evaluation.toyworld.trainers import scene_pool
+
+    scene_pool(3, 0, progress=False)
+    assert "render scenes" not in capsys.readouterr().err  # `toyworld train --no-progress` printed this bar
+    scene_pool(3, 0, progress=True)
+    assert "render scenes" in capsys.readouterr().err

@@ -97,9 +97,8 @@ class ComposedGenerator:
         from pipelines import ComposedPipeline
 
         assets = Path(assets)
-        defaults = sampler_defaults(assets)
-        steps = defaults["steps"] if steps is None else steps
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        sampler = sampler_defaults(assets, steps, guidance_scale)
+        steps, guidance_scale = sampler["steps"], sampler["guidance_scale"]
         self.cp = ComposedPipeline.from_pretrained(str(assets / "model"))
         for spec in S.LORAS:
             self.cp.load_lora(assets / "loras" / f"{spec.id}.safetensors", name=spec.id)
@@ -172,9 +171,8 @@ def run_check(assets, settings: CheckSettings | None = None, steps: int | None =
 
     settings = settings or CheckSettings()
     assets = Path(assets)
-    defaults = sampler_defaults(assets)
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    sampler = sampler_defaults(assets, steps, guidance_scale)
+    steps, guidance_scale = sampler["steps"], sampler["guidance_scale"]
     printer(f"sampler: {steps} steps, CFG {guidance_scale:g}, {S.SIZE}x{S.SIZE}, LoRA weight 1.0, naive merge for sets")
     checker = Checker.load(assets / "checker")
     acc = checker_accuracy(checker, settings.checker_images)

@@ -136,7 +136,7 @@ def stage_vae(paths: Paths, recipe: Recipe, progress: bool = True):
 
 
 # --- checker ---------------------------------------------------------------------------------------------
-def scene_pool(n: int, seed: int, cache: Path | None = None, p_concept: float = 0.5):
+def scene_pool(n: int, seed: int, cache: Path | None = None, p_concept: float = 0.5, progress: bool = True):
     """`n` scenes from the whole world and their images (cached as .npz in the work folder)."""
     if cache is not None and cache.exists():
         data = np.load(cache, allow_pickle=False)
@@ -144,7 +144,7 @@ def scene_pool(n: int, seed: int, cache: Path | None = None, p_concept: float = 
         return scenes_, data["images"]
     rng = np.random.default_rng(seed)
     scenes_ = [S.sample_any_scene(rng, p_concept) for _ in range(n)]
-    images = np.stack([S.render(s) for s in tqdm(scenes_, desc="render scenes", mininterval=2.0, leave=False)])
+    images = np.stack([S.render(s) for s in tqdm(scenes_, desc="render scenes", mininterval=2.0, leave=False, disable=not progress)])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.stem + ".tmp.npz")
@@ -175,7 +175,8 @@ def checker_accuracy(checker: Checker, n: int = 2000, seed: int = 12345) -> dict
 def stage_checker(paths: Paths, recipe: Recipe, vae=None, progress: bool = True) -> Checker:
     if is_done(paths.checker_work) and (paths.checker / "config.json").exists():
         return Checker.load(paths.checker)
-    scenes_, images = scene_pool(recipe.checker_pool, SEEDS["pool"] + recipe.seed, paths.checker_work / "pool.npz")
+    scenes_, images = scene_pool(recipe.checker_pool, SEEDS["pool"] + recipe.seed, paths.checker_work / "pool.npz",
+                                progress=progress)
     n_vae = int(len(images) * recipe.checker_vae_share) if vae is not None else 0
     if n_vae:
         images = images.copy()
@@ -550,7 +551,8 @@ def stage_clip(paths: Paths, recipe: Recipe, progress: bool = True):
         return load_clip(paths.clip)
     tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
     processor = build_processor(tokenizer)
-    scenes_, images = scene_pool(recipe.clip_pool, SEEDS["pool"] + recipe.seed + 1, paths.clip_work / "pool.npz")
+    scenes_, images = scene_pool(recipe.clip_pool, SEEDS["pool"] + recipe.seed + 1, paths.clip_work / "pool.npz",
+                                progress=progress)
     x_all = S.to_tensor_batch(images)
     model = build_clip(tokenizer, SEEDS["clip"] + recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
