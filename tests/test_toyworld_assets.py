@@ -67,6 +67,15 @@ def test_plain_diffusers_loads_it_offline_and_generates_32px():
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.timestep_spacing == "trailing"
 
 
+def test_shipped_scheduler_is_the_recipes_sampler():
+    """The saved scheduler config is the recipe's DDIM (`models.SCHEDULER_CONFIG`), key for key."""
+    from evaluation.toyworld.models import SCHEDULER_CONFIG
+
+    saved = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DDIMScheduler"
+    assert {k: saved[k] for k in SCHEDULER_CONFIG} == SCHEDULER_CONFIG
+
+
 def test_base_model_draws_what_it_is_asked(cp, checker):
     prompts = [("a red circle, white background", ("circle", "red", "white")),
                ("a blue square, black background", ("square", "blue", "black")),
@@ -196,3 +205,55 @@ def test_tiny_clip_retrieval_beats_chance():
     processor = CLIPProcessor.from_pretrained(CLIP)
     acc = retrieval_accuracy(model, processor, n=50, seed=99)
     assert acc >= 0.2, acc  # chance is 0.02
+
+
+@pytest.fixture
+def library_bars_restored(monkeypatch):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # restored after the test
+    threads = torch.get_num_threads()
+    yield
+    diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_check_worker_without_progress_prints_no_library_bars(progress, library_bars_restored, capfd):
+    """`toyworld check --no-progress` printed diffusers' and transformers' loading bars from every worker."""
+    import os
+
+    from evaluation.toyworld.quality import Probe, _generate_chunk
+
+    images = _generate_chunk(str(ASSETS), [Probe("a red circle", 0)], 2, None, 0, progress)
+    assert images.shape == (1, S.SIZE, S.SIZE, 3)
+    err = capfd.readouterr().err
+    assert ("Loading pipeline components" in err) == progress
+    assert (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1") == (not progress)  # what spawned workers inherit
+
+
+def test_check_without_progress_quiets_the_libraries_before_loading(monkeypatch):
+    from evaluation.toyworld import training
+    from evaluation.toyworld.checker import Checker
+    from evaluation.toyworld.quality import run_check
+
+    class Quieted(Exception):
+        pass
+
+    class Loading(Exception):
+        pass
+
+    def quiet():
+        raise Quieted
+
+    def load(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(training, "quiet_library_bars", quiet)
+    monkeypatch.setattr(Checker, "load", load)
+    with pytest.raises(Quieted):
+        run_check(ASSETS, progress=False, printer=lambda *a: None)
+    with pytest.raises(Loading):  # with progress bars the libraries keep theirs
+        run_check(ASSETS, progress=True, printer=lambda *a: None)

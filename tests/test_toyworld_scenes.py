@@ -162,3 +162,26 @@ def test_scene_pool_bar_follows_no_progress(capsys):
     assert "render scenes" not in capsys.readouterr().err  # `toyworld train --no-progress` printed this bar
     scene_pool(3, 0, progress=True)
     assert "render scenes" in capsys.readouterr().err
+
+
+def test_train_manifest_stage_alone_and_no_progress_quiets_the_libraries(tmp_path, monkeypatch):
+    import os
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from evaluation.toyworld.manifest import sampler_defaults
+    from evaluation.toyworld.recipe import Recipe
+    from evaluation.toyworld.run import train
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        train(["manifest"], work=tmp_path / "work", assets=tmp_path / "assets", recipe=Recipe(guidance_scale=3.5),
+              progress=False)
+        assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"  # the stage workers spawned later inherit it
+        assert not transformers_logging.is_progress_bar_enabled() and not diffusers_logging.is_progress_bar_enabled()
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+    assert sampler_defaults(tmp_path / "assets")["guidance_scale"] == 3.5
+    assert (tmp_path / "work" / "tokenizer").is_dir()

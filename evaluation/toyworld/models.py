@@ -36,9 +36,9 @@ TEXT_CONFIG = dict(
 # noise schedules and sample steps are flawed"), so the prompt, not the noise, decides the background.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-    rescale_betas_zero_snr=True, clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+    rescale_betas_zero_snr=True, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     timestep_spacing="trailing",
-)
+)  # steps_offset only shifts "leading" spacing; 1 is what StableDiffusionPipeline expects (it warned on 0 and saved 1)
 
 
 def build_vae(seed: int = 0):

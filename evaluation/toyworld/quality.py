@@ -122,7 +122,11 @@ def _generate_chunk(assets: str, probes: list[Probe], steps: int | None, guidanc
     import torch
     from tqdm.auto import tqdm
 
+    from .training import quiet_library_bars
+
     torch.set_num_threads(1)
+    if not progress:
+        quiet_library_bars()
     gen = ComposedGenerator(assets, steps, guidance_scale)
     with tqdm(total=len(probes), desc=f"toyworld check [{position}]", position=position, disable=not progress,
               mininterval=2.0, leave=False) as bar:
@@ -168,7 +172,10 @@ def run_check(assets, settings: CheckSettings | None = None, steps: int | None =
     `steps` and `guidance_scale` default to the world's own sampler settings (`sampler_defaults`)."""
     from .checker import Checker
     from .trainers import checker_accuracy
+    from .training import quiet_library_bars
 
+    if not progress:
+        quiet_library_bars()
     settings = settings or CheckSettings()
     assets = Path(assets)
     sampler = sampler_defaults(assets, steps, guidance_scale)

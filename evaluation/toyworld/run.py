@@ -23,7 +23,7 @@ import torch
 from . import scenes as S
 from .recipe import Recipe
 from .trainers import Paths
-from .training import Timings
+from .training import Timings, quiet_library_bars
 
 from . import ASSETS as DEFAULT_ASSETS
 from . import STAGES
@@ -37,6 +37,8 @@ def _job(name: str, paths: Paths, recipe: Recipe, progress: bool, arg=None) -> t
     from . import trainers as T
 
     torch.set_num_threads(1)
+    if not progress:
+        quiet_library_bars()
     timings = Timings(paths.work)
     start = time.perf_counter()
     with timings.measure(name if arg is None else f"lora_{arg}"):
@@ -86,6 +88,8 @@ def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path =
     from .manifest import write_example, write_manifest
 
     recipe = recipe or Recipe()
+    if not progress:
+        quiet_library_bars()
     stages = list(STAGES) if "all" in stages else [s for s in STAGES if s in stages]
     paths = Paths(work, assets)
     paths.work.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,19 @@ import numpy as np
 import torch
 
 
+def quiet_library_bars() -> None:
+    """Silence the libraries' own progress bars (transformers' "Loading weights" / "Writing model shards",
+    diffusers' "Loading pipeline components"), for `--no-progress`. Also sets `HF_HUB_DISABLE_PROGRESS_BARS`, which
+    processes spawned afterwards read when they import transformers; diffusers has no such variable, so worker
+    processes call this themselves."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
