@@ -212,7 +212,8 @@ def library_bars_restored(monkeypatch):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # restored after the test
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # so that teardown restores it as it was (delenv alone
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")      # would not remove a value the test sets)
     threads = torch.get_num_threads()
     yield
     diffusers_logging.enable_progress_bar()

@@ -174,7 +174,8 @@ def test_train_manifest_stage_alone_and_no_progress_quiets_the_libraries(tmp_pat
     from evaluation.toyworld.recipe import Recipe
     from evaluation.toyworld.run import train
 
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # so that teardown restores it as it was
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
     try:
         train(["manifest"], work=tmp_path / "work", assets=tmp_path / "assets", recipe=Recipe(guidance_scale=3.5),
               progress=False)
