@@ -30,6 +30,22 @@ one_thread = pytest.fixture(_single_threaded, name="one_thread")
 one_thread_module = pytest.fixture(_single_threaded, scope="module", name="one_thread_module")  # for module-scoped servers
 
 
+@pytest.fixture
+def library_bars_restored(monkeypatch):
+    """For tests of `quiet_library_bars`: afterwards the libraries' bars are on again, and
+    HF_HUB_DISABLE_PROGRESS_BARS and torch's thread count are as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # so that teardown restores it as it was (delenv alone
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")      # would not remove a value the test sets)
+    threads = torch.get_num_threads()
+    yield
+    diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
+    torch.set_num_threads(threads)
+
+
 def weights_hash(module: torch.nn.Module) -> str:
     """Bit-level fingerprint of every parameter and buffer."""
     h = hashlib.sha256()

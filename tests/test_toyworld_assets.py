@@ -207,20 +207,6 @@ def test_tiny_clip_retrieval_beats_chance():
     assert acc >= 0.2, acc  # chance is 0.02
 
 
-@pytest.fixture
-def library_bars_restored(monkeypatch):
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # so that teardown restores it as it was (delenv alone
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")      # would not remove a value the test sets)
-    threads = torch.get_num_threads()
-    yield
-    diffusers_logging.enable_progress_bar()
-    transformers_logging.enable_progress_bar()
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("progress", [True, False])
 def test_check_worker_without_progress_prints_no_library_bars(progress, library_bars_restored, capfd):
     """`toyworld check --no-progress` printed diffusers' and transformers' loading bars from every worker."""

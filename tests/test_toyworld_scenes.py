@@ -164,7 +164,7 @@ def test_scene_pool_bar_follows_no_progress(capsys):
     assert "render scenes" in capsys.readouterr().err
 
 
-def test_train_manifest_stage_alone_and_no_progress_quiets_the_libraries(tmp_path, monkeypatch):
+def test_train_manifest_stage_alone_and_no_progress_quiets_the_libraries(tmp_path, library_bars_restored):
     import os
 
     from diffusers.utils import logging as diffusers_logging
@@ -174,15 +174,9 @@ def test_train_manifest_stage_alone_and_no_progress_quiets_the_libraries(tmp_pat
     from evaluation.toyworld.recipe import Recipe
     from evaluation.toyworld.run import train
 
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # so that teardown restores it as it was
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
-    try:
-        train(["manifest"], work=tmp_path / "work", assets=tmp_path / "assets", recipe=Recipe(guidance_scale=3.5),
-              progress=False)
-        assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"  # the stage workers spawned later inherit it
-        assert not transformers_logging.is_progress_bar_enabled() and not diffusers_logging.is_progress_bar_enabled()
-    finally:
-        diffusers_logging.enable_progress_bar()
-        transformers_logging.enable_progress_bar()
+    train(["manifest"], work=tmp_path / "work", assets=tmp_path / "assets", recipe=Recipe(guidance_scale=3.5),
+          progress=False)
+    assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"  # the stage workers spawned later inherit it
+    assert not transformers_logging.is_progress_bar_enabled() and not diffusers_logging.is_progress_bar_enabled()
     assert sampler_defaults(tmp_path / "assets")["guidance_scale"] == 3.5
     assert (tmp_path / "work" / "tokenizer").is_dir()
