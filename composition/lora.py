@@ -12,7 +12,7 @@ import torch
 from .errors import LoRAFileError
 from .lora_file import read_header, read_tensors
 from .lora_formats import Layers, convert_to_layers
-from .metadata import family_from_metadata, family_from_shapes, read_sidecar, trigger_suggestions
+from .metadata import family_from_keys, family_from_metadata, read_sidecar, trigger_suggestions
 
 _CONTAINER = re.compile(r"^.*(?:transformer_blocks|resnets|attentions|layers|downsamplers|upsamplers)\.\d+\.")
 
@@ -73,6 +73,9 @@ class LoRAInfo:
     triggers: list[str] = field(default_factory=list)
     trigger_suggestions: list[str] = field(default_factory=list)
     sidecar: dict = field(default_factory=dict, repr=False)
+    # Families the key names and shapes fit (whatever the header says) and why; () when they are not decisive.
+    key_families: tuple[str, ...] = ()
+    key_evidence: str | None = None
 
     @property
     def rank(self) -> int:
@@ -85,6 +88,7 @@ class LoRAInfo:
             "layout": self.layout,
             "family": self.family,
             "family_source": self.family_source,
+            "key_families": list(self.key_families),
             "rank": self.rank,
             "ranks": self.ranks,
             "targets": self.targets,
@@ -96,12 +100,12 @@ class LoRAInfo:
         }
 
 
-def _describe(path, name, layout, layers: Layers, metadata, file_size) -> LoRAInfo:
+def _describe(path, name, layout, layers: Layers, metadata, file_size, file_keys=()) -> LoRAInfo:
     shapes = {c: {m: tuple(l.down.shape) for m, l in mods.items()} for c, mods in layers.items()}
+    key_families, evidence = family_from_keys(shapes, file_keys)
     family, source = family_from_metadata(metadata)
-    if family is None:
-        family = family_from_shapes(shapes)
-        source = "shapes" if family else None
+    if family is None and len(key_families) == 1:
+        family, source = key_families[0], f"keys: {evidence}"
     sidecar = read_sidecar(path) if path is not None else {}
     suggestions = trigger_suggestions(metadata)
     return LoRAInfo(
@@ -119,6 +123,8 @@ def _describe(path, name, layout, layers: Layers, metadata, file_size) -> LoRAIn
         triggers=list(sidecar.get("triggers") or suggestions[:1]),
         trigger_suggestions=suggestions,
         sidecar=sidecar,
+        key_families=key_families,
+        key_evidence=evidence,
     )
 
 
@@ -127,7 +133,7 @@ def read_lora_info(path: str | os.PathLike, allow_pickle: bool = False, unet_con
     header = read_header(path, allow_pickle=allow_pickle)
     meta_tensors = {k: torch.empty(s, device="meta") for k, s in header.shapes.items()}
     layout, layers = convert_to_layers(meta_tensors, header.metadata, header.path, unet_config=unet_config)
-    return _describe(header.path, Path(path).stem, layout, layers, header.metadata, header.file_size)
+    return _describe(header.path, Path(path).stem, layout, layers, header.metadata, header.file_size, header.shapes)
 
 
 @dataclass
@@ -191,7 +197,7 @@ def load_lora(
     path = Path(path)
     state_dict, metadata = read_tensors(path, allow_pickle=allow_pickle)
     layout, raw = convert_to_layers(state_dict, metadata, path, unet_config=unet_config)
-    info = _describe(path, name or path.stem, layout, raw, metadata, path.stat().st_size)
+    info = _describe(path, name or path.stem, layout, raw, metadata, path.stat().st_size, state_dict)
     lora = lora_from_layers(name or path.stem, raw, info)
     if dtype is not None:
         lora.to(dtype=dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -10,9 +11,12 @@ import yaml
 from .errors import LoRAFileError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 # Text-encoder context width -> family (cross-attention key/value input width of the UNet).
 CONTEXT_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# First text encoder's width -> families (CLIP ViT-L in SD 1.x and SDXL, OpenCLIP ViT-H in SD 2.x).
+TEXT_WIDTH_FAMILIES = {768: ("sd1", "sdxl"), 1024: ("sd2",)}
 
 
 def family_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str | None]:
@@ -45,17 +49,51 @@ def family_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str | No
     return None, None
 
 
-def family_from_shapes(layer_shapes: dict[str, dict[str, tuple[int, ...]]]) -> str | None:
-    """Family from the shapes of PEFT-named `down` factors: {component: {module: down shape}}.
+def family_from_keys(layer_shapes: dict[str, dict[str, tuple[int, ...]]], file_keys=()) -> tuple[tuple[str, ...], str | None]:
+    """The families a LoRA's key names and factor shapes fit, with the evidence, for files whose header is silent.
 
-    Only the cross-attention key/value input width and a second text encoder are decisive.
+    `layer_shapes`: {component: {PEFT module path: down-factor shape}}; `file_keys`: the keys as stored (the
+    kohya text-encoder prefix is only visible there). Each clue narrows the set of families; a clue that would
+    empty it is ignored (the earlier, stronger one stands). Returns ((), None) when nothing is decisive.
     """
+    clues: list[tuple[set[str], str]] = []
+    unet, te = layer_shapes.get("unet", {}), layer_shapes.get("text_encoder", {})
     if layer_shapes.get("text_encoder_2"):
-        return "sdxl"
-    for module, shape in layer_shapes.get("unet", {}).items():
-        if module.endswith(("attn2.to_k", "attn2.to_v")) and len(shape) == 2:
-            return CONTEXT_DIM_FAMILY.get(shape[1])
-    return None
+        clues.append(({"sdxl"}, "a second text encoder"))
+    for module, shape in unet.items():
+        if module.endswith(("attn2.to_k", "attn2.to_v")) and len(shape) == 2 and shape[1] in CONTEXT_DIM_FAMILY:
+            clues.append(({CONTEXT_DIM_FAMILY[shape[1]]}, f"cross-attention width {shape[1]}"))
+            break
+    prefixes = {m.group(0) for m in map(re.compile(r"^lora_te[12]?_").match, file_keys) if m}
+    if prefixes & {"lora_te1_", "lora_te2_"}:
+        clues.append(({"sdxl"}, "kohya `lora_te1_`/`lora_te2_` names (two text encoders)"))
+    elif "lora_te_" in prefixes:
+        clues.append(({"sd1", "sd2"}, "kohya `lora_te_` names (one text encoder)"))
+    for module, shape in te.items():
+        if module.endswith("q_proj") and len(shape) == 2 and shape[1] in TEXT_WIDTH_FAMILIES:
+            clues.append((set(TEXT_WIDTH_FAMILIES[shape[1]]), f"text-encoder width {shape[1]}"))
+            break
+    if any(re.search(r"\.transformer_blocks\.[1-9]", m) for m in unet):
+        clues.append(({"sdxl"}, "several transformer blocks per attention layer"))
+    if any(m.endswith(".proj_in") and len(s) == 4 for m, s in unet.items()):
+        clues.append(({"sd1"}, "convolutional proj_in layers"))
+    if any(m.startswith("down_blocks.0.attentions.") for m in unet):
+        clues.append(({"sd1", "sd2"}, "attention in the first down block"))
+    families, evidence = set(FAMILIES), []
+    for fams, why in clues:
+        if families & fams:
+            families &= fams
+            evidence.append(why)
+    if not evidence:
+        return (), None
+    return tuple(f for f in FAMILIES if f in families), ", ".join(evidence)
+
+
+def family_display(families) -> str:
+    """'Stable Diffusion 1.x or Stable Diffusion 2.x' for ('sd1', 'sd2'); unknown names as they are."""
+    if isinstance(families, str):
+        families = (families,)
+    return " or ".join(FAMILY_NAMES.get(f, f) for f in families)
 
 
 def trigger_suggestions(metadata: dict[str, str], limit: int = 12) -> list[str]:

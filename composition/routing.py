@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import AdapterNameError, IncompatibleLoRA
 from .lora import LoRA, LoRALayer
+from .module_paths import resolve_module_path
 
 
 @dataclass(frozen=True)
@@ -161,15 +162,27 @@ class LoRARouter:
         self._routing_key = None  # (routing, layer_gates) last applied; None forces a rebuild
 
     # --- adapters -------------------------------------------------------------------------------------------
-    def check(self, lora: LoRA) -> None:
-        """Refuse a LoRA whose modules are missing or shaped differently, before anything is changed."""
+    def bind(self, lora: LoRA) -> tuple[dict[str, str], list[str]]:
+        """Map each of the LoRA's module paths for this model to the model's own name for that module.
+
+        Returns ({LoRA path: model path}, problems). Naming variants (`text_model.` or not) are bridged by
+        `module_paths.resolve_module_path`; a module that is missing or shaped differently is a problem.
+        """
         problems: list[str] = []
+        names: dict[str, str] = {}
+        taken: set[str] = set()
         modules = dict(self.model.named_modules())
         for path, layer in lora.layers.get(self.component, {}).items():
-            module = modules.get(path)
-            if module is None:
+            resolved = resolve_module_path(path, modules)
+            if resolved is None:
                 problems.append(f"{path}: no such module")
                 continue
+            if resolved in taken:
+                problems.append(f"{path}: a second LoRA layer for module {resolved}")
+                continue
+            names[path] = resolved
+            taken.add(resolved)
+            module = modules[resolved]
             if isinstance(module, nn.Linear):
                 expected = (module.out_features, module.in_features)
                 got = (layer.up.shape[0], layer.down.shape[1])
@@ -185,23 +198,45 @@ class LoRARouter:
                     problems.append(f"{path}: LoRA shape {tuple(layer.down.shape)} does not fit conv {tuple(module.weight.shape)}")
             else:
                 problems.append(f"{path}: is a {type(module).__name__}, not Linear/Conv2d")
+        return names, problems
+
+    def check(self, lora: LoRA, model_family: str | None = None, lora_family: str | None = None) -> dict[str, str]:
+        """Refuse a LoRA whose modules are missing or shaped differently, before anything is changed.
+
+        `model_family` and `lora_family` (display names: what this model is, what the LoRA's keys look like)
+        make the refusal say which families clash. Returns `bind`'s {LoRA path: model path}.
+        """
+        names, problems = self.bind(lora)
         if problems:
             total = len(lora.layers.get(self.component, {}))
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            model = f"this {model_family} model" if model_family else "this model"
+            if lora_family and lora_family != model_family:
+                looks, fix = f" The LoRA's keys look like {lora_family}.", f"use a LoRA made for {model_family or 'this model'}."
+            else:
+                looks = (f" The LoRA's keys look like {lora_family} too, so a layer layout loraloom does not map is possible."
+                         if lora_family else " The LoRA's keys and header do not say which model family it is for.")
+                fix = ("use a LoRA trained on this model's architecture; if other tools load this file on this model, "
+                       "report its key names to loraloom.")
             raise IncompatibleLoRA(
                 lora.path,
-                f"{len(problems)} of {total} {self.component} layers do not fit this model ({shown}).",
-                "this LoRA was made for another base model; use a LoRA trained on this model's family.",
+                f"{len(problems)} of {total} {self.component} layers do not fit {model} ({shown}).{looks}",
+                fix,
             )
+        return names
 
-    def add(self, lora: LoRA) -> None:
-        """Make a LoRA resident (checked first; on error nothing changes). Its factors are moved to the model."""
+    def add(self, lora: LoRA, model_family: str | None = None, lora_family: str | None = None) -> None:
+        """Make a LoRA resident (checked first; on error nothing changes). Its factors are moved to the model.
+
+        The LoRA's layers are re-keyed by the model's module names (see `bind`)."""
         if lora.name in self.adapters:
             raise AdapterNameError(f"an adapter named {lora.name!r} is already loaded in the {self.component}; pick another name.")
-        self.check(lora)
+        names = self.check(lora, model_family, lora_family)
         layers = lora.layers.get(self.component, {})
         if not layers:
             return
+        if any(path != names[path] for path in layers):  # from here on the LoRA uses the model's module names
+            layers = lora.layers[self.component] = {names[path]: layer for path, layer in layers.items()}
         modules = dict(self.model.named_modules())
         for path, layer in layers.items():
             weight = modules[path].weight

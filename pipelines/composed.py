@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from composition.conditioning import Conditioning
 from composition.errors import AdapterNameError, IncompatibleLoRA
 from composition.lora import LoRA, load_lora
+from composition.metadata import FAMILY_NAMES, family_display
 from composition.methods import ActiveLoRA, Method, Step, make_method, params_to_dict
 from composition.routing import LoRARouter, Routing
 
@@ -24,7 +25,6 @@ from .loading import load_base_pipeline, pipeline_family
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler, step_kwargs
 from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
 
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
@@ -94,23 +94,32 @@ class ComposedPipeline:
         with self._lock:
             if lora.name in self.loras:
                 raise AdapterNameError(f"a LoRA named {lora.name!r} is already loaded; load it under another name.")
-            fam = lora.info.family
-            if fam is not None and fam != self.family:
-                made_for = FAMILY_NAMES.get(fam, fam)
+            info, model = lora.info, FAMILY_NAMES[self.family]
+            if info.family is not None and info.family != self.family:
+                made_for = family_display(info.family)
+                source = f"header {info.family_source}" if not (info.family_source or "").startswith("keys:") else f"its {info.family_source}"
                 raise IncompatibleLoRA(
                     lora.path,
-                    f"was made for {made_for} (header {lora.info.family_source}), but the loaded model is {FAMILY_NAMES[self.family]}.",
-                    f"use a {FAMILY_NAMES[self.family]} LoRA, or load a {made_for} base model.",
+                    f"was made for {made_for} ({source}), but the loaded model is {model}.",
+                    f"use a {model} LoRA, or load a {made_for} base model.",
+                )
+            if info.key_families and self.family not in info.key_families:
+                made_for = family_display(info.key_families)
+                raise IncompatibleLoRA(
+                    lora.path,
+                    f"has keys for {made_for} ({info.key_evidence}), but the loaded model is {model}.",
+                    f"use a {model} LoRA, or load a {made_for} base model.",
                 )
             missing = [c for c in lora.layers if lora.layers[c] and c not in self.routers]
             if missing:
-                raise IncompatibleLoRA(lora.path, f"has layers for {missing}, which this {FAMILY_NAMES[self.family]} model does not have.",
+                raise IncompatibleLoRA(lora.path, f"has layers for {missing}, which this {model} model does not have.",
                                        "use a LoRA made for this model family.")
+            looks_like = family_display(info.key_families) if info.key_families else None
             for comp, router in self.routers.items():
-                router.check(lora)
+                router.check(lora, model, looks_like)
             for comp, router in self.routers.items():
                 if lora.layers.get(comp):
-                    router.add(lora)
+                    router.add(lora, model, looks_like)
             self.loras[lora.name] = lora
             return lora
 

@@ -53,8 +53,9 @@ def test_kohya_layout_matches_peft_and_keeps_alpha(tmp_path, tiny_sd):
     save_file(peft_to_kohya(peft, alpha=2.0), str(tmp_path / "kohya.safetensors"))
     a, b = load_lora(tmp_path / "peft.safetensors"), load_lora(tmp_path / "kohya.safetensors")
     assert b.info.layout == "kohya"
-    fa, fb = _flat(a), _flat(b)
-    assert set(fa) == set(fb)
+    fa = _flat(a)
+    fb = {(c, m.removeprefix("text_model.")): l for (c, m), l in _flat(b).items()}  # sd-scripts' transformers-4 names
+    assert set(fa) == set(fb) and any(m.startswith("text_model.") for _, m in _flat(b))
     assert any(l.is_conv for l in fb.values()), "LoCon conv layers must load"
     for key in fa:
         assert torch.equal(fa[key].down, fb[key].down) and torch.equal(fa[key].up, fb[key].up)
@@ -146,7 +147,8 @@ def test_family_from_shapes(tmp_path, context, family):
     m = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     save_file({f"unet.{m}.lora_A.weight": torch.zeros(4, context), f"unet.{m}.lora_B.weight": torch.zeros(640, 4)}, str(tmp_path / "x.safetensors"))
     info = read_lora_info(tmp_path / "x.safetensors")
-    assert info.family == family and info.family_source == "shapes"
+    assert info.family == family and info.family_source == f"keys: cross-attention width {context}"
+    assert info.key_families == (family,)
 
 
 def test_trigger_suggestions_from_header():
@@ -251,11 +253,16 @@ def test_other_family_refused_before_any_weight_is_touched(tmp_path, tiny_sd, ti
         tiny_sd.load_lora(xl)
     msg = str(err.value)
     assert "Stable Diffusion XL" in msg and str(xl) in msg and len(msg) < 600
-    # an unlabelled file for another architecture is caught by the shape check, in one short message
+    # an unlabelled file for another architecture is refused by what its keys show, naming both families
     sd = load_file(str(xl))
     save_file(sd, str(tmp_path / "nolabel.safetensors"))
-    with pytest.raises(IncompatibleLoRA, match="do not fit this model") as err:
+    with pytest.raises(IncompatibleLoRA, match="its keys: several transformer blocks per attention layer") as err:
         tiny_sd.load_lora(tmp_path / "nolabel.safetensors")
+    assert "Stable Diffusion XL" in str(err.value) and "Stable Diffusion 1.x" in str(err.value) and len(str(err.value)) < 800
+    # and one whose keys show no family by the shape check, naming the model's family
+    save_file({k: v for k, v in sd.items() if "transformer_blocks.1" not in k}, str(tmp_path / "nolabel2.safetensors"))
+    with pytest.raises(IncompatibleLoRA, match="do not fit this Stable Diffusion 1.x model") as err:
+        tiny_sd.load_lora(tmp_path / "nolabel2.safetensors")
     assert len(str(err.value)) < 800
     assert weights_hash(tiny_sd.pipe.unet) + weights_hash(tiny_sd.pipe.text_encoder) == before
     assert not tiny_sd.loras and all(not r.layers for r in tiny_sd.routers.values())

@@ -28,7 +28,7 @@ def stream_generation(service: GenerationService, spec: GenerationSpec, preview_
 
     `preview_every`: decode the latents into a preview every N steps (0: never). `min_interval`: skip the events
     (and their previews) of steps that end sooner than this many seconds after the last event sent, so a fast
-    model is not slowed down by its own progress reports; the last step is always sent.
+    model is not slowed down by its own progress reports; the first and the last step are always sent.
 
     Closing the iterator early (the user pressed Stop, the client went away) stops the run after its current
     step and waits for it, so the model is free again when this returns.
@@ -37,12 +37,12 @@ def stream_generation(service: GenerationService, spec: GenerationSpec, preview_
     cancel = threading.Event()
     total = max(int(spec.steps), 1)
 
-    last = [0.0]
+    last: list[float | None] = [None]  # no event sent yet: the first step is always sent (the clock's zero is arbitrary)
 
     def on_step(cp, i, t, kwargs):
         now = time.perf_counter()
         final = i + 1 >= total
-        if not final and now - last[0] < min_interval:
+        if not final and last[0] is not None and now - last[0] < min_interval:
             return
         last[0] = now
         preview = None

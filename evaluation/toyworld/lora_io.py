@@ -66,14 +66,22 @@ def save_peft_lora(path: Path, state_dicts: dict[str, dict[str, torch.Tensor]], 
 
 
 def save_kohya_twin(peft_path: Path, out_path: Path) -> Path:
-    """The same LoRA in kohya/A1111 layout (`lora_unet_…`, `lora_te_…`; lora_down/lora_up/alpha) plus its sidecar."""
+    """The same LoRA in kohya/A1111 layout, named as sd-scripts writes it, plus its sidecar.
+
+    `lora_unet_…` and `lora_te_text_model_…` with lora_down/lora_up/alpha: sd-scripts runs on transformers 4,
+    whose `CLIPTextModel` has the `text_model` level that transformers 5 dropped, so real files carry it.
+    """
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from composition.module_paths import with_level
+
     with safe_open(str(peft_path), "pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd = {(f"text_encoder.{with_level(k.removeprefix('text_encoder.'))}" if k.startswith("text_encoder.") else k): v
+          for k, v in sd.items()}
     cfg = json.loads(meta["lora_adapter_metadata"])
     kohya = convert_state_dict_to_kohya(sd)
     out = {}
@@ -85,6 +93,8 @@ def save_kohya_twin(peft_path: Path, out_path: Path) -> Path:
         out[key] = value.contiguous()
     kmeta = {k: v for k, v in meta.items() if k != "lora_adapter_metadata"}
     kmeta["ss_network_module"] = "networks.lora"
+    kmeta["ss_base_model_version"] = "sd_v1"
+    kmeta["ss_v2"] = "False"
     kmeta["ss_network_dim"] = str(cfg.get("unet.r"))
     kmeta["ss_network_alpha"] = str(cfg.get("unet.lora_alpha"))
     out_path = Path(out_path)
