@@ -11,17 +11,17 @@ import os
 import pkgutil
 import sys
 
-from composition.errors import LoraloomError
+from loraloom.composition.errors import LoraloomError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraloom", description="Compose several LoRAs in one diffusion generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import app
+    import loraloom.app as app
 
     for mod in sorted(m.name for m in pkgutil.iter_modules(app.__path__) if m.name.startswith("cmd_")):
-        importlib.import_module(f"app.{mod}").register(sub)
+        importlib.import_module(f"loraloom.app.{mod}").register(sub)
     return parser
 
 

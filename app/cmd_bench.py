@@ -104,7 +104,7 @@ def register(sub) -> None:
 
 
 def _load(args, sets_needed: bool = True):
-    from evaluation.bench.manifest import load_manifest
+    from loraloom.evaluation.bench.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     sets = manifest.select(limit=args.limit, patterns=args.sets) if sets_needed else manifest.sets
@@ -112,9 +112,9 @@ def _load(args, sets_needed: bool = True):
 
 
 def run_cmd(args: argparse.Namespace) -> int:
-    from evaluation.bench.manifest import missing_files
-    from evaluation.bench.plan import build_plan, parse_methods
-    from evaluation.bench.runner import MissingFilesError, RunOptions, run_benchmark
+    from loraloom.evaluation.bench.manifest import missing_files
+    from loraloom.evaluation.bench.plan import build_plan, parse_methods
+    from loraloom.evaluation.bench.runner import MissingFilesError, RunOptions, run_benchmark
 
     variants = parse_methods(args.methods)
     manifest, sets = _load(args)
@@ -148,7 +148,7 @@ def run_cmd(args: argparse.Namespace) -> int:
 
 
 def _print_counts(manifest, sets) -> None:
-    from evaluation.scoring import format_table
+    from loraloom.evaluation.scoring import format_table
 
     counts = manifest.counts(sets)
     groups = sorted({g for g, _ in counts}, key=lambda g: min(s.index for s in sets if s.group == g))
@@ -159,7 +159,7 @@ def _print_counts(manifest, sets) -> None:
 
 
 def check_cmd(args: argparse.Namespace) -> int:
-    from evaluation.bench.manifest import load_manifest, missing_files
+    from loraloom.evaluation.bench.manifest import load_manifest, missing_files
 
     manifest = load_manifest(args.manifest)
     _print_counts(manifest, manifest.sets)
@@ -172,10 +172,10 @@ def check_cmd(args: argparse.Namespace) -> int:
 
 
 def score_cmd(args: argparse.Namespace) -> int:
-    from evaluation.bench.scoring import ScoreOptions, score_folder
+    from loraloom.evaluation.bench.scoring import ScoreOptions, score_folder
 
     if args.judge and not args.judge_model:
-        from evaluation.errors import EvaluationError
+        from loraloom.evaluation.errors import EvaluationError
 
         raise EvaluationError("--judge needs --judge-model")
     if not args.verbose:  # transformers' "Loading weights" bars say nothing useful here
@@ -184,7 +184,7 @@ def score_cmd(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     judge = None
     if args.judge:
-        from app.cmd_eval import build_judge
+        from loraloom.app.cmd_eval import build_judge
 
         judge = build_judge(args)
     opts = ScoreOptions(folder=args.dir, manifest=args.manifest, clip=None if args.no_clip else (args.clip or ""),
@@ -199,7 +199,7 @@ def score_cmd(args: argparse.Namespace) -> int:
 
 
 def report_cmd(args: argparse.Namespace) -> int:
-    from evaluation.bench.report import write_report
+    from loraloom.evaluation.bench.report import write_report
 
     paths = write_report(args.dir, out=args.out, manifest=args.manifest, baseline=args.baseline, grid_sets=args.grid_sets)
     for p in paths:

@@ -34,9 +34,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from composition.methods import ActiveLoRA, make_method
-    from pipelines import ComposedPipeline, make_scheduler
-    from pipelines.composed import _Run
+    from loraloom.composition.methods import ActiveLoRA, make_method
+    from loraloom.pipelines import ComposedPipeline, make_scheduler
+    from loraloom.pipelines.composed import _Run
 
     cp = ComposedPipeline.from_pretrained(args.model, device=args.device, local_files_only=args.local_files_only)
     names = [cp.load_lora(path).name for path in args.loras]
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     run_.scheduler = make_scheduler(args.scheduler, cp.pipe.scheduler.config, type(cp.pipe.scheduler))
     method.extras = {}
     deltas = method.frequency_deltas(run_, list(run_.loras))
-    from composition.frequency import partition_by_score
+    from loraloom.composition.frequency import partition_by_score
 
     high, low = partition_by_score(deltas)
     if args.json:

@@ -58,18 +58,18 @@ def register(subparsers) -> None:
 
 
 def build_judge(args):
-    from evaluation.errors import EvaluationError
+    from loraloom.evaluation.errors import EvaluationError
 
     if not args.judge_model:
         raise EvaluationError("--judge needs --judge-model (a model name, or a local VLM folder)")
     if args.judge == "openai":
-        from evaluation.judges.openai_chat import OpenAIChatJudge
+        from loraloom.evaluation.judges.openai_chat import OpenAIChatJudge
 
         return OpenAIChatJudge(args.judge_model, base_url=args.base_url, api_key_env=args.api_key_env,
                                temperature=1.0 if args.temperature is None else args.temperature,
                                max_tokens=args.max_tokens, seed=args.seed, json_mode=args.json_mode,
                                image_max_side=args.image_max_side, timeout=args.timeout, max_retries=args.retries)
-    from evaluation.judges.local_vlm import TransformersVLMJudge
+    from loraloom.evaluation.judges.local_vlm import TransformersVLMJudge
 
     sample = args.temperature is not None and args.temperature > 0
     return TransformersVLMJudge(args.judge_model, device=args.device, max_new_tokens=args.max_tokens, do_sample=sample,
@@ -82,11 +82,11 @@ def _fmt(x, digits=2) -> str:
 
 
 def run(args) -> int:
-    from evaluation.cache import JudgeCache
-    from evaluation.clipscore import CLIPScorer
-    from evaluation.errors import EvaluationError
-    from evaluation.protocols import ComposLoRAPairwise
-    from evaluation.scoring import JUDGE_CACHE, evaluate_folder, format_table
+    from loraloom.evaluation.cache import JudgeCache
+    from loraloom.evaluation.clipscore import CLIPScorer
+    from loraloom.evaluation.errors import EvaluationError
+    from loraloom.evaluation.protocols import ComposLoRAPairwise
+    from loraloom.evaluation.scoring import JUDGE_CACHE, evaluate_folder, format_table
 
     if args.judge and not args.pairwise:
         raise EvaluationError("--judge is used by --pairwise; add --pairwise")

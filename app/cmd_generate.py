@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composition.errors import SpecError
+from loraloom.composition.errors import SpecError
 
 
 def _csv(value: str) -> list[str]:
@@ -38,8 +38,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.batch import PipelineCache, expand, load_batch_spec, run_specs
-    from pipelines.spec import read_png_spec
+    from loraloom.pipelines.batch import PipelineCache, expand, load_batch_spec, run_specs
+    from loraloom.pipelines.spec import read_png_spec
 
     if bool(args.spec) == bool(args.from_png):
         raise SpecError("give a spec file or --from-png IMG (one of them)")

@@ -19,7 +19,7 @@ def _names_or_count(value: str):
 
 
 def register(sub) -> None:
-    from composition.hypernet_training import HypernetTrainConfig
+    from loraloom.composition.hypernet_training import HypernetTrainConfig
 
     d = HypernetTrainConfig()
     p = sub.add_parser("hypernet", help="train / use the LoRA.rar merge hypernetwork",
@@ -121,8 +121,8 @@ def register(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from composition.hypernet_training import HypernetTrainConfig, HypernetTrainer
-    from pipelines import ComposedPipeline
+    from loraloom.composition.hypernet_training import HypernetTrainConfig, HypernetTrainer
+    from loraloom.pipelines import ComposedPipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,10 +146,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from composition import load_lora
-    from composition.hypernetwork import MergeHypernetwork
-    from composition.merging import save_lora_file
-    from composition.methods.hypernet import DEFAULT_CHECKPOINT, merge_with_hypernet
+    from loraloom.composition import load_lora
+    from loraloom.composition.hypernetwork import MergeHypernetwork
+    from loraloom.composition.merging import save_lora_file
+    from loraloom.composition.methods.hypernet import DEFAULT_CHECKPOINT, merge_with_hypernet
 
     net = MergeHypernetwork.load(args.checkpoint or DEFAULT_CHECKPOINT)
     subject, style = load_lora(args.subject), load_lora(args.style)
@@ -161,7 +161,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from composition.hypernetwork import read_info
+    from loraloom.composition.hypernetwork import read_info
 
     print(json.dumps(read_info(args.checkpoint), indent=2))
     return 0
@@ -170,7 +170,7 @@ def run_info(args: argparse.Namespace) -> int:
 # --- toy world -------------------------------------------------------------------------------------------
 def toy_prompt(spec, colour: str = "red") -> str:
     """A concept's own prompt in the toy world's caption language: the concept on a plain scene."""
-    from evaluation.toyworld import scenes as S
+    from loraloom.evaluation.toyworld import scenes as S
 
     base = S.Scene(shape="circle", colour=colour, background="white")
     return S.caption(base.with_(**{spec.attribute: spec.value}), background=spec.attribute != "shape")
@@ -182,10 +182,10 @@ def run_toyworld_loras(args: argparse.Namespace) -> int:
 
     import torch
 
-    from evaluation.toyworld import MODEL
-    from evaluation.toyworld import scenes as S
-    from evaluation.toyworld.recipe import Recipe
-    from evaluation.toyworld.trainers import Paths, train_lora
+    from loraloom.evaluation.toyworld import MODEL
+    from loraloom.evaluation.toyworld import scenes as S
+    from loraloom.evaluation.toyworld.recipe import Recipe
+    from loraloom.evaluation.toyworld.trainers import Paths, train_lora
 
     torch.set_num_threads(1)  # one core per process (the recipe's threads=1); run two processes to use two cores
     model = Path(args.model or MODEL)
@@ -225,11 +225,11 @@ def run_toyworld_eval(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from evaluation.toyworld import ASSETS, CHECKER, LORAS_DIR, MODEL
-    from evaluation.toyworld import scenes as S
-    from evaluation.toyworld.checker import Checker
-    from evaluation.toyworld.manifest import sampler_defaults
-    from pipelines import ComposedPipeline
+    from loraloom.evaluation.toyworld import ASSETS, CHECKER, LORAS_DIR, MODEL
+    from loraloom.evaluation.toyworld import scenes as S
+    from loraloom.evaluation.toyworld.checker import Checker
+    from loraloom.evaluation.toyworld.manifest import sampler_defaults
+    from loraloom.pipelines import ComposedPipeline
 
     torch.set_num_threads(1)
     sampler = sampler_defaults(ASSETS, args.steps, args.guidance_scale)

@@ -29,7 +29,7 @@ def _short_targets(targets: dict[str, list[str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from composition.library import scan_loras
+    from loraloom.composition.library import scan_loras
 
     entries = scan_loras(args.folder, recursive=not args.no_recursive, allow_pickle=args.allow_pickle)
     if args.json:

@@ -15,9 +15,9 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def register(sub) -> None:
-    from evaluation.toyworld import ASSETS as DEFAULT_ASSETS
-    from evaluation.toyworld import STAGES
-    from evaluation.toyworld import WORK as DEFAULT_WORK
+    from loraloom.evaluation.toyworld import ASSETS as DEFAULT_ASSETS
+    from loraloom.evaluation.toyworld import STAGES
+    from loraloom.evaluation.toyworld import WORK as DEFAULT_WORK
 
     p = sub.add_parser("toyworld", help="train / check / show the offline toy world",
                        description="The toy world: a tiny text-to-image model of 32x32 shape scenes, 11 concept LoRAs, "
@@ -63,7 +63,7 @@ def register(sub) -> None:
 def _recipe(args):
     from dataclasses import replace
 
-    from evaluation.toyworld.recipe import Recipe
+    from loraloom.evaluation.toyworld.recipe import Recipe
 
     try:
         recipe = Recipe().with_settings(args.set)
@@ -73,7 +73,7 @@ def _recipe(args):
 
 
 def run_train(args) -> int:
-    from evaluation.toyworld.run import train
+    from loraloom.evaluation.toyworld.run import train
 
     recipe = _recipe(args)
     timings = train(args.stage, work=args.work, assets=args.assets, recipe=recipe, resume=args.resume,
@@ -87,7 +87,7 @@ def run_train(args) -> int:
 
 
 def run_check(args) -> int:
-    from evaluation.toyworld.quality import CheckSettings, run_check as check
+    from loraloom.evaluation.toyworld.quality import CheckSettings, run_check as check
 
     settings = CheckSettings(workers=args.workers)
     if args.quick:
@@ -101,7 +101,7 @@ def run_check(args) -> int:
 def run_grid(args) -> int:
     import torch
 
-    from evaluation.toyworld.grid import make_grid
+    from loraloom.evaluation.toyworld.grid import make_grid
 
     # One thread, as the check's workers use: the toy model is too small for two threads to help, and two
     # threads next to any other busy process spin-wait (tenfold slower on this 2-core machine).
@@ -112,7 +112,7 @@ def run_grid(args) -> int:
 
 
 def run_scenes(args) -> int:
-    from evaluation.toyworld.grid import scene_sheet
+    from loraloom.evaluation.toyworld.grid import scene_sheet
 
     print(scene_sheet(args.out))
     return 0

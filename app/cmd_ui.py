@@ -50,7 +50,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from app.ui.config import default_config, from_spec
+    from loraloom.app.ui.config import default_config, from_spec
 
     cfg = from_spec(args.spec) if args.spec else default_config()
     if args.model:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"loraloom ui: {cfg.name}: model {cfg.models[0]}, LoRAs from {', '.join(map(str, cfg.lora_dirs))}; loading …",
           flush=True)
-    from app.ui.app import build_app, launch
+    from loraloom.app.ui.app import build_app, launch
 
     demo = build_app(cfg)
     # The first model loads while the server starts; a generation asked for meanwhile waits for it.

@@ -106,7 +106,7 @@ def main() -> None:
     _, size, steps, rank = MODELS[args.model]
     steps = args.steps or steps
     args.repeats = args.repeats or (9 if args.model == "tiny" else 5)
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     print(f"model={args.model} size={size} steps={steps} rank={rank} N={args.n} repeats={args.repeats} threads={torch.get_num_threads()}")
     base = builder(args.model)()
@@ -116,7 +116,7 @@ def main() -> None:
 
     # Memory: resident bytes added by making the N LoRAs resident in our routing layer.
     ours = ComposedPipeline(copy.deepcopy(base))
-    from composition import load_lora
+    from loraloom.composition import load_lora
 
     load_lora(paths[0])  # discarded: the first load imports converters; that is code, not memory added per LoRA
     before = rss_bytes()

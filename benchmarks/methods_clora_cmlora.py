@@ -44,7 +44,7 @@ CONCEPTS = ["ohwx", "zorp", "kvel", "drum"]  # trigger words of the bench LoRAs 
 
 
 def _write_loras(pipe, folder: Path, rank: int, n: int = 4) -> list[Path]:
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     cats = ["character", "object", "clothing", "background"]
     return [write_random_lora(pipe, folder / f"cc{i}.safetensors", seed=100 + i, rank=rank, alpha=float(rank), std=0.02,
@@ -95,7 +95,7 @@ def _peak_worker(model: str, size: int, steps: int, paths: list[str], method: st
     import psutil
 
     from benchmarks.common import builder
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     torch.set_num_threads(1)
     cp = ComposedPipeline(builder(model)())
@@ -142,7 +142,7 @@ def measure(env, parts: str = "all") -> list[tuple[str, float]]:
     finally:
         for n in names:
             env.ours.remove_lora(n)
-    from composition.methods.cmlora import refresh_steps
+    from loraloom.composition.methods.cmlora import refresh_steps
 
     main, other = (1, 0) if env.clock == "cpu" else (0, 1)  # index into (wall, cpu): the lines use env.clock
     suffix = "_wall" if env.clock == "cpu" else "_cpu"
@@ -183,7 +183,7 @@ def main() -> None:
         return
     from benchmarks.bench_methods import PROMPT, BenchEnv
     from benchmarks.common import MODELS, builder
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny")

@@ -43,7 +43,7 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float, list[
 
 
 def _klora_lines(env) -> list[tuple[str, float]]:
-    from composition.methods import klora
+    from loraloom.composition.methods import klora
 
     ours, kw, a, b = env.ours, env.kw, env.names[0], env.names[1]
     klora._SCORES.clear()
@@ -65,8 +65,8 @@ def _klora_lines(env) -> list[tuple[str, float]]:
 
 
 def _table_only(env):
-    from composition.merging import is_attention_projection
-    from composition.methods.klora import klora_table
+    from loraloom.composition.merging import is_attention_projection
+    from loraloom.composition.methods.klora import klora_table
 
     router = env.ours.routers["unet"]
     a, b = env.names[0], env.names[1]
@@ -76,13 +76,13 @@ def _table_only(env):
 
 
 def _merge_lines(env) -> list[tuple[str, float]]:
-    from composition.hypernetwork import MergeHypernetwork, widths_of
-    from composition.merge_objective import TrainableMerge, training_scheduler
-    from composition.merging import merged_lora
-    from composition.methods import ActiveLoRA
-    from composition.methods.hypernet import merge_with_hypernet
-    from composition.methods.ziplora import ZipLoRAParams, merge_layers, optimise_coefficients, pair_data, reference_latents
-    from pipelines.composed import _Run
+    from loraloom.composition.hypernetwork import MergeHypernetwork, widths_of
+    from loraloom.composition.merge_objective import TrainableMerge, training_scheduler
+    from loraloom.composition.merging import merged_lora
+    from loraloom.composition.methods import ActiveLoRA
+    from loraloom.composition.methods.hypernet import merge_with_hypernet
+    from loraloom.composition.methods.ziplora import ZipLoRAParams, merge_layers, optimise_coefficients, pair_data, reference_latents
+    from loraloom.pipelines.composed import _Run
 
     ours = env.ours
     subject, style = ours.loras[env.names[0]], ours.loras[env.names[1]]
@@ -145,7 +145,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchmarks.bench_methods import NEGATIVE, PROMPT, BenchEnv
     from benchmarks.common import MODELS, builder, write_loras
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny")

@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from evaluation.errors import EvaluationError
-from evaluation.images import ImageLike, load_rgb
+from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.images import ImageLike, load_rgb
 
 log = logging.getLogger(__name__)
 

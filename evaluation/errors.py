@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from composition.errors import LoraloomError
+from loraloom.composition.errors import LoraloomError
 
 
 class EvaluationError(LoraloomError, ValueError):

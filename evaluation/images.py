@@ -11,7 +11,7 @@ from typing import Union
 
 from PIL import Image
 
-from evaluation.errors import EvaluationError
+from loraloom.evaluation.errors import EvaluationError
 
 ImageLike = Union[Image.Image, str, os.PathLike, bytes]
 

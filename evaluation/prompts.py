@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.errors import EvaluationError
+from loraloom.evaluation.errors import EvaluationError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 LAYOUTS = ("text_then_images", "images_then_text")

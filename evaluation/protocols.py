@@ -20,11 +20,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from evaluation.cache import JudgeCache
-from evaluation.images import ImageBlob, ImageLike
-from evaluation.judges.base import Answer, Judge, JudgeRequest, ask
-from evaluation.parsing import PAIRWISE_DIMENSIONS, Parsed, parse_pairwise, parse_yes_no
-from evaluation.prompts import load_template
+from loraloom.evaluation.cache import JudgeCache
+from loraloom.evaluation.images import ImageBlob, ImageLike
+from loraloom.evaluation.judges.base import Answer, Judge, JudgeRequest, ask
+from loraloom.evaluation.parsing import PAIRWISE_DIMENSIONS, Parsed, parse_pairwise, parse_yes_no
+from loraloom.evaluation.prompts import load_template
 
 OUTCOMES = ("win", "tie", "lose")
 

@@ -23,10 +23,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from evaluation.errors import EvaluationError
-from evaluation.parsing import PAIRWISE_DIMENSIONS
-from evaluation.protocols import ComposLoRAPairwise, Element, OUTCOMES, PairwiseResult, win_tie_lose
-from pipelines.spec import GenerationSpec, read_png_spec
+from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.parsing import PAIRWISE_DIMENSIONS
+from loraloom.evaluation.protocols import ComposLoRAPairwise, Element, OUTCOMES, PairwiseResult, win_tie_lose
+from loraloom.pipelines.spec import GenerationSpec, read_png_spec
 
 log = logging.getLogger(__name__)
 

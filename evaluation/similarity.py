@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.clipscore import CLIPScorer, resolve_device
-from evaluation.errors import EvaluationError
-from evaluation.images import ImageLike, load_rgb
+from loraloom.evaluation.clipscore import CLIPScorer, resolve_device
+from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.images import ImageLike, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from composition.errors import LoRAFileError, SpecError
-from composition.lora import read_lora_info
-from composition.methods import get_method
+from loraloom.composition.errors import LoRAFileError, SpecError
+from loraloom.composition.lora import read_lora_info
+from loraloom.composition.methods import get_method
 
 from .composed import ComposedPipeline
 from .spec import GenerationSpec, LoRARef, file_sha256, save_png

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from composition.conditioning import Conditioning
-from composition.errors import AdapterNameError, IncompatibleLoRA
-from composition.lora import LoRA, load_lora
-from composition.metadata import FAMILY_NAMES, family_display
-from composition.methods import ActiveLoRA, Method, Step, make_method, params_to_dict
-from composition.routing import LoRARouter, Routing
+from loraloom.composition.conditioning import Conditioning
+from loraloom.composition.errors import AdapterNameError, IncompatibleLoRA
+from loraloom.composition.lora import LoRA, load_lora
+from loraloom.composition.metadata import FAMILY_NAMES, family_display
+from loraloom.composition.methods import ActiveLoRA, Method, Step, make_method, params_to_dict
+from loraloom.composition.routing import LoRARouter, Routing
 
 from .attention import StopForward, capture_cross_attention, enable_fast_attention, token_positions
 from .loading import load_base_pipeline, pipeline_family

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from composition.errors import LoraloomError
+from loraloom.composition.errors import LoraloomError
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 

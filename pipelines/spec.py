@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from composition.errors import SpecError
+from loraloom.composition.errors import SpecError
 
 SPEC_CHUNK = "loraloom"
 A1111_CHUNK = "parameters"

@@ -57,14 +57,14 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 @pytest.fixture
 def tiny_sd():
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     return ComposedPipeline.from_pretrained("tiny:sd1")
 
 
 @pytest.fixture
 def tiny_sdxl():
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     return ComposedPipeline.from_pretrained("tiny:sdxl")
 
@@ -72,7 +72,7 @@ def tiny_sdxl():
 @pytest.fixture
 def lora_files(tmp_path, tiny_sd):
     """Three random PEFT-layout LoRAs (UNet + text encoder) for the tiny SD model, with sidecars."""
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     specs = [("char", "character", ("ohwx",)), ("style", "style", ("inkwash",)), ("bg", "background", ("forest",))]
     paths = {}

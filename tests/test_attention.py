@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composition import Routing
-from composition.methods import ActiveLoRA, Step
-from pipelines.attention import (
+from loraloom.composition import Routing
+from loraloom.composition.methods import ActiveLoRA, Step
+from loraloom.pipelines.attention import (
     capture_cross_attention,
     choose_map_depth,
     cross_attention_depths,
     map_size_at,
     token_positions,
 )
-from pipelines.composed import _Run
-from pipelines.schedulers import make_scheduler
+from loraloom.pipelines.composed import _Run
+from loraloom.pipelines.schedulers import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def test_sdxl_layout_and_small_models():
 
 @pytest.fixture
 def run(tiny_sd, tmp_path):
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     for i, name in enumerate(("a", "b")):
         tiny_sd.load_lora(write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=i + 1, std=0.3), name)
@@ -118,7 +118,7 @@ def test_maps_follow_routing_row_by_row_and_early_stop(run):
     """Batched branches: a row's maps equal those of a one-row call with that row's LoRA; stopping early changes
     nothing in the maps."""
     neg, pos = run.encode([{}])[0]
-    from composition.conditioning import Conditioning
+    from loraloom.composition.conditioning import Conditioning
 
     cond = Conditioning.cat([pos, pos, pos])
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)).repeat(3, 1, 1, 1)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.bench.manifest import load_manifest
-from evaluation.bench.plan import build_plan, parse_methods, shard
-from evaluation.bench.runner import RunOptions, run_benchmark
-from evaluation.bench.testing import torch_threads, write_tiny_benchmark
+from loraloom.evaluation.bench.manifest import load_manifest
+from loraloom.evaluation.bench.plan import build_plan, parse_methods, shard
+from loraloom.evaluation.bench.runner import RunOptions, run_benchmark
+from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = "item_id, status, png, png_sha256, seed, fingerprint, spec"
@@ -41,7 +41,7 @@ def test_two_processes_under_accelerate_complete_the_plan(tmp_path):
     # accelerate's multi-process launcher (torchrun underneath); on CPU the processes join a gloo group.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "app", "bench", "run", str(manifest), "--methods", "merge,composite", "--out", str(out), "--limit", "3",
+           "-m", "loraloom", "bench", "run", str(manifest), "--methods", "merge,composite", "--out", str(out), "--limit", "3",
            "--device", "cpu", "--threads", "1", "--no-progress"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.bench.manifest import load_manifest
-from evaluation.bench.plan import parse_methods
-from evaluation.bench.runner import RunOptions, run_benchmark
-from evaluation.bench.testing import torch_threads, write_tiny_benchmark
+from loraloom.evaluation.bench.manifest import load_manifest
+from loraloom.evaluation.bench.plan import parse_methods
+from loraloom.evaluation.bench.runner import RunOptions, run_benchmark
+from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "merge,switch,composite"
@@ -78,7 +78,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     rng = random.Random(seed)
     out = tmp_path / "killed"
     db = out / "bench.sqlite"
-    cmd = [sys.executable, "-m", "app", "bench", "run", str(manifest), "--methods", METHODS, "--out", str(out),
+    cmd = [sys.executable, "-m", "loraloom", "bench", "run", str(manifest), "--methods", METHODS, "--out", str(out),
            "--device", "cpu", "--threads", "1", "--no-progress"]
     kills, done = [], 0
     for k in range(3):

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from app.cli import main
-from composition.errors import SpecError
-from evaluation.bench.composlora import build_manifest
-from evaluation.bench.manifest import load_manifest, missing_files
-from evaluation.bench.plan import (build_plan, derived_seed, parse_methods, reference_generator, scheduler_draws_noise,
+from loraloom.app.cli import main
+from loraloom.composition.errors import SpecError
+from loraloom.evaluation.bench.composlora import build_manifest
+from loraloom.evaluation.bench.manifest import load_manifest, missing_files
+from loraloom.evaluation.bench.plan import (build_plan, derived_seed, parse_methods, reference_generator, scheduler_draws_noise,
                                    shard)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,8 +216,8 @@ def test_scheduler_draws_noise():
 
 def test_the_toy_world_writer_and_this_reader_agree(tmp_path):
     """`evaluation.toyworld.manifest` writes assets/toyworld/benchmark.yaml; this reader must take it as it is."""
-    from evaluation.toyworld.manifest import manifest as toy_manifest
-    from evaluation.toyworld.manifest import write_manifest
+    from loraloom.evaluation.toyworld.manifest import manifest as toy_manifest
+    from loraloom.evaluation.toyworld.manifest import write_manifest
 
     path = write_manifest(tmp_path / "benchmark.yaml")
     m = load_manifest(path)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from app.cli import main
-from evaluation.bench.manifest import load_manifest
-from evaluation.bench.plan import parse_methods
-from evaluation.bench.runner import RunOptions, run_benchmark
-from evaluation.bench.stats import estimate
-from evaluation.bench.testing import torch_threads, write_tiny_benchmark
-from evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
+from loraloom.app.cli import main
+from loraloom.evaluation.bench.manifest import load_manifest
+from loraloom.evaluation.bench.plan import parse_methods
+from loraloom.evaluation.bench.runner import RunOptions, run_benchmark
+from loraloom.evaluation.bench.stats import estimate
+from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
+from loraloom.evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,7 +30,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     """24 images of a tiny benchmark whose manifest names a (random) toy-world checker and a tiny CLIP."""
-    from evaluation.toyworld.checker import Checker, CheckerNet
+    from loraloom.evaluation.toyworld.checker import Checker, CheckerNet
 
     root = tmp_path_factory.mktemp("report")
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def test_score_is_stored_and_resumable(scored_run, capsys, monkeypatch):
     detail = json.loads(db.execute("SELECT detail FROM scores WHERE metric='clipscore' AND item_id='n3-001|switch|1'").fetchone()[0])
     assert detail["text"] == "sks, inkwash, forest" and set(detail) == {"cosine", "tokens", "truncated", "text"}
     # the checker's verdict is what the checker says about the stored image
-    from evaluation.toyworld.checker import Checker
+    from loraloom.evaluation.toyworld.checker import Checker
 
     png, = db.execute("SELECT png FROM items WHERE item_id='n3-000|merge|0'").fetchone()
     pred = Checker.load(m.checker).predict([Image.open(out / png).convert("RGB")])[0]

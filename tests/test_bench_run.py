@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.bench.manifest import load_manifest
-from evaluation.bench.plan import build_plan, derived_seed, parse_methods
-from evaluation.bench.runner import RunOptions, StaleStoreError, run_benchmark
-from evaluation.bench.testing import torch_threads, write_tiny_benchmark
-from pipelines.batch import PipelineCache, run_specs
-from pipelines.spec import read_png_spec
+from loraloom.evaluation.bench.manifest import load_manifest
+from loraloom.evaluation.bench.plan import build_plan, derived_seed, parse_methods
+from loraloom.evaluation.bench.runner import RunOptions, StaleStoreError, run_benchmark
+from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
+from loraloom.pipelines.batch import PipelineCache, run_specs
+from loraloom.pipelines.spec import read_png_spec
 
 
 CACHE = PipelineCache()  # one tiny model for the whole module (RunOptions.cache)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-from evaluation.bench.store import Store
+from loraloom.evaluation.bench.store import Store
 
 
 def _open(folder, go, results):

@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composition.attention_masks import (
+from loraloom.composition.attention_masks import (
     binary_token_mask,
     branch_masks,
     fuse_predictions,
     info_nce_loss,
     minmax_normalise,
 )
-from composition.methods import ActiveLoRA, Step, make_method
-from composition.methods.guidance import classifier_free_guidance
-from pipelines.composed import _Run
-from pipelines.schedulers import make_scheduler
+from loraloom.composition.methods import ActiveLoRA, Step, make_method
+from loraloom.composition.methods.guidance import classifier_free_guidance
+from loraloom.pipelines.composed import _Run
+from loraloom.pipelines.schedulers import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

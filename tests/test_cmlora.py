@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from composition.frequency import high_frequency_score, partition_by_score, radial_profile
-from composition.methods import Method, Step, make_method
-from composition.methods.cmlora import dominant_ratio, lora_weights, refresh_steps
-from composition.methods.guidance import composite_guidance
-from composition.routing import Routing
-from composition.conditioning import Conditioning
-from pipelines.composed import _Run
+from loraloom.composition.frequency import high_frequency_score, partition_by_score, radial_profile
+from loraloom.composition.methods import Method, Step, make_method
+from loraloom.composition.methods.cmlora import dominant_ratio, lora_weights, refresh_steps
+from loraloom.composition.methods.guidance import composite_guidance
+from loraloom.composition.routing import Routing
+from loraloom.composition.conditioning import Conditioning
+from loraloom.pipelines.composed import _Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +91,7 @@ def test_weights_and_decay():
 # --- the shallow pass -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_shallow_pass_with_fresh_features_equals_full_pass(family, request):
-    from pipelines.unet_cache import full_pass, shallow_pass
+    from loraloom.pipelines.unet_cache import full_pass, shallow_pass
 
     unet = request.getfixturevalue("tiny_sd" if family == "sd1" else "tiny_sdxl").pipe.unet
     g = torch.Generator().manual_seed(0)
@@ -209,7 +209,7 @@ def test_profiles_are_measured_once_and_cached(loaded, tmp_path, monkeypatch):
 
 
 def test_profile_cli_fills_the_cache(lora_files, tmp_path, capsys):
-    from app.cli import main
+    from loraloom.app.cli import main
 
     cache = tmp_path / "p.json"
     argv = ["cmlora-profile", "tiny:sd1", str(lora_files["char"]), str(lora_files["bg"]), "--height", "32", "--width", "32",

@@ -8,9 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from app.cli import main
-from evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
-from pipelines.spec import GenerationSpec, LoRARef, save_png
+from loraloom.app.cli import main
+from loraloom.evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
+from loraloom.pipelines.spec import GenerationSpec, LoRARef, save_png
 
 SHADE = {"merge": 120, "switch": 60, "composite": 200}  # the scripted judge prefers brighter images
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.clipscore import (CLIPScorer, HESSEL_SCALE, OpenCLIPEmbedder, TransformersCLIPEmbedder,
+from loraloom.evaluation.clipscore import (CLIPScorer, HESSEL_SCALE, OpenCLIPEmbedder, TransformersCLIPEmbedder,
                                   load_clip_embedder)
-from evaluation.errors import EvaluationError
-from evaluation.testing import register_tiny_open_clip, tiny_clip_folder
+from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.testing import register_tiny_open_clip, tiny_clip_folder
 
 TEXTS = ["a red cat", "dog", "blue castle", "a photo of a girl", "watercolor style dog", "cat"]
 
@@ -78,7 +78,7 @@ def test_batching_does_not_change_scores(scorer):
 def test_long_text_warns_flags_and_cuts_like_clip(scorer, caplog):
     long_text = " ".join(["red cat"] * 60)  # 120 words > 77 tokens
     image = noise_images(1)[0]
-    with caplog.at_level(logging.WARNING, logger="evaluation.clipscore"):
+    with caplog.at_level(logging.WARNING, logger="loraloom.evaluation.clipscore"):
         (d,) = scorer.score_details([image], [long_text])
     assert d.truncated and d.text_tokens == 122
     assert "longer than" in caplog.text and "truncated" in caplog.text

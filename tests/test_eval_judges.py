@@ -8,13 +8,13 @@ import time
 import pytest
 from PIL import Image
 
-from evaluation.cache import JudgeCache
-from evaluation.judges import JudgeRequest, ask
-from evaluation.judges.openai_chat import OpenAIChatJudge
-from evaluation.errors import JudgeError
-from evaluation.prompts import load_template
-from evaluation.protocols import ComposLoRAPairwise, Element
-from evaluation.testing import FakeChatServer, Fault, brightness_judge, images_in, prompt_in
+from loraloom.evaluation.cache import JudgeCache
+from loraloom.evaluation.judges import JudgeRequest, ask
+from loraloom.evaluation.judges.openai_chat import OpenAIChatJudge
+from loraloom.evaluation.errors import JudgeError
+from loraloom.evaluation.prompts import load_template
+from loraloom.evaluation.protocols import ComposLoRAPairwise, Element
+from loraloom.evaluation.testing import FakeChatServer, Fault, brightness_judge, images_in, prompt_in
 
 SECRET = "sk-test-DO-NOT-LEAK-0123456789"
 ELEMENTS = [Element("Kamado Nezuko", "character", ("nezuko", "pink kimono")), Element("Watercolor", "style", ("watercolor",))]

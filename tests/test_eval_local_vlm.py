@@ -3,11 +3,11 @@
 import pytest
 from PIL import Image
 
-from evaluation.cache import JudgeCache
-from evaluation.errors import EvaluationError
-from evaluation.judges.local_vlm import TransformersVLMJudge
-from evaluation.protocols import ComposLoRAPairwise, Element, LoRARarYesNo
-from evaluation.testing import tiny_llava_folder
+from loraloom.evaluation.cache import JudgeCache
+from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.judges.local_vlm import TransformersVLMJudge
+from loraloom.evaluation.protocols import ComposLoRAPairwise, Element, LoRARarYesNo
+from loraloom.evaluation.testing import tiny_llava_folder
 
 
 @pytest.fixture(scope="module")

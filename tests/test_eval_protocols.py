@@ -5,10 +5,10 @@ import json
 import pytest
 from PIL import Image
 
-from evaluation.cache import JudgeCache
-from evaluation.judges import JudgeRequest
-from evaluation.parsing import parse_yes_no
-from evaluation.protocols import (ComposLoRAPairwise, Element, LoRARarYesNo, PairwiseResult, element_lines, mars2,
+from loraloom.evaluation.cache import JudgeCache
+from loraloom.evaluation.judges import JudgeRequest
+from loraloom.evaluation.parsing import parse_yes_no
+from loraloom.evaluation.protocols import (ComposLoRAPairwise, Element, LoRARarYesNo, PairwiseResult, element_lines, mars2,
                                   style_name, win_tie_lose)
 
 

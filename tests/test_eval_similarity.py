@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.clipscore import CLIPScorer
-from evaluation.errors import EvaluationError
-from evaluation.similarity import ClipImageEncoder, DinoEncoder, DinoPreprocess, IMAGENET_MEAN, ImageSimilarity
-from evaluation.testing import tiny_clip_folder, tiny_dinov2
+from loraloom.evaluation.clipscore import CLIPScorer
+from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.similarity import ClipImageEncoder, DinoEncoder, DinoPreprocess, IMAGENET_MEAN, ImageSimilarity
+from loraloom.evaluation.testing import tiny_clip_folder, tiny_dinov2
 
 
 def noise(seed, size=(40, 30)):

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from app.cli import main
-from pipelines.batch import expand, load_batch_spec, run_specs
-from pipelines.spec import GenerationSpec, read_png_spec
+from loraloom.app.cli import main
+from loraloom.pipelines.batch import expand, load_batch_spec, run_specs
+from loraloom.pipelines.spec import GenerationSpec, read_png_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "tiny_sd1.yaml"
 
@@ -53,7 +53,7 @@ def test_cli_overrides(tmp_path, lora_files):
     ({"methods": ["nonsense"]}, "unknown method"),
 ])
 def test_bad_spec_errors(tmp_path, lora_files, bad, msg):
-    from composition.errors import SpecError
+    from loraloom.composition.errors import SpecError
 
     with pytest.raises((SpecError, ValueError), match=msg):
         load_batch_spec(_spec(tmp_path, lora_files, **bad))
@@ -149,7 +149,7 @@ def test_shipped_example_spec_runs(tmp_path):
 
 
 def test_pipeline_cache_reuses_model_and_forgets_loras(tmp_path, lora_files):
-    from pipelines.batch import PipelineCache
+    from loraloom.pipelines.batch import PipelineCache
 
     specs = expand(load_batch_spec(_spec(tmp_path, lora_files, prompts=["x"], methods=["merge"], seeds=[0])))
     cache = PipelineCache()

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from composition import load_lora
-from composition.errors import LoraloomError
-from composition.hypernetwork import MergeHypernetwork, delta_rms, hypernet_coefficients, read_info, widths_of
-from composition.lora import LoRALayer
+from loraloom.composition import load_lora
+from loraloom.composition.errors import LoraloomError
+from loraloom.composition.hypernetwork import MergeHypernetwork, delta_rms, hypernet_coefficients, read_info, widths_of
+from loraloom.composition.lora import LoRALayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +48,7 @@ def test_factor_form_equals_dense_columns():
 
 def test_delta_rms_from_factors():
     g = torch.Generator().manual_seed(2)
-    from composition.lora import LoRA
+    from loraloom.composition.lora import LoRA
 
     layer = LoRALayer(torch.randn(3, 7, generator=g), torch.randn(6, 3, generator=g), alpha=1.5)
     lora = LoRA("x", {"unet": {"a.attn1.to_q": layer, "a.attn1.to_k": layer}}, None)
@@ -58,7 +58,7 @@ def test_delta_rms_from_factors():
 
 @pytest.fixture
 def pair(tiny_sd, tmp_path):
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     paths = {
         "sty": write_random_lora(tiny_sd.pipe, tmp_path / "sty.safetensors", seed=2, rank=4, alpha=8.0, category="style", std=0.15),
@@ -84,8 +84,8 @@ def test_applied_to_q_and_out_only(pair):
 def test_method_equals_merge_of_the_merged_lora(pair, tmp_path):
     """The hypernet method == Merge (scale 1) of the LoRA `loraloom hypernet merge` writes; that file loads in
     diffusers' load_lora_weights with the same image."""
-    from app.cli import main
-    from pipelines.testing import build_tiny_sd
+    from loraloom.app.cli import main
+    from loraloom.pipelines.testing import build_tiny_sd
 
     cp, paths = pair
     ckpt = _random_net(widths_of([cp.loras["subj"], cp.loras["sty"]], ("to_q", "to_out.0"))).save(tmp_path / "h.safetensors", {"note": "test"})
@@ -115,8 +115,8 @@ def test_method_equals_merge_of_the_merged_lora(pair, tmp_path):
 def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
     """3 subject and 3 style LoRAs, one of each held out: training pairs never use them, validation only uses them;
     a run stopped after 2 epochs and resumed to 3 equals a straight 3-epoch run."""
-    from app.cli import main
-    from pipelines.testing import write_random_lora
+    from loraloom.app.cli import main
+    from loraloom.pipelines.testing import write_random_lora
 
     for kind, cat in (("subjects", "character"), ("styles", "style")):
         for i in range(3):
@@ -157,7 +157,7 @@ def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
 
 def test_all_three_methods_run_on_sdxl(tiny_sdxl, tmp_path):
     """SDXL (two text encoders, added time/text conditioning): K-LoRA, ZipLoRA and the hypernetwork all run."""
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     for name, cat, seed in (("subj", "character", 1), ("sty", "style", 2)):
         tiny_sdxl.load_lora(write_random_lora(tiny_sdxl.pipe, tmp_path / f"{name}.safetensors", seed=seed, category=cat,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composition.errors import LoraloomError
-from composition.lora import LoRA, LoRAInfo, LoRALayer
-from composition.methods import make_method
-from composition.methods.klora import balance_factor, klora_table, time_pieces, time_scale, topk_abs_sum
-from composition.merging import is_attention_projection
-from pipelines.composed import _Run
+from loraloom.composition.errors import LoraloomError
+from loraloom.composition.lora import LoRA, LoRAInfo, LoRALayer
+from loraloom.composition.methods import make_method
+from loraloom.composition.methods.klora import balance_factor, klora_table, time_pieces, time_scale, topk_abs_sum
+from loraloom.composition.merging import is_attention_projection
+from loraloom.pipelines.composed import _Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +55,7 @@ def test_fast_topk_equals_plain_topk():
 
 
 def test_scores_are_remembered_until_a_factor_changes():
-    from composition.methods.klora import layer_scores
+    from loraloom.composition.methods.klora import layer_scores
 
     g = torch.Generator().manual_seed(1)
     c = LoRALayer(torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 2.0)
@@ -119,7 +119,7 @@ def test_top_k_is_rank_product():
 @pytest.fixture
 def pair(tiny_sd, tmp_path):
     """A subject (character) and a style LoRA with different alpha/rank, UNet only; loaded style first."""
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     style = write_random_lora(tiny_sd.pipe, tmp_path / "sty.safetensors", seed=2, rank=4, alpha=8.0, category="style",
                               text_encoder=False, std=0.15)
@@ -214,7 +214,7 @@ def test_roles_from_category_not_order(pair):
 
 
 def test_lora_count_errors_and_groups(pair, tmp_path):
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     kw = dict(num_inference_steps=1, output_type="latent", progress_bar=False, height=32, width=32)
     with pytest.raises(LoraloomError, match="exactly two LoRAs"):
@@ -228,7 +228,7 @@ def test_lora_count_errors_and_groups(pair, tmp_path):
 
 def test_other_layers_and_scope(tiny_sd, tmp_path):
     """A LoRA adapting a feed-forward layer too: outside the attention scope it is merged (default) or dropped."""
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2")
     for name, cat, seed in (("subj", "character", 1), ("sty", "style", 2)):
@@ -248,6 +248,6 @@ def test_other_layers_and_scope(tiny_sd, tmp_path):
 
 
 def _active(cp, name, weight=1.0):
-    from composition.methods import ActiveLoRA
+    from loraloom.composition.methods import ActiveLoRA
 
     return ActiveLoRA(name, weight, cp.loras[name])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from composition import (
+from loraloom.composition import (
     AdapterNameError,
     IncompatibleLoRA,
     LoRAFileError,
@@ -16,10 +16,10 @@ from composition import (
     load_lora,
     read_lora_info,
 )
-from composition.metadata import family_from_metadata, read_sidecar, trigger_suggestions, write_sidecar
+from loraloom.composition.metadata import family_from_metadata, read_sidecar, trigger_suggestions, write_sidecar
 from conftest import weights_hash
 from lora_layouts import peft_to_kohya, peft_to_old_diffusers, sdxl_sgm_name
-from pipelines.testing import random_lora_state_dict
+from loraloom.pipelines.testing import random_lora_state_dict
 
 
 def _flat(lora):
@@ -122,7 +122,7 @@ def test_header_only_description_reads_no_weights(monkeypatch, lora_files):
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-    monkeypatch.setattr("composition.lora_file.safe_open", Spy)
+    monkeypatch.setattr("loraloom.composition.lora_file.safe_open", Spy)
     info = read_lora_info(lora_files["bg"])
     assert calls == []
     assert info.rank == 4 and info.family == "sd1" and info.category == "background" and info.triggers == ["forest"]
@@ -245,7 +245,7 @@ def test_duplicate_adapter_name(tiny_sd, lora_files):
 
 
 def test_other_family_refused_before_any_weight_is_touched(tmp_path, tiny_sd, tiny_sdxl):
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     xl = write_random_lora(tiny_sdxl.pipe, tmp_path / "xl.safetensors", seed=1)
     before = weights_hash(tiny_sd.pipe.unet) + weights_hash(tiny_sd.pipe.text_encoder)
@@ -289,7 +289,7 @@ def test_converted_to_diffusers_keys_still_load(tmp_path, tiny_sd, lora_files):
 
 
 def test_loras_cli_table_and_json(tmp_path, lora_files, capsys):
-    from app.cli import main
+    from loraloom.app.cli import main
 
     (lora_files["char"].parent / "broken.safetensors").write_bytes(b"garbage")
     assert main(["loras", str(lora_files["char"].parent)]) == 0

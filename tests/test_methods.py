@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composition import Conditioning, Routing
-from composition.methods import ActiveLoRA, Step, available_methods, describe_params, make_method
-from composition.methods.guidance import classifier_free_guidance, composite_guidance, switch_active_index
-from pipelines.composed import _Run
-from pipelines.schedulers import make_scheduler
+from loraloom.composition import Conditioning, Routing
+from loraloom.composition.methods import ActiveLoRA, Step, available_methods, describe_params, make_method
+from loraloom.composition.methods.guidance import classifier_free_guidance, composite_guidance, switch_active_index
+from loraloom.pipelines.composed import _Run
+from loraloom.pipelines.schedulers import make_scheduler
 
 
 def _run(cp, names, prompt="a red star", guidance=6.0, steps=4):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from evaluation.toyworld import ASSETS, CHECKER, CLIP, LORAS_DIR, MANIFEST, MODEL
-from evaluation.toyworld import scenes as S
+from loraloom.evaluation.toyworld import ASSETS, CHECKER, CLIP, LORAS_DIR, MANIFEST, MODEL
+from loraloom.evaluation.toyworld import scenes as S
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="toy-world assets not trained")
 
@@ -20,7 +20,7 @@ STEPS = 25
 
 @pytest.fixture(scope="module")
 def cp():
-    from pipelines import ComposedPipeline
+    from loraloom.pipelines import ComposedPipeline
 
     pipe = ComposedPipeline.from_pretrained(str(MODEL))
     for spec in S.LORAS:
@@ -30,13 +30,13 @@ def cp():
 
 @pytest.fixture(scope="module")
 def checker():
-    from evaluation.toyworld.checker import Checker
+    from loraloom.evaluation.toyworld.checker import Checker
 
     return Checker.load(CHECKER)
 
 
 def generate(cp, prompt, seeds, loras=()):
-    from evaluation.toyworld.manifest import sampler_defaults
+    from loraloom.evaluation.toyworld.manifest import sampler_defaults
 
     cfg = sampler_defaults(ASSETS)["guidance_scale"]  # the world's own CFG, as its users get it
     return np.stack([np.asarray(cp(prompt, loras=[(l, 1.0) for l in loras], num_inference_steps=STEPS, guidance_scale=cfg,
@@ -69,7 +69,7 @@ def test_plain_diffusers_loads_it_offline_and_generates_32px():
 
 def test_shipped_scheduler_is_the_recipes_sampler():
     """The saved scheduler config is the recipe's DDIM (`models.SCHEDULER_CONFIG`), key for key."""
-    from evaluation.toyworld.models import SCHEDULER_CONFIG
+    from loraloom.evaluation.toyworld.models import SCHEDULER_CONFIG
 
     saved = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == "DDIMScheduler"
@@ -88,7 +88,7 @@ def test_base_model_draws_what_it_is_asked(cp, checker):
 
 
 def test_every_lora_loads_with_its_metadata_and_changes_the_image(cp):
-    from composition import load_lora
+    from loraloom.composition import load_lora
 
     base = generate(cp, "a red circle, white background", [3])[0].astype(float)
     for spec in S.LORAS:
@@ -130,9 +130,9 @@ def test_diffusers_itself_loads_every_key_of_a_shipped_lora(lora_id):
 
 
 def test_kohya_twin_generates_the_same_image_as_its_peft_original(cp):
-    from composition import load_lora
+    from loraloom.composition import load_lora
 
-    from evaluation.toyworld.trainers import KOHYA_TWIN
+    from loraloom.evaluation.toyworld.trainers import KOHYA_TWIN
 
     twin = LORAS_DIR / "kohya" / f"{KOHYA_TWIN}.safetensors"
     lora = load_lora(twin)
@@ -178,9 +178,9 @@ def test_manifest_counts_and_order():
 def test_shipped_sampler_defaults_are_the_recipes_and_the_check_uses_them():
     """benchmark.yaml, the example spec and the check all sample at the recipe's settings (a CFG changed in the
     recipe but not re-written into the manifest, or a check that hard-codes its own, fails here)."""
-    from evaluation.toyworld.manifest import sampler_defaults
-    from evaluation.toyworld.quality import ComposedGenerator
-    from evaluation.toyworld.recipe import Recipe
+    from loraloom.evaluation.toyworld.manifest import sampler_defaults
+    from loraloom.evaluation.toyworld.quality import ComposedGenerator
+    from loraloom.evaluation.toyworld.recipe import Recipe
 
     r = Recipe()
     want = {"steps": r.sample_steps, "guidance_scale": r.guidance_scale}
@@ -193,7 +193,7 @@ def test_shipped_sampler_defaults_are_the_recipes_and_the_check_uses_them():
 
 
 def test_checker_reads_fresh_generator_images(checker):
-    from evaluation.toyworld.trainers import checker_accuracy
+    from loraloom.evaluation.toyworld.trainers import checker_accuracy
 
     acc = checker_accuracy(checker, n=400, seed=777)
     assert min(acc.values()) >= 0.97, acc
@@ -202,7 +202,7 @@ def test_checker_reads_fresh_generator_images(checker):
 def test_tiny_clip_retrieval_beats_chance():
     from transformers import CLIPModel, CLIPProcessor
 
-    from evaluation.toyworld.clipmodel import retrieval_accuracy
+    from loraloom.evaluation.toyworld.clipmodel import retrieval_accuracy
 
     model = CLIPModel.from_pretrained(CLIP).eval()
     processor = CLIPProcessor.from_pretrained(CLIP)
@@ -215,7 +215,7 @@ def test_check_worker_without_progress_prints_no_library_bars(progress, library_
     """`toyworld check --no-progress` printed diffusers' and transformers' loading bars from every worker."""
     import os
 
-    from evaluation.toyworld.quality import Probe, _generate_chunk
+    from loraloom.evaluation.toyworld.quality import Probe, _generate_chunk
 
     images = _generate_chunk(str(ASSETS), [Probe("a red circle", 0)], 2, None, 0, progress)
     assert images.shape == (1, S.SIZE, S.SIZE, 3)
@@ -225,9 +225,9 @@ def test_check_worker_without_progress_prints_no_library_bars(progress, library_
 
 
 def test_check_without_progress_quiets_the_libraries_before_loading(monkeypatch):
-    from evaluation.toyworld import training
-    from evaluation.toyworld.checker import Checker
-    from evaluation.toyworld.quality import run_check
+    from loraloom.evaluation.toyworld import training
+    from loraloom.evaluation.toyworld.checker import Checker
+    from loraloom.evaluation.toyworld.quality import run_check
 
     class Quieted(Exception):
         pass

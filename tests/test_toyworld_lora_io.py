@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from evaluation.toyworld import scenes as S
+from loraloom.evaluation.toyworld import scenes as S
 
 
 @pytest.fixture(scope="module")
 def peft_unet():
     from peft import LoraConfig
 
-    from evaluation.toyworld.models import build_unet
+    from loraloom.evaluation.toyworld.models import build_unet
 
     unet = build_unet(seed=0)
     cfg = LoraConfig(r=4, lora_alpha=2.0, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -32,8 +32,8 @@ def test_saved_lora_loads_every_key_with_alpha_family_and_triggers(tmp_path, pef
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
-    from composition import load_lora, read_lora_info
-    from evaluation.toyworld.lora_io import save_peft_lora
+    from loraloom.composition import load_lora, read_lora_info
+    from loraloom.evaluation.toyworld.lora_io import save_peft_lora
 
     unet, cfg = peft_unet
     spec = S.LORA_BY_ID["style_1"]
@@ -66,8 +66,8 @@ def test_kohya_twin_has_the_same_factors_and_alpha(tmp_path, peft_unet):
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
-    from composition import load_lora
-    from evaluation.toyworld.lora_io import save_kohya_twin, save_peft_lora
+    from loraloom.composition import load_lora
+    from loraloom.evaluation.toyworld.lora_io import save_kohya_twin, save_peft_lora
 
     unet, cfg = peft_unet
     spec = S.LORA_BY_ID["character_1"]
@@ -87,7 +87,7 @@ def test_kohya_twin_has_the_same_factors_and_alpha(tmp_path, peft_unet):
 
 
 def test_unknown_keys_are_refused(tmp_path, peft_unet):
-    from evaluation.toyworld.lora_io import save_peft_lora
+    from loraloom.evaluation.toyworld.lora_io import save_peft_lora
 
     unet, cfg = peft_unet
     with pytest.raises(ValueError, match="unexpected key"):

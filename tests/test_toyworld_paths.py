@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.toyworld.trainers import Paths
+from loraloom.evaluation.toyworld.trainers import Paths
 
 
 def _vae(folder):

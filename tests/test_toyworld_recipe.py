@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from evaluation.toyworld.recipe import Recipe
+from loraloom.evaluation.toyworld.recipe import Recipe
 
 
 def test_settings_parse_as_the_field_type_and_booleans_are_not_truthy_strings():
@@ -47,7 +47,7 @@ def test_per_lora_overrides_apply_to_that_lora_only_and_survive_the_json_round_t
 
 
 def test_shipped_overrides_name_real_loras():
-    from evaluation.toyworld import scenes as S
+    from loraloom.evaluation.toyworld import scenes as S
 
     r = Recipe()
     assert set(r.lora_overrides) <= set(S.LORA_BY_ID)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.toyworld import scenes as S
-from evaluation.toyworld.manifest import benchmark_sets, composition_sets
+from loraloom.evaluation.toyworld import scenes as S
+from loraloom.evaluation.toyworld.manifest import benchmark_sets, composition_sets
 
 
 def px(img, x, y):
@@ -108,7 +108,7 @@ def test_captions_follow_the_composlora_order():
 
 
 def test_every_word_is_one_token(tmp_path):
-    from evaluation.toyworld.vocab import write_tokenizer
+    from loraloom.evaluation.toyworld.vocab import write_tokenizer
 
     words = S.vocabulary_words()
     tok = write_tokenizer(tmp_path, words)
@@ -119,7 +119,7 @@ def test_every_word_is_one_token(tmp_path):
 
 
 def test_naive_merge_chains_would_split_words_but_ours_do_not():
-    from evaluation.toyworld.vocab import bpe, build_bpe
+    from loraloom.evaluation.toyworld.vocab import bpe, build_bpe
 
     vocab, merges = build_bpe(["red", "green", "triangle", "yellow", "shado"])
     ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
@@ -144,8 +144,8 @@ def test_composlora_sets():
 
 
 def test_sampler_defaults_come_from_the_worlds_manifest(tmp_path):
-    from evaluation.toyworld.manifest import sampler_defaults, write_manifest
-    from evaluation.toyworld.recipe import Recipe
+    from loraloom.evaluation.toyworld.manifest import sampler_defaults, write_manifest
+    from loraloom.evaluation.toyworld.recipe import Recipe
 
     r = Recipe()
     assert sampler_defaults(tmp_path) == {"steps": r.sample_steps, "guidance_scale": r.guidance_scale}  # no manifest
@@ -156,7 +156,7 @@ def test_sampler_defaults_come_from_the_worlds_manifest(tmp_path):
 
 
 def test_scene_pool_bar_follows_no_progress(capsys):
-    from evaluation.toyworld.trainers import scene_pool
+    from loraloom.evaluation.toyworld.trainers import scene_pool
 
     scene_pool(3, 0, progress=False)
     assert "render scenes" not in capsys.readouterr().err  # `toyworld train --no-progress` printed this bar
@@ -170,9 +170,9 @@ def test_train_manifest_stage_alone_and_no_progress_quiets_the_libraries(tmp_pat
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from evaluation.toyworld.manifest import sampler_defaults
-    from evaluation.toyworld.recipe import Recipe
-    from evaluation.toyworld.run import train
+    from loraloom.evaluation.toyworld.manifest import sampler_defaults
+    from loraloom.evaluation.toyworld.recipe import Recipe
+    from loraloom.evaluation.toyworld.run import train
 
     train(["manifest"], work=tmp_path / "work", assets=tmp_path / "assets", recipe=Recipe(guidance_scale=3.5),
           progress=False)

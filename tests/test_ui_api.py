@@ -16,8 +16,8 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from app.ui.testing import serve, tiny_ui_world  # noqa: E402
-from pipelines.spec import read_png_spec  # noqa: E402
+from loraloom.app.ui.testing import serve, tiny_ui_world  # noqa: E402
+from loraloom.pipelines.spec import read_png_spec  # noqa: E402
 
 PAIR = [["tiny_character", 1.0], ["tiny_style", 0.8]]
 
@@ -152,7 +152,7 @@ def test_paths_outside_the_folders_are_refused(world, loras, model, message):
 
 
 def test_file_parameters_of_methods_are_refused_outside_the_folders(world):
-    from composition.methods import available_methods
+    from loraloom.composition.methods import available_methods
 
     if "clora" not in available_methods():
         pytest.skip("no method with a file parameter is registered")

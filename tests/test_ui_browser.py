@@ -20,7 +20,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 
 from playwright.sync_api import expect  # noqa: E402
 
-from app.ui.testing import serve, tiny_ui_world  # noqa: E402
+from loraloom.app.ui.testing import serve, tiny_ui_world  # noqa: E402
 
 CHROMIUM = os.environ.get("LORALOOM_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(os.environ.get("LORALOOM_UI_SCREENSHOT", Path(__file__).resolve().parents[1] / "outputs" / "ui_screenshot.png"))
@@ -39,12 +39,12 @@ pytestmark = [pytest.mark.usefixtures("one_thread_module"), pytest.mark.skipif(
 
 def browser_world(tmp_path):
     """The toy world's model and LoRAs when installed (a subject and a style LoRA), else the tiny test world."""
-    from app.ui.config import default_config, toyworld_available
+    from loraloom.app.ui.config import default_config, toyworld_available
 
     if toyworld_available():
         cfg = default_config()
         cfg.output_dir, cfg.clip, cfg.steps = tmp_path / "out", None, min(cfg.steps, 8)
-        from app.ui.service import GenerationService
+        from loraloom.app.ui.service import GenerationService
 
         items = [i for i in GenerationService(cfg).library() if i.info is not None]
         subject = next((i for i in items if i.info.category in ("character", "object", "clothing")), items[0])
@@ -66,7 +66,7 @@ def pick(page, slot_selector: str, option: str) -> None:
 def test_browser_generates_an_image(tmp_path):
     from PIL import Image
 
-    from pipelines.spec import SPEC_CHUNK, GenerationSpec
+    from loraloom.pipelines.spec import SPEC_CHUNK, GenerationSpec
 
     config, pair = browser_world(tmp_path)
     with serve(config) as (demo, url):

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from app.ui.paths import PathRefused, resolve_inside
-from app.ui.uploads import UploadRefused, check_lora_upload, check_png_upload, safe_file_name
-from composition.errors import LoraloomError
-from composition.methods import REGISTRY, Method, register
-from composition.methods.base import param
+from loraloom.app.ui.paths import PathRefused, resolve_inside
+from loraloom.app.ui.uploads import UploadRefused, check_lora_upload, check_png_upload, safe_file_name
+from loraloom.composition.errors import LoraloomError
+from loraloom.composition.methods import REGISTRY, Method, register
+from loraloom.composition.methods.base import param
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -80,7 +80,7 @@ def test_png_upload_checks(tmp_path):
 
 
 def test_png_upload_refuses_huge_pixel_counts(tmp_path, monkeypatch):
-    import app.ui.uploads as uploads
+    import loraloom.app.ui.uploads as uploads
 
     big = tmp_path / "big.png"
     Image.new("L", (64, 64)).save(big)
@@ -90,7 +90,7 @@ def test_png_upload_refuses_huge_pixel_counts(tmp_path, monkeypatch):
 
 
 def test_lora_upload_checks(tmp_path):
-    from app.ui.testing import EXAMPLE_LORAS
+    from loraloom.app.ui.testing import EXAMPLE_LORAS
 
     good = EXAMPLE_LORAS / "tiny_style.safetensors"
     assert check_lora_upload(good, 10**8) == good
@@ -136,7 +136,7 @@ def probe_method():
 
 
 def test_fields_follow_the_dataclass(probe_method):
-    from app.ui.params import collect, control_values, method_fields
+    from loraloom.app.ui.params import collect, control_values, method_fields
 
     fields = method_fields("ui_probe")
     assert [(f.name, f.kind) for f in fields] == [("strength", "float"), ("rounds", "int"), ("mode", "choice"),
@@ -160,14 +160,14 @@ def test_fields_follow_the_dataclass(probe_method):
 @pytest.fixture(scope="module")
 def tiny_service(tmp_path_factory):
     """One service (one tiny model in memory) for the tests below."""
-    from app.ui.service import GenerationService
-    from app.ui.testing import tiny_ui_world
+    from loraloom.app.ui.service import GenerationService
+    from loraloom.app.ui.testing import tiny_ui_world
 
     return GenerationService(tiny_ui_world(tmp_path_factory.mktemp("ui-parts"), clip=False, hazards=False))
 
 
 def test_a_newly_registered_method_gets_controls_in_the_page(probe_method, tiny_service):
-    from app.ui.app import build_app
+    from loraloom.app.ui.app import build_app
 
     demo = build_app(tiny_service.config, tiny_service)
     comps = {c["props"].get("elem_id"): c for c in demo.config["components"] if c["props"].get("elem_id")}
@@ -183,7 +183,7 @@ def test_a_newly_registered_method_gets_controls_in_the_page(probe_method, tiny_
 
 
 def test_file_parameters_of_methods_stay_inside_the_folders(probe_method, tiny_service):
-    from app.ui.paths import PathRefused
+    from loraloom.app.ui.paths import PathRefused
 
     def spec(save_to):
         return tiny_service.make_spec("tiny:sd1", "p", "", [["tiny_character", 1.0]], "ui_probe", {"save_to": save_to},
@@ -198,9 +198,9 @@ def test_file_parameters_of_methods_stay_inside_the_folders(probe_method, tiny_s
 
 
 def test_model_folders_sizes_from_configs_and_refusals(tiny_service, tmp_path):
-    from app.ui.config import UIConfig
-    from app.ui.paths import PathRefused
-    from app.ui.service import GenerationService
+    from loraloom.app.ui.config import UIConfig
+    from loraloom.app.ui.paths import PathRefused
+    from loraloom.app.ui.service import GenerationService
 
     models = tmp_path / "models"
     tiny_service.pipeline("tiny:sd1").pipe.save_pretrained(models / "tiny-folder")
@@ -220,7 +220,7 @@ def test_model_folders_sizes_from_configs_and_refusals(tiny_service, tmp_path):
 
 
 def test_insert_triggers():
-    from app.ui.app import insert_triggers
+    from loraloom.app.ui.app import insert_triggers
 
     assert insert_triggers("a portrait", ["ohwx", "ink wash"]) == "a portrait, ohwx, ink wash"
     assert insert_triggers("a portrait, ohwx", ["ohwx", "ink wash"]) == "a portrait, ohwx, ink wash"
@@ -230,7 +230,7 @@ def test_insert_triggers():
 
 # --- streaming and stopping -------------------------------------------------------------------------------------
 def test_closing_a_stream_stops_the_run_and_saves_nothing(tiny_service):
-    from app.ui.streaming import StepEvent, stream_generation
+    from loraloom.app.ui.streaming import StepEvent, stream_generation
 
     service, cfg = tiny_service, tiny_service.config
     spec = service.make_spec("tiny:sd1", "p", "", [["tiny_character", 1.0]], "merge", {}, 200, 7.5, 32, 32, "ddim", 0)
@@ -253,9 +253,9 @@ def test_closing_a_stream_stops_the_run_and_saves_nothing(tiny_service):
 
 # --- command line -----------------------------------------------------------------------------------------------
 def test_cli_defaults_are_safe_and_flags_reach_launch(monkeypatch, tmp_path):
-    import app.ui.app as ui_app
-    from app.cli import build_parser, main
-    from app.ui.testing import EXAMPLE_LORAS
+    import loraloom.app.ui.app as ui_app
+    from loraloom.app.cli import build_parser, main
+    from loraloom.app.ui.testing import EXAMPLE_LORAS
 
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1" and not args.share and args.auth is None or args.auth  # env may set auth
@@ -280,8 +280,8 @@ def test_cli_defaults_are_safe_and_flags_reach_launch(monkeypatch, tmp_path):
                                           ("clora", "mask_dir"), ("cmlora", "profile_cache")])
 def test_shipped_methods_mark_their_file_parameters(method, name):
     """The methods say which parameters name files (`param(..., path=...)`), so the UI checks them without guessing."""
-    from app.ui.params import method_fields
-    from composition.methods import describe_params, get_method
+    from loraloom.app.ui.params import method_fields
+    from loraloom.composition.methods import describe_params, get_method
 
     assert next(d for d in describe_params(get_method(method)) if d["name"] == name)["path"] in ("file", "dir")
     assert next(f for f in method_fields(method) if f.name == name).path

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composition import load_lora
-from composition.errors import LoraloomError
-from composition.lora import LoRALayer
-from composition.merging import column_merged_layer, merged_lora, save_lora_file, subject_and_style
+from loraloom.composition import load_lora
+from loraloom.composition.errors import LoraloomError
+from loraloom.composition.lora import LoRALayer
+from loraloom.composition.merging import column_merged_layer, merged_lora, save_lora_file, subject_and_style
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def test_subject_and_style_roles(cats, expected):
 @pytest.fixture
 def pair(tiny_sd, tmp_path):
     """Subject (rank 2, alpha 1, also adapts ff.net.2) and style (rank 4, alpha 8), UNet + text encoder."""
-    from pipelines.testing import write_random_lora
+    from loraloom.pipelines.testing import write_random_lora
 
     sty = write_random_lora(tiny_sd.pipe, tmp_path / "sty.safetensors", seed=2, rank=4, alpha=8.0, category="style",
                             triggers=("inkwash",), std=0.15)
@@ -64,8 +64,8 @@ def pair(tiny_sd, tmp_path):
 def test_merged_file_loads_in_loraloom_and_diffusers(pair, tmp_path):
     """A merged LoRA (random coefficients, mixed ranks 2+4 and 2, alpha != rank) saved as a diffusers-layout file:
     loraloom's loader gives the same factors' deltas, and diffusers' load_lora_weights the same image."""
-    from pipelines import ComposedPipeline
-    from pipelines.testing import build_tiny_sd
+    from loraloom.pipelines import ComposedPipeline
+    from loraloom.pipelines.testing import build_tiny_sd
 
     cp, _ = pair
     subj, sty = cp.loras["subj"], cp.loras["sty"]
@@ -108,10 +108,10 @@ def test_zero_steps_is_direct_merge(pair):
 def test_objective_gradients_and_optimisation(pair):
     """The loss has gradients for every layer's m_c and m_s; 6 steps lower the loss and the similarity; the
     reference latents are generations of each LoRA alone (same seed -> same latents)."""
-    from composition.merge_objective import TrainableMerge, frozen, objective, training_scheduler
-    from composition.methods import ActiveLoRA
-    from composition.methods.ziplora import merge_layers, optimise_coefficients, pair_data, reference_latents
-    from pipelines.composed import _Run
+    from loraloom.composition.merge_objective import TrainableMerge, frozen, objective, training_scheduler
+    from loraloom.composition.methods import ActiveLoRA
+    from loraloom.composition.methods.ziplora import merge_layers, optimise_coefficients, pair_data, reference_latents
+    from loraloom.pipelines.composed import _Run
 
     cp, _ = pair
     subj, sty = ActiveLoRA("subj", 1.0, cp.loras["subj"]), ActiveLoRA("sty", 1.0, cp.loras["sty"])

@@ -19,10 +19,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from composition.errors import LoraloomError  # noqa: E402
-from composition.metadata import CATEGORIES  # noqa: E402
-from composition.methods import available_methods  # noqa: E402
-from pipelines.schedulers import scheduler_names  # noqa: E402
+from loraloom.composition.errors import LoraloomError  # noqa: E402
+from loraloom.composition.metadata import CATEGORIES  # noqa: E402
+from loraloom.composition.methods import available_methods  # noqa: E402
+from loraloom.pipelines.schedulers import scheduler_names  # noqa: E402
 
 from .config import UIConfig  # noqa: E402
 from .params import collect, control_values, make_control, method_fields  # noqa: E402

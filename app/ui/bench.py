@@ -1,6 +1,6 @@
 """Time per image through the web UI vs through the Python API, on the same model in one process.
 
-    python -m app.ui.bench [--model …] [--lora-dir …] [--loras a,b] [--method merge] [--steps N] [--repeats 5]
+    python -m loraloom.app.ui.bench [--model …] [--lora-dir …] [--loras a,b] [--method merge] [--steps N] [--repeats 5]
 
 Defaults: the UI's default world (the toy world when installed) and its first two LoRAs. Rounds alternate
 UI and API so load on the machine hits both alike. Three timings per round:

@@ -11,16 +11,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from composition.errors import SpecError
+from loraloom.composition.errors import SpecError
+from loraloom.resources import assets_dir
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = assets_dir()
 TOYWORLD_SPEC = ASSETS / "examples" / "toyworld.yaml"
 TINY_SPEC = ASSETS / "examples" / "tiny_sd1.yaml"
 TINY_MODELS = ("tiny:sd1", "tiny:sdxl")
 
 
 def _toyworld():
-    from evaluation.toyworld import CLIP, LORAS_DIR, MODEL
+    from loraloom.evaluation.toyworld import CLIP, LORAS_DIR, MODEL
 
     return MODEL, LORAS_DIR, CLIP
 
@@ -81,7 +82,7 @@ class UIConfig:
 
 def from_spec(path: str | os.PathLike, name: str | None = None) -> UIConfig:
     """A UIConfig from a `loraloom generate` spec: its model, the folders of its LoRAs and its settings."""
-    from pipelines.batch import load_batch_spec
+    from loraloom.pipelines.batch import load_batch_spec
 
     batch = load_batch_spec(path)
     lora_dirs = list(dict.fromkeys(Path(ref.path).parent for ref in batch.loras))

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from composition.methods import describe_params, get_method
+from loraloom.composition.methods import describe_params, get_method
 
 NUMBER_TYPES = {"int": int, "float": float}
 # Text parameters that name files or folders, when the dataclass does not say so with `path=` metadata.

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from composition.errors import LoraloomError
+from loraloom.composition.errors import LoraloomError
 
 
 class PathRefused(LoraloomError, PermissionError):

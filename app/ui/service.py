@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composition.errors import LoRAFileError, LoraloomError, SpecError
-from composition.library import scan_loras
-from composition.lora import LoRAInfo, read_lora_info
-from composition.metadata import sidecar_paths, write_sidecar
-from composition.methods import make_method
-from pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
-from pipelines.spec import GenerationSpec, LoRARef, file_sha256, read_png_spec, save_png
+from loraloom.composition.errors import LoRAFileError, LoraloomError, SpecError
+from loraloom.composition.library import scan_loras
+from loraloom.composition.lora import LoRAInfo, read_lora_info
+from loraloom.composition.metadata import sidecar_paths, write_sidecar
+from loraloom.composition.methods import make_method
+from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
+from loraloom.pipelines.spec import GenerationSpec, LoRARef, file_sha256, read_png_spec, save_png
 
 from .config import TINY_MODELS, UIConfig
 from .params import path_values
@@ -280,8 +280,8 @@ class GenerationService:
         """CLIPScore of the image against its LoRAs' trigger words (the prompt when they have none); None without CLIP."""
         if not self.config.clip:
             return None
-        from evaluation.clipscore import CLIPScorer
-        from evaluation.scoring import clip_text
+        from loraloom.evaluation.clipscore import CLIPScorer
+        from loraloom.evaluation.scoring import clip_text
 
         if self._clip is None:
             self._clip = CLIPScorer.from_transformers(self.config.clip, device=self.config.device)

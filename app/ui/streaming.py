@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.spec import GenerationSpec
+from loraloom.pipelines.spec import GenerationSpec
 
 from .service import GenerationResult, GenerationService
 

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from composition.errors import LoraloomError
+from loraloom.composition.errors import LoraloomError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_PIXELS = 8192 * 8192
@@ -52,8 +52,8 @@ def check_png_upload(path: str | os.PathLike, max_bytes: int, name: str | None =
 
 def check_lora_upload(path: str | os.PathLike, max_bytes: int, name: str | None = None) -> Path:
     """A .safetensors file no larger than `max_bytes` whose header describes a LoRA; raises `UploadRefused`."""
-    from composition.errors import LoRAFileError
-    from composition.lora import read_lora_info
+    from loraloom.composition.errors import LoRAFileError
+    from loraloom.composition.lora import read_lora_info
 
     path, label = _first_checks(path, max_bytes, name, ".safetensors",
                                 "only safetensors LoRAs are accepted (pickles can run code).")

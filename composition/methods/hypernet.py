@@ -19,8 +19,9 @@ from ..lora import LoRA
 from ..merging import merged_lora
 from .base import ActiveLoRA, DenoiseContext, param, register
 from .ziplora import MergedLoRAMethod, MergedLoRAParams
+from ...resources import asset
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "assets" / "hypernet" / "toyworld_hypernet.safetensors"
+DEFAULT_CHECKPOINT = asset("hypernet", "toyworld_hypernet.safetensors")
 
 
 def merge_with_hypernet(net: MergeHypernetwork, subject: LoRA, style: LoRA, w_c: float = 1.0, w_s: float = 1.0,

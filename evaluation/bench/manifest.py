@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from composition.errors import SpecError
-from composition.metadata import CATEGORIES
+from loraloom.composition.errors import SpecError
+from loraloom.composition.metadata import CATEGORIES
 
 FORMAT = "loraloom-benchmark/1"
 SEEDING_MODES = ("derived", "plain")
@@ -177,7 +177,7 @@ def model_location(value: str, base: Path) -> str:
     """`tiny:` names and hub ids (`org/name`) as written; anything else is a path relative to the manifest. Unlike
     spec files, a manifest's single-word name (`model`) is a local folder even when it does not exist yet, so a
     missing folder is reported as missing instead of being looked up on the hub."""
-    from pipelines.batch import _resolve  # the rule `loraloom generate` applies to spec files
+    from loraloom.pipelines.batch import _resolve  # the rule `loraloom generate` applies to spec files
 
     if value.startswith("tiny:"):
         return value

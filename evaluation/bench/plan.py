@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from composition.errors import SpecError
-from composition.methods import get_method, make_method
-from pipelines.spec import GenerationSpec, LoRARef, file_sha256
+from loraloom.composition.errors import SpecError
+from loraloom.composition.methods import get_method, make_method
+from loraloom.pipelines.spec import GenerationSpec, LoRARef, file_sha256
 
 from .manifest import BenchSet, Manifest
 
@@ -113,7 +113,7 @@ def reference_generator(seed: int, position: int, latent_shape: tuple[int, ...])
 
 def scheduler_draws_noise(scheduler) -> bool:
     """True when `scheduler.step` takes random numbers from the generator it is given (ancestral / SDE samplers)."""
-    from pipelines.schedulers import step_kwargs
+    from loraloom.pipelines.schedulers import step_kwargs
 
     sched = type(scheduler).from_config(scheduler.config)
     sched.set_timesteps(4)

@@ -100,7 +100,7 @@ def load_report_data(folder: str | Path, manifest: str | Path | None = None, bas
                                                                   key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 99, kv[0]))]
         methods = _method_order(items)
         if baseline is not None and baseline not in methods:
-            from evaluation.errors import EvaluationError
+            from loraloom.evaluation.errors import EvaluationError
 
             raise EvaluationError(f"baseline {baseline!r} is not among the methods {methods}")
         base = baseline or ("merge" if "merge" in methods else (methods[0] if methods else None))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from composition.errors import LoraloomError, SpecError
-from pipelines.batch import PipelineCache, generate_image
-from pipelines.spec import GenerationSpec, file_sha256, save_png
+from loraloom.composition.errors import LoraloomError, SpecError
+from loraloom.pipelines.batch import PipelineCache, generate_image
+from loraloom.pipelines.spec import GenerationSpec, file_sha256, save_png
 
 from .manifest import BenchSet, Manifest, missing_files
 from .plan import FileHashes, MethodVariant, WorkItem, build_plan, reference_generator, scheduler_draws_noise, shard
@@ -131,7 +131,7 @@ class BenchPipelines:
             if item.vae:
                 self._swap_vae(cp, item)
             if self.reference_seeding:
-                from pipelines.schedulers import make_scheduler
+                from loraloom.pipelines.schedulers import make_scheduler
 
                 sched = make_scheduler(item.spec.scheduler, cp.pipe.scheduler.config, type(cp.pipe.scheduler))
                 if scheduler_draws_noise(sched):
@@ -144,7 +144,7 @@ class BenchPipelines:
     def _swap_vae(self, cp, item: WorkItem) -> None:
         from diffusers import AutoencoderKL
 
-        from pipelines.loading import _dtype
+        from loraloom.pipelines.loading import _dtype
 
         vae = AutoencoderKL.from_pretrained(item.vae, local_files_only=not self.allow_download, torch_dtype=_dtype(item.spec.dtype))
         cp.pipe.vae = vae.to(cp.device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from evaluation.errors import EvaluationError
+from loraloom.evaluation.errors import EvaluationError
 
 from .manifest import Manifest, load_manifest
 from .store import Store
@@ -84,7 +84,7 @@ def _batches(seq: list, size: int):
 
 
 def clip_spec(opts: ScoreOptions, manifest: Manifest) -> str:
-    from evaluation.clipscore import DEFAULT_CLIP
+    from loraloom.evaluation.clipscore import DEFAULT_CLIP
 
     spec = opts.clip or manifest.clip or DEFAULT_CLIP
     local = manifest.folder / spec
@@ -92,7 +92,7 @@ def clip_spec(opts: ScoreOptions, manifest: Manifest) -> str:
 
 
 def score_clip(store: Store, manifest: Manifest, items: list[dict], opts: ScoreOptions, result: ScoreResult) -> None:
-    from evaluation.clipscore import CLIPScorer
+    from loraloom.evaluation.clipscore import CLIPScorer
 
     spec = clip_spec(opts, manifest)
     scorer = CLIPScorer.load(spec, device=opts.device, local_files_only=not opts.allow_download, scale=opts.clip_scale,
@@ -127,7 +127,7 @@ def checker_id(folder: Path) -> str:
 def score_checker(store: Store, manifest: Manifest, items: list[dict], opts: ScoreOptions, result: ScoreResult) -> None:
     from PIL import Image
 
-    from evaluation.toyworld.checker import Checker
+    from loraloom.evaluation.toyworld.checker import Checker
 
     checker = Checker.load(manifest.checker)
     scorer_id = checker_id(manifest.checker)
@@ -183,8 +183,8 @@ def pairs_to_judge(items: list[dict], baseline: str | None) -> list[tuple[dict, 
 
 
 def score_judge(store: Store, manifest: Manifest, items: list[dict], opts: ScoreOptions, result: ScoreResult) -> None:
-    from evaluation.cache import JudgeCache
-    from evaluation.protocols import ComposLoRAPairwise, Element
+    from loraloom.evaluation.cache import JudgeCache
+    from loraloom.evaluation.protocols import ComposLoRAPairwise, Element
 
     protocol = ComposLoRAPairwise(opts.judge, JudgeCache(store.folder / JUDGE_CACHE), reask=opts.reask,
                                   both_orders=opts.both_orders)

@@ -111,7 +111,7 @@ class Store:
         self.folder = Path(folder)
         self.path = self.folder / DB_NAME
         if not create and not self.path.exists():
-            from composition.errors import SpecError
+            from loraloom.composition.errors import SpecError
 
             raise SpecError(f"{self.folder}: no {DB_NAME} here; run `loraloom bench run MANIFEST --out {self.folder}` first")
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from evaluation.cache import JudgeCache, request_key
-from evaluation.errors import JudgeError
-from evaluation.images import ImageBlob, ImageLike
-from evaluation.prompts import PromptTemplate, sha256_text
+from loraloom.evaluation.cache import JudgeCache, request_key
+from loraloom.evaluation.errors import JudgeError
+from loraloom.evaluation.images import ImageBlob, ImageLike
+from loraloom.evaluation.prompts import PromptTemplate, sha256_text
 
 log = logging.getLogger(__name__)
 

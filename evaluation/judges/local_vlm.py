@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from evaluation.clipscore import resolve_device
-from evaluation.errors import EvaluationError, JudgeError
-from evaluation.judges.base import JudgeRequest
+from loraloom.evaluation.clipscore import resolve_device
+from loraloom.evaluation.errors import EvaluationError, JudgeError
+from loraloom.evaluation.judges.base import JudgeRequest
 
 log = logging.getLogger(__name__)
 

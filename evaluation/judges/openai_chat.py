@@ -21,8 +21,8 @@ from typing import Callable
 
 import httpx
 
-from evaluation.errors import EvaluationError, JudgeError
-from evaluation.judges.base import JudgeRequest
+from loraloom.evaluation.errors import EvaluationError, JudgeError
+from loraloom.evaluation.judges.base import JudgeRequest
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})

@@ -7,7 +7,9 @@ The trained artefacts live in `assets/toyworld/`; `loraloom toyworld train` repr
 
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
+from loraloom.resources import asset
+
+ASSETS = asset("toyworld")
 MODEL = ASSETS / "model"
 LORAS_DIR = ASSETS / "loras"
 CHECKER = ASSETS / "checker"

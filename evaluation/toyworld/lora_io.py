@@ -75,7 +75,7 @@ def save_kohya_twin(peft_path: Path, out_path: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from composition.module_paths import with_level
+    from loraloom.composition.module_paths import with_level
 
     with safe_open(str(peft_path), "pt") as f:
         meta = f.metadata() or {}

@@ -94,7 +94,7 @@ class ComposedGenerator:
     def __init__(self, assets: str | Path, steps: int | None = None, guidance_scale: float | None = None,
                  method: str = "merge"):
         """`steps` and `guidance_scale` default to the world's own (`sampler_defaults`)."""
-        from pipelines import ComposedPipeline
+        from loraloom.pipelines import ComposedPipeline
 
         assets = Path(assets)
         sampler = sampler_defaults(assets, steps, guidance_scale)
