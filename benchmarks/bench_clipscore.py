@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from loraloom.evaluation.clipscore import CLIPScorer, OpenCLIPEmbedder, TransformersCLIPEmbedder
-from loraloom.evaluation.testing import register_tiny_open_clip, tiny_clip_folder
+from loraloom.evaluation.fakes import register_tiny_open_clip, tiny_clip_folder
 
 
 def images_and_texts(n: int, size: int = 512):

@@ -59,7 +59,7 @@ def build_sd15_shape(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loraloom.pipelines.testing import tiny_clip_tokenizer
+    from loraloom.pipelines.tiny import tiny_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -87,7 +87,7 @@ def build_sd15_shape(seed: int = 0):
 
 MODELS = {
     # name: (builder, size, steps, rank)
-    "tiny": ("loraloom.pipelines.testing:build_tiny_sd", 64, 10, 8),
+    "tiny": ("loraloom.pipelines.tiny:build_tiny_sd", 64, 10, 8),
     "sd15-shape": ("benchmarks.common:build_sd15_shape", 256, 4, 8),
 }
 
@@ -101,7 +101,7 @@ def builder(name: str):
 
 def write_loras(pipe, n: int, rank: int, folder: Path | None = None, text_encoder: bool = True) -> list[Path]:
     """n random rank-r LoRAs on the attention projections (UNet and text encoder), diffusers/PEFT layout, fp32."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     folder = Path(folder or tempfile.mkdtemp(prefix="loraloom-bench-"))
     return [write_random_lora(pipe, folder / f"lora{i}.safetensors", seed=i + 1, rank=rank, alpha=float(rank),

@@ -44,7 +44,7 @@ CONCEPTS = ["ohwx", "zorp", "kvel", "drum"]  # trigger words of the bench LoRAs 
 
 
 def _write_loras(pipe, folder: Path, rank: int, n: int = 4) -> list[Path]:
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     cats = ["character", "object", "clothing", "background"]
     return [write_random_lora(pipe, folder / f"cc{i}.safetensors", seed=100 + i, rank=rank, alpha=float(rank), std=0.02,

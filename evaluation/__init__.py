@@ -9,7 +9,7 @@ nothing heavy is imported here, import the module you need:
 - `evaluation.cache`      — `JudgeCache` (append-only JSONL)
 - `evaluation.prompts`    — `load_template` (versioned prompt files in `evaluation/templates/`)
 - `evaluation.scoring`    — folder scoring behind `loraloom eval DIR`
-- `evaluation.testing`    — tiny random CLIP / DINOv2 / LLaVA and a scripted OpenAI-compatible server, for tests
+- `evaluation.fakes`    — tiny random CLIP / DINOv2 / LLaVA and a scripted OpenAI-compatible server, for tests
 
 User documentation: docs/evaluation.md.
 """

@@ -71,7 +71,7 @@ def load_base_pipeline(
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline (diffusers classes; no safety checker)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .testing import TINY_BUILDERS
+    from .tiny import TINY_BUILDERS
 
     torch_dtype = _dtype(dtype)
     if model in TINY_BUILDERS:

@@ -72,7 +72,7 @@ def tiny_sdxl():
 @pytest.fixture
 def lora_files(tmp_path, tiny_sd):
     """Three random PEFT-layout LoRAs (UNet + text encoder) for the tiny SD model, with sidecars."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     specs = [("char", "character", ("ohwx",)), ("style", "style", ("inkwash",)), ("bg", "background", ("forest",))]
     paths = {}

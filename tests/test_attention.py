@@ -59,7 +59,7 @@ def test_sdxl_layout_and_small_models():
 
 @pytest.fixture
 def run(tiny_sd, tmp_path):
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     for i, name in enumerate(("a", "b")):
         tiny_sd.load_lora(write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=i + 1, std=0.3), name)

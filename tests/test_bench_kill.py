@@ -18,7 +18,7 @@ import pytest
 from loraloom.evaluation.bench.manifest import load_manifest
 from loraloom.evaluation.bench.plan import parse_methods
 from loraloom.evaluation.bench.runner import RunOptions, run_benchmark
-from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
+from loraloom.evaluation.bench.tiny_bench import torch_threads, write_tiny_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = "merge,switch,composite"

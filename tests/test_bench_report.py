@@ -17,8 +17,8 @@ from loraloom.evaluation.bench.manifest import load_manifest
 from loraloom.evaluation.bench.plan import parse_methods
 from loraloom.evaluation.bench.runner import RunOptions, run_benchmark
 from loraloom.evaluation.bench.stats import estimate
-from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
-from loraloom.evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
+from loraloom.evaluation.bench.tiny_bench import torch_threads, write_tiny_benchmark
+from loraloom.evaluation.fakes import FakeChatServer, brightness_judge, tiny_clip_folder
 
 
 @pytest.fixture(autouse=True, scope="module")

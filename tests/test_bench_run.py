@@ -14,7 +14,7 @@ from PIL import Image
 from loraloom.evaluation.bench.manifest import load_manifest
 from loraloom.evaluation.bench.plan import build_plan, derived_seed, parse_methods
 from loraloom.evaluation.bench.runner import RunOptions, StaleStoreError, run_benchmark
-from loraloom.evaluation.bench.testing import torch_threads, write_tiny_benchmark
+from loraloom.evaluation.bench.tiny_bench import torch_threads, write_tiny_benchmark
 from loraloom.pipelines.batch import PipelineCache, run_specs
 from loraloom.pipelines.spec import read_png_spec
 

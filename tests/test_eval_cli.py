@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from loraloom.app.cli import main
-from loraloom.evaluation.testing import FakeChatServer, brightness_judge, tiny_clip_folder
+from loraloom.evaluation.fakes import FakeChatServer, brightness_judge, tiny_clip_folder
 from loraloom.pipelines.spec import GenerationSpec, LoRARef, save_png
 
 SHADE = {"merge": 120, "switch": 60, "composite": 200}  # the scripted judge prefers brighter images

@@ -10,7 +10,7 @@ from PIL import Image
 from loraloom.evaluation.clipscore import (CLIPScorer, HESSEL_SCALE, OpenCLIPEmbedder, TransformersCLIPEmbedder,
                                   load_clip_embedder)
 from loraloom.evaluation.errors import EvaluationError
-from loraloom.evaluation.testing import register_tiny_open_clip, tiny_clip_folder
+from loraloom.evaluation.fakes import register_tiny_open_clip, tiny_clip_folder
 
 TEXTS = ["a red cat", "dog", "blue castle", "a photo of a girl", "watercolor style dog", "cat"]
 

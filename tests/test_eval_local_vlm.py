@@ -7,7 +7,7 @@ from loraloom.evaluation.cache import JudgeCache
 from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.judges.local_vlm import TransformersVLMJudge
 from loraloom.evaluation.protocols import ComposLoRAPairwise, Element, LoRARarYesNo
-from loraloom.evaluation.testing import tiny_llava_folder
+from loraloom.evaluation.fakes import tiny_llava_folder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from PIL import Image
 from loraloom.evaluation.clipscore import CLIPScorer
 from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.similarity import ClipImageEncoder, DinoEncoder, DinoPreprocess, IMAGENET_MEAN, ImageSimilarity
-from loraloom.evaluation.testing import tiny_clip_folder, tiny_dinov2
+from loraloom.evaluation.fakes import tiny_clip_folder, tiny_dinov2
 
 
 def noise(seed, size=(40, 30)):

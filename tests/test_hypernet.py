@@ -58,7 +58,7 @@ def test_delta_rms_from_factors():
 
 @pytest.fixture
 def pair(tiny_sd, tmp_path):
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     paths = {
         "sty": write_random_lora(tiny_sd.pipe, tmp_path / "sty.safetensors", seed=2, rank=4, alpha=8.0, category="style", std=0.15),
@@ -85,7 +85,7 @@ def test_method_equals_merge_of_the_merged_lora(pair, tmp_path):
     """The hypernet method == Merge (scale 1) of the LoRA `loraloom hypernet merge` writes; that file loads in
     diffusers' load_lora_weights with the same image."""
     from loraloom.app.cli import main
-    from loraloom.pipelines.testing import build_tiny_sd
+    from loraloom.pipelines.tiny import build_tiny_sd
 
     cp, paths = pair
     ckpt = _random_net(widths_of([cp.loras["subj"], cp.loras["sty"]], ("to_q", "to_out.0"))).save(tmp_path / "h.safetensors", {"note": "test"})
@@ -116,7 +116,7 @@ def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
     """3 subject and 3 style LoRAs, one of each held out: training pairs never use them, validation only uses them;
     a run stopped after 2 epochs and resumed to 3 equals a straight 3-epoch run."""
     from loraloom.app.cli import main
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     for kind, cat in (("subjects", "character"), ("styles", "style")):
         for i in range(3):
@@ -157,7 +157,7 @@ def test_trainer_cli_split_validation_and_resume(tiny_sd, tmp_path, capsys):
 
 def test_all_three_methods_run_on_sdxl(tiny_sdxl, tmp_path):
     """SDXL (two text encoders, added time/text conditioning): K-LoRA, ZipLoRA and the hypernetwork all run."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     for name, cat, seed in (("subj", "character", 1), ("sty", "style", 2)):
         tiny_sdxl.load_lora(write_random_lora(tiny_sdxl.pipe, tmp_path / f"{name}.safetensors", seed=seed, category=cat,

@@ -119,7 +119,7 @@ def test_top_k_is_rank_product():
 @pytest.fixture
 def pair(tiny_sd, tmp_path):
     """A subject (character) and a style LoRA with different alpha/rank, UNet only; loaded style first."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     style = write_random_lora(tiny_sd.pipe, tmp_path / "sty.safetensors", seed=2, rank=4, alpha=8.0, category="style",
                               text_encoder=False, std=0.15)
@@ -214,7 +214,7 @@ def test_roles_from_category_not_order(pair):
 
 
 def test_lora_count_errors_and_groups(pair, tmp_path):
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     kw = dict(num_inference_steps=1, output_type="latent", progress_bar=False, height=32, width=32)
     with pytest.raises(LoraloomError, match="exactly two LoRAs"):
@@ -228,7 +228,7 @@ def test_lora_count_errors_and_groups(pair, tmp_path):
 
 def test_other_layers_and_scope(tiny_sd, tmp_path):
     """A LoRA adapting a feed-forward layer too: outside the attention scope it is merged (default) or dropped."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2")
     for name, cat, seed in (("subj", "character", 1), ("sty", "style", 2)):

@@ -19,7 +19,7 @@ from loraloom.composition import (
 from loraloom.composition.metadata import family_from_metadata, read_sidecar, trigger_suggestions, write_sidecar
 from conftest import weights_hash
 from lora_layouts import peft_to_kohya, peft_to_old_diffusers, sdxl_sgm_name
-from loraloom.pipelines.testing import random_lora_state_dict
+from loraloom.pipelines.tiny import random_lora_state_dict
 
 
 def _flat(lora):
@@ -245,7 +245,7 @@ def test_duplicate_adapter_name(tiny_sd, lora_files):
 
 
 def test_other_family_refused_before_any_weight_is_touched(tmp_path, tiny_sd, tiny_sdxl):
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     xl = write_random_lora(tiny_sdxl.pipe, tmp_path / "xl.safetensors", seed=1)
     before = weights_hash(tiny_sd.pipe.unet) + weights_hash(tiny_sd.pipe.text_encoder)

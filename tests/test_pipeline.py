@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from loraloom.pipelines import ComposedPipeline, ModelLoadError, make_scheduler, scheduler_names
-from loraloom.pipelines.testing import build_tiny_sd
+from loraloom.pipelines.tiny import build_tiny_sd
 
 
 def test_sdxl_all_methods(tiny_sdxl, tmp_path):
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     for i in range(2):
         tiny_sdxl.load_lora(write_random_lora(tiny_sdxl.pipe, tmp_path / f"x{i}.safetensors", seed=i), f"x{i}")

@@ -9,7 +9,7 @@ from loraloom.composition import Routing
 from loraloom.composition.methods import make_method
 from conftest import weights_hash
 from loraloom.pipelines import ComposedPipeline
-from loraloom.pipelines.testing import build_tiny_sd, build_tiny_sdxl
+from loraloom.pipelines.tiny import build_tiny_sd, build_tiny_sdxl
 
 
 def _diffusers_latents(pipe, names, weights, prompt="a red star", steps=4, guidance=7.5, seed=0):
@@ -24,7 +24,7 @@ def test_static_gates_equal_diffusers_set_adapters(tmp_path, builder, fuse):
     """Merge with static gates == diffusers `load_lora_weights` + `set_adapters(names, weights)`.
 
     Tolerance: atol 1e-4 on final latents (fp32; fusing reorders the sums, so it is not bit-identical)."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     reference = builder()
     reference.set_progress_bar_config(disable=True)
@@ -92,7 +92,7 @@ def test_layer_gates_scale_single_layers(tiny_sd, lora_files):
 def test_conv_lora_equals_dense_update(tmp_path, tiny_sd):
     from safetensors.torch import save_file
 
-    from loraloom.pipelines.testing import random_lora_state_dict
+    from loraloom.pipelines.tiny import random_lora_state_dict
 
     sd = {f"unet.{k}": v for k, v in random_lora_state_dict(tiny_sd.pipe.unet, 3, seed=9, targets=("conv1",)).items()}
     save_file(sd, str(tmp_path / "locon.safetensors"))

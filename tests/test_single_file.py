@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraloom.pipelines import ComposedPipeline, ModelLoadError
-from loraloom.pipelines.testing import build_tiny_sd, write_random_lora
+from loraloom.pipelines.tiny import build_tiny_sd, write_random_lora
 
 from ldm_checkpoint import CLIP_PREFIX, SCHEDULE_KEYS, UNET_PREFIX, VAE_PREFIX, ldm_state_dict, save_ldm_checkpoint
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from loraloom.composition import IncompatibleLoRA, load_lora
 from lora_layouts import peft_to_kohya, peft_to_old_diffusers, respell_peft, sdxl_sgm_name
 from loraloom.pipelines import ComposedPipeline
-from loraloom.pipelines.testing import build_tiny_sd, build_tiny_sdxl, random_lora_state_dict
+from loraloom.pipelines.tiny import build_tiny_sd, build_tiny_sdxl, random_lora_state_dict
 
 BUILDERS = {"sd1": build_tiny_sd, "sdxl": build_tiny_sdxl}
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")

@@ -16,7 +16,7 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from loraloom.app.ui.testing import serve, tiny_ui_world  # noqa: E402
+from loraloom.app.ui.sandbox import serve, tiny_ui_world  # noqa: E402
 from loraloom.pipelines.spec import read_png_spec  # noqa: E402
 
 PAIR = [["tiny_character", 1.0], ["tiny_style", 0.8]]

@@ -20,7 +20,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 
 from playwright.sync_api import expect  # noqa: E402
 
-from loraloom.app.ui.testing import serve, tiny_ui_world  # noqa: E402
+from loraloom.app.ui.sandbox import serve, tiny_ui_world  # noqa: E402
 
 CHROMIUM = os.environ.get("LORALOOM_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(os.environ.get("LORALOOM_UI_SCREENSHOT", Path(__file__).resolve().parents[1] / "outputs" / "ui_screenshot.png"))

@@ -90,7 +90,7 @@ def test_png_upload_refuses_huge_pixel_counts(tmp_path, monkeypatch):
 
 
 def test_lora_upload_checks(tmp_path):
-    from loraloom.app.ui.testing import EXAMPLE_LORAS
+    from loraloom.app.ui.sandbox import EXAMPLE_LORAS
 
     good = EXAMPLE_LORAS / "tiny_style.safetensors"
     assert check_lora_upload(good, 10**8) == good
@@ -161,7 +161,7 @@ def test_fields_follow_the_dataclass(probe_method):
 def tiny_service(tmp_path_factory):
     """One service (one tiny model in memory) for the tests below."""
     from loraloom.app.ui.service import GenerationService
-    from loraloom.app.ui.testing import tiny_ui_world
+    from loraloom.app.ui.sandbox import tiny_ui_world
 
     return GenerationService(tiny_ui_world(tmp_path_factory.mktemp("ui-parts"), clip=False, hazards=False))
 
@@ -255,7 +255,7 @@ def test_closing_a_stream_stops_the_run_and_saves_nothing(tiny_service):
 def test_cli_defaults_are_safe_and_flags_reach_launch(monkeypatch, tmp_path):
     import loraloom.app.ui.app as ui_app
     from loraloom.app.cli import build_parser, main
-    from loraloom.app.ui.testing import EXAMPLE_LORAS
+    from loraloom.app.ui.sandbox import EXAMPLE_LORAS
 
     args = build_parser().parse_args(["ui"])
     assert args.host == "127.0.0.1" and not args.share and args.auth is None or args.auth  # env may set auth

@@ -50,7 +50,7 @@ def test_subject_and_style_roles(cats, expected):
 @pytest.fixture
 def pair(tiny_sd, tmp_path):
     """Subject (rank 2, alpha 1, also adapts ff.net.2) and style (rank 4, alpha 8), UNet + text encoder."""
-    from loraloom.pipelines.testing import write_random_lora
+    from loraloom.pipelines.tiny import write_random_lora
 
     sty = write_random_lora(tiny_sd.pipe, tmp_path / "sty.safetensors", seed=2, rank=4, alpha=8.0, category="style",
                             triggers=("inkwash",), std=0.15)
@@ -65,7 +65,7 @@ def test_merged_file_loads_in_loraloom_and_diffusers(pair, tmp_path):
     """A merged LoRA (random coefficients, mixed ranks 2+4 and 2, alpha != rank) saved as a diffusers-layout file:
     loraloom's loader gives the same factors' deltas, and diffusers' load_lora_weights the same image."""
     from loraloom.pipelines import ComposedPipeline
-    from loraloom.pipelines.testing import build_tiny_sd
+    from loraloom.pipelines.tiny import build_tiny_sd
 
     cp, _ = pair
     subj, sty = cp.loras["subj"], cp.loras["sty"]

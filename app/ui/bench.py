@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from gradio_client import Client
 
     from .config import default_config
-    from .testing import serve
+    from .sandbox import serve
 
     torch.set_num_threads(args.threads)
     cfg = default_config()

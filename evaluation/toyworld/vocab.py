@@ -15,16 +15,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: 256 printable stand-ins for the 256 byte values."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """GPT-2/CLIP byte-level alphabet: 256 printable stand-ins for the 256 byte values (transformers' table, in its order)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as table
+
+    return list(table().values())
 
 
 def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

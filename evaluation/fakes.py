@@ -27,7 +27,7 @@ def tiny_clip_folder(folder: str | Path, seed: int = 0, words=TINY_WORDS, image_
     """A random `CLIPModel` (hidden 32, 2 layers, 32 px, patch 8, projection 16) + `CLIPProcessor`, saved."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from loraloom.pipelines.testing import write_clip_tokenizer_files
+    from loraloom.pipelines.tiny import write_clip_tokenizer_files
 
     folder = Path(folder)
     vocab, merges = write_clip_tokenizer_files(folder, list(words))

@@ -11,19 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: 256 printable stand-ins for the 256 byte values."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 def write_clip_tokenizer_files(folder: str | Path, words: list[str] = ()) -> tuple[Path, Path]:
@@ -33,7 +21,7 @@ def write_clip_tokenizer_files(folder: str | Path, words: list[str] = ()) -> tup
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())  # the GPT-2/CLIP byte-level alphabet
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges: list[str] = []
     for word in words:

@@ -43,7 +43,7 @@ def tiny_ui_world(folder: str | Path, clip: bool = True, hazards: bool = True) -
             link.symlink_to(outside / "elsewhere.safetensors")
     clip_dir = None
     if clip:
-        from loraloom.evaluation.testing import tiny_clip_folder
+        from loraloom.evaluation.fakes import tiny_clip_folder
 
         clip_dir = str(tiny_clip_folder(folder / "clip"))
     return UIConfig(models=["tiny:sd1"], lora_dirs=[loras], output_dir=folder / "out", clip=clip_dir,

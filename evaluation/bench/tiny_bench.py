@@ -40,7 +40,7 @@ def tiny_sets() -> list[dict]:
 def write_tiny_benchmark(folder: str | Path, *, sets: list[dict] | None = None, seeds=(0, 1), steps: int = 2,
                          size: int = 32, extra: dict | None = None, defaults: dict | None = None) -> Path:
     """Random LoRAs under `folder/loras` and `folder/bench.yaml`; returns the manifest path."""
-    from loraloom.pipelines.testing import build_tiny_sd, write_random_lora
+    from loraloom.pipelines.tiny import build_tiny_sd, write_random_lora
 
     folder = Path(folder)
     pipe = build_tiny_sd()
