@@ -19,7 +19,7 @@ def _names_or_count(value: str):
 
 
 def register(sub) -> None:
-    from loraloom.composition.hypernet_training import HypernetTrainConfig
+    from loraloom.pipelines.hypernet_training import HypernetTrainConfig
 
     d = HypernetTrainConfig()
     p = sub.add_parser("hypernet", help="train / use the LoRA.rar merge hypernetwork",
@@ -121,7 +121,7 @@ def register(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from loraloom.composition.hypernet_training import HypernetTrainConfig, HypernetTrainer
+    from loraloom.pipelines.hypernet_training import HypernetTrainConfig, HypernetTrainer
     from loraloom.pipelines import ComposedPipeline
 
     if args.threads:

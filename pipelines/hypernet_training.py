@@ -16,8 +16,8 @@ LoRA); for a LoRA without them, its references are generated with that LoRA alon
 work folder).
 
 Everything is deterministic given the seed (pair choice, noise and t are seeded per epoch and step), checkpoints
-are written every `checkpoint_every` epochs and training resumes from the last one. The pipeline is a
-`pipelines.ComposedPipeline`, passed in (duck-typed: composition does not import pipelines).
+are written every `checkpoint_every` epochs and training resumes from the last one. It drives a whole
+`ComposedPipeline` (reference images, prompt encoding, the VAE), so it lives in `pipelines/`, not in `composition/`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import LoraloomError
-from .hypernetwork import DEFAULT_TARGETS, MergeHypernetwork, delta_rms, target_layers, widths_of
-from .merge_objective import PairBatchData, TrainableMerge, frozen, objective, own_prompt, training_scheduler
+from loraloom.composition.errors import LoraloomError
+from loraloom.composition.hypernetwork import DEFAULT_TARGETS, MergeHypernetwork, delta_rms, target_layers, widths_of
+from loraloom.composition.merge_objective import PairBatchData, TrainableMerge, frozen, objective, own_prompt, training_scheduler
 
 log = logging.getLogger(__name__)
 LORA_SUFFIXES = (".safetensors",)
