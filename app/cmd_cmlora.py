@@ -1,6 +1,6 @@
 """`loraloom cmlora-profile`: measure (and cache) CMLoRA's high-frequency score of LoRAs ahead of a run.
 
-The scores land in the same cache a `cmlora` generation reads (docs/methods_clora_cmlora.md), so a benchmark
+The scores land in the same cache a `cmlora` generation reads (docs/methods/clora_cmlora.md), so a benchmark
 with many sets profiles each LoRA once here instead of inside its first generation. The cache key includes the
 sampler settings: give the size, guidance, negative prompt and scheduler the generations will use.
 """
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--lora-scale", type=float, default=None, help="CMLoRA's lora_scale (default: the method's)")
     p.add_argument("--profile-steps", type=int, default=None)
     p.add_argument("--profile-seeds", type=int, nargs="+", default=None)
-    p.add_argument("--cache", default=None, help="cache file (default: the method's; see docs/methods_clora_cmlora.md)")
+    p.add_argument("--cache", default=None, help="cache file (default: the method's; see docs/methods/clora_cmlora.md)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--local-files-only", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -34,9 +34,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraloom.composition.methods import ActiveLoRA, make_method
-    from loraloom.pipelines import ComposedPipeline, make_scheduler
-    from loraloom.pipelines.composed import _Run
+    from loraloom.composition.methods import make_method
+    from loraloom.pipelines import ComposedPipeline
 
     cp = ComposedPipeline.from_pretrained(args.model, device=args.device, local_files_only=args.local_files_only)
     names = [cp.load_lora(path).name for path in args.loras]
@@ -44,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
                                 "profile_seeds": args.profile_seeds, "profile_cache": args.cache}.items() if v is not None}
     method = make_method("cmlora", params)
     height, width = args.height or cp.default_size, args.width or cp.default_size
-    run_ = _Run(cp, [ActiveLoRA(n, 1.0, cp.loras[n]) for n in names], "", args.negative_prompt, args.guidance_scale, height, width)
-    run_.scheduler = make_scheduler(args.scheduler, cp.pipe.scheduler.config, type(cp.pipe.scheduler))
+    run_ = cp.run(names, "", args.negative_prompt, args.guidance_scale, height, width, scheduler=args.scheduler)
     method.extras = {}
     deltas = method.frequency_deltas(run_, list(run_.loras))
     from loraloom.composition.frequency import partition_by_score

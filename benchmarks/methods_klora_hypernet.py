@@ -82,7 +82,6 @@ def _merge_lines(env) -> list[tuple[str, float]]:
     from loraloom.composition.methods import ActiveLoRA
     from loraloom.composition.methods.hypernet import merge_with_hypernet
     from loraloom.composition.methods.ziplora import ZipLoRAParams, merge_layers, optimise_coefficients, pair_data, reference_latents
-    from loraloom.pipelines.composed import _Run
 
     ours = env.ours
     subject, style = ours.loras[env.names[0]], ours.loras[env.names[1]]
@@ -95,7 +94,7 @@ def _merge_lines(env) -> list[tuple[str, float]]:
     p = ZipLoRAParams(**ZIPLORA_OVERRIDES)
     default_steps = ZipLoRAParams().steps
     active = [ActiveLoRA(subject.name, 1.0, subject), ActiveLoRA(style.name, 1.0, style)]
-    run = _Run(ours, active, env.prompt, "", env.kw["guidance_scale"], env.size, env.size)
+    run = ours.run([(a.name, a.weight) for a in active], env.prompt, "", env.kw["guidance_scale"], env.size, env.size)
     refs = []
     ref_wall, ref_cpu = _timed(lambda: refs.extend([
         reference_latents(run, active[0], env.prompt, p.reference_images, p.reference_steps, p.seed),

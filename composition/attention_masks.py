@@ -2,7 +2,7 @@
 maps, the masks made from them, and the masked fusion of the branches' noise predictions.
 
 Pure functions on tensors; the maps themselves are captured by the pipeline (`pipelines/attention.py`).
-Section numbers refer to `shared/methods/klora_clora_ziplora_lorarar.md` §2.
+Sections: docs/methods/clora.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ _EPS = 1e-8
 
 
 def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each flattened map (rows of `maps`, shape (n, d)) to [0, 1] (§2.4: min-max normalisation).
+    """Scale each flattened map (rows of `maps`, shape (n, d)) to [0, 1] (docs/methods/clora.md#contrastive-loss: min-max normalisation).
 
     A constant map (max == min) becomes all zeros instead of NaN.
     """
@@ -26,7 +26,7 @@ def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce_loss(embeddings: torch.Tensor, labels: Sequence[int] | torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """NT-Xent / InfoNCE over labelled embeddings (§2.4; pytorch-metric-learning `NTXentLoss`, cosine similarity).
+    """NT-Xent / InfoNCE over labelled embeddings (docs/methods/clora.md#contrastive-loss; pytorch-metric-learning `NTXentLoss`, cosine similarity).
 
     For every ordered positive pair (a, p), a != p, same label:
         l(a, p) = -log( e^{s_ap / T} / (e^{s_ap / T} + sum_{n: label(n) != label(a)} e^{s_an / T}) )
@@ -51,12 +51,12 @@ def info_nce_loss(embeddings: torch.Tensor, labels: Sequence[int] | torch.Tensor
 
 
 def token_embeddings(maps: torch.Tensor) -> torch.Tensor:
-    """(n, h, w) token maps -> (n, h*w) min-max normalised embeddings (§2.4)."""
+    """(n, h, w) token maps -> (n, h*w) min-max normalised embeddings (docs/methods/clora.md#contrastive-loss)."""
     return minmax_normalise(maps.flatten(1))
 
 
 def binary_token_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Union over tokens of {A_k / max(A_k) > threshold}: `maps` (h, w, K) -> bool (h, w) (§2.6).
+    """Union over tokens of {A_k / max(A_k) > threshold}: `maps` (h, w, K) -> bool (h, w) (docs/methods/clora.md#masks).
 
     No tokens (K == 0) gives an empty mask.
     """
@@ -87,7 +87,7 @@ def morphology(mask: torch.Tensor, op: str) -> torch.Tensor:
 def branch_masks(branch_maps: Sequence[torch.Tensor], threshold: float, op: str = "none") -> torch.Tensor:
     """Masks of all branches: `branch_maps[j]` (h, w, K_j) are branch j's mask-token maps, j >= 1 (index 0, the
     base branch, is ignored). Returns bool (N+1, h, w): branch j's union mask, and the base branch (0) filling
-    every cell no other branch claims (§2.6 background fill)."""
+    every cell no other branch claims (docs/methods/clora.md#masks: background fill)."""
     concept = [morphology(binary_token_mask(m, threshold), op) for m in branch_maps[1:]]
     h, w = branch_maps[0].shape[:2]
     device = branch_maps[0].device
@@ -96,7 +96,7 @@ def branch_masks(branch_maps: Sequence[torch.Tensor], threshold: float, op: str 
 
 
 def fuse_predictions(eps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Masked fusion of branch noise predictions (§2.6): eps (N+1, B, C, H, W), masks (N+1, h, w) ->
+    """Masked fusion of branch noise predictions (docs/methods/clora.md#masks): eps (N+1, B, C, H, W), masks (N+1, h, w) ->
     sum_j M_j * eps_j / sum_j M_j with the masks nearest-upsampled to (H, W); overlaps are averaged.
 
     Every cell is covered by at least one mask (the base branch fills the rest), so the sum is >= 1.

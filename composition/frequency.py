@@ -1,8 +1,8 @@
 """CMLoRA's frequency profiling (Zou et al., ICLR 2025, arXiv 2502.04923): how much high-frequency content a LoRA
 adds, measured on images it generates alone, and a small JSON cache so each LoRA is profiled once.
 
-The statistic is the reference notebook's (`fft_analysis.ipynb`; `shared/methods/composlora_switch_composite_cmlora.md`
-§9.2): grey image -> centred 2-D FFT -> log magnitude -> mean over integer-radius rings -> normalised by its maximum
+The statistic is the reference notebook's (`fft_analysis.ipynb`; docs/methods/cmlora.md#frequency-profile):
+grey image -> centred 2-D FFT -> log magnitude -> mean over integer-radius rings -> normalised by its maximum
 -> mean over radii >= h * r_max (h = 0.2: 72 of 362 px at 512²). The paper's ΔH is this score with the LoRA minus
 the same score without it (same prompt and seeds).
 """
@@ -42,7 +42,7 @@ def radial_profile(grey: np.ndarray) -> np.ndarray:
 
 
 def high_frequency_score(image, h: float = 0.2) -> float:
-    """Mean of the max-normalised radial profile over radii >= int(h * r_max) (§9.2; h = 0.2)."""
+    """Mean of the max-normalised radial profile over radii >= int(h * r_max) (docs/methods/cmlora.md#frequency-profile; h = 0.2)."""
     if not 0.0 <= h < 1.0:
         raise ValueError(f"high-frequency threshold h must be in [0, 1), got {h}")
     profile = radial_profile(grey_uint8(image))

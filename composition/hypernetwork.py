@@ -1,4 +1,5 @@
-"""LoRA.rar's merge hypernetwork (Shenaj et al., ICCV 2025, arXiv 2412.05148; spec §4.1).
+"""LoRA.rar's merge hypernetwork (Shenaj et al., ICCV 2025, arXiv 2412.05148;
+docs/methods/hypernet.md#architecture).
 
 Column-wise: for column j of a layer, x_j = concat(dW_c[:, j], dW_s[:, j]) in R^(2 out) -> (m_c[j], m_s[j]).
 Architecture: one dimension-specific input layer Linear(2 out -> hidden) per distinct `out` width (LoRA.rar:
@@ -9,7 +10,7 @@ a second-hand summary of the paper says "averaging": `kv_merge="average"` gives 
 Two additions, both recorded in the checkpoint: `input_scale` multiplies the columns before the first layer (a
 reparametrisation of that layer chosen at training start as 1 / RMS of the training deltas, so that Adam at
 lr 0.01 can move it — raw delta elements are ~1e-3), and the head's bias starts at (1, 1), i.e. training starts
-from the direct merge, as ZipLoRA's coefficients start at ones (the spec gives no initialisation).
+from the direct merge, as ZipLoRA's coefficients start at ones (no initialisation is given: docs/methods/hypernet.md#architecture).
 
 `coefficients` computes the same numbers as `forward` on the dense columns without forming dW:
 W1 [dW_c; dW_s] = (W1_c s_c B_c) A_c + (W1_s s_s B_s) A_s.

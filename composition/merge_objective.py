@@ -15,7 +15,6 @@ pipeline itself is duck-typed (no import of `pipelines`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -99,19 +98,6 @@ def training_scheduler(pipe):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
-
-
-@contextmanager
-def frozen(module: torch.nn.Module):
-    """Parameters of `module` do not require grad inside (restored afterwards): only merge coefficients train."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def noised_pair(scheduler, x_c: torch.Tensor, x_s: torch.Tensor, generator: torch.Generator):

@@ -147,7 +147,7 @@ def coefficient_similarity(m_c: torch.Tensor, m_s: torch.Tensor, kind: str = "co
     """|sim(m_c, m_s)| of one layer, the ZipLoRA penalty term (Shah et al. 2024, eq. 4).
 
     'cosine': |cos(m_c, m_s)| — what the paper calls it and LoRA.rar computes (the paper's formula writes a dot
-    product, ⚠ see spec §3.2); 'dot': |m_c . m_s| as printed; 'mean_product': mean |m_c * m_s| (mkshing's code).
+    product, see docs/methods/ziplora.md#objective); 'dot': |m_c . m_s| as printed; 'mean_product': mean |m_c * m_s| (mkshing's code).
     """
     if kind == "cosine":
         return torch.nn.functional.cosine_similarity(m_c, m_s, dim=0, eps=1e-8).abs()

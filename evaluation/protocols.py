@@ -1,6 +1,6 @@
 """Judging protocols: ComposLoRA's pairwise comparison and LoRA.rar's yes/no votes.
 
-**ComposLoRA** (Zhong et al. 2024, §4; MLC `evaluate.py`, `human_eval/gpt4v.py`): the judge sees two images
+**ComposLoRA** (Zhong et al. 2024, docs/methods/composlora.md#evaluation; MLC `evaluate.py`, `human_eval/gpt4v.py`): the judge sees two images
 made for the same composition set and scores each for composition quality and image quality (0–10). Judges
 favour one position, so each pair is asked in both orders and each image's scores are averaged over the two;
 per dimension, A *wins* when its averaged score is higher than B's, *ties* when equal, *loses* when lower.

@@ -1,6 +1,6 @@
 """Image–image fidelity: cosine similarity between a generated image and reference images of a subject or style.
 
-Two encoders, as in K-LoRA (§1.9: "Style Sim" = CLIP-I to the style reference, subject = CLIP-I and DINO to the
+Two encoders, as in K-LoRA (docs/methods/klora.md#evaluation: "Style Sim" = CLIP-I to the style reference, subject = CLIP-I and DINO to the
 subject references) and DreamBooth before it:
 
 - **CLIP-I**: L2-normalised CLIP image embeddings, with the CLIP model's own preprocessing (a `CLIPScorer`).

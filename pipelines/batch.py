@@ -14,39 +14,36 @@ from tqdm.auto import tqdm
 
 from loraloom.composition.errors import LoRAFileError, SpecError
 from loraloom.composition.lora import read_lora_info
-from loraloom.composition.methods import get_method
 
 from .composed import ComposedPipeline
 from .spec import GenerationSpec, LoRARef, file_sha256, save_png
 
+# Fields a spec file sets once for every image (the GenerationSpec template) and the grid and run fields.
+TEMPLATE_FIELDS = ("negative_prompt", "steps", "guidance_scale", "height", "width", "scheduler", "family", "dtype")
 BATCH_FIELDS = {
-    "model", "family", "dtype", "local_files_only", "model_config", "loras", "prompt", "prompts", "negative_prompt",
-    "method", "methods", "method_params", "steps", "guidance_scale", "height", "width", "scheduler", "seed", "seeds", "out",
+    "model", "loras", *TEMPLATE_FIELDS, "prompt", "prompts", "method", "methods", "method_params", "seed", "seeds",
+    "local_files_only", "model_config", "out",
 }
 
 
 @dataclass
 class BatchSpec:
-    """A spec file: one base model, one LoRA list, and the grid of prompts x seeds x methods."""
+    """A spec file: a `GenerationSpec` template (one base model, one LoRA list, the sampler settings) and the grid
+    of prompts x methods x seeds it expands into, plus how to run it (not part of any image's spec)."""
 
-    model: str
-    loras: list[LoRARef]
+    template: GenerationSpec  # prompt, method, method_params and seed are set per grid point by `expand`
     prompts: list[str]
     methods: list[str]
     seeds: list[int]
-    negative_prompt: str = ""
-    method_params: dict = field(default_factory=dict)
-    steps: int = 30
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    scheduler: str = "dpmsolver++"
-    family: str | None = None
-    dtype: str = "float32"
+    method_params: dict = field(default_factory=dict)  # method name -> its parameters
     local_files_only: bool = False
     model_config: str | None = None
     out: str | None = None
     source: Path | None = None
+
+    @property
+    def loras(self) -> list[LoRARef]:
+        return self.template.loras
 
 
 def _as_list(data: dict, one: str, many: str, default=None) -> list:
@@ -96,6 +93,8 @@ def load_batch_spec(path: str | os.PathLike, overrides: dict | None = None) -> B
 
 
 def batch_from_dict(data: dict, base: Path = Path("."), source: Path | None = None) -> BatchSpec:
+    """A BatchSpec from a spec file's fields; every field and every method's parameters are checked here, before
+    any model or LoRA is loaded."""
     unknown = set(data) - BATCH_FIELDS
     where = f"{source}: " if source else ""
     if unknown:
@@ -114,20 +113,24 @@ def batch_from_dict(data: dict, base: Path = Path("."), source: Path | None = No
         ref.path = _resolve(str(ref.path), base)
         loras.append(ref)
     methods = _as_list(data, "method", "methods", default=["merge"])
-    for m in methods:
-        get_method(m)  # unknown names fail here, before any model is loaded
     method_params = data.get("method_params") or {}
-    if not isinstance(method_params, dict) or any(k not in methods and not isinstance(v, dict) for k, v in method_params.items()):
+    if not isinstance(method_params, dict) or not all(isinstance(v, dict) for v in method_params.values()):
         raise SpecError(f"{where}method_params must map a method name to its parameters, e.g. {{composite: {{max_batch: 4}}}}")
     seeds = [int(s) for s in _as_list(data, "seed", "seeds", default=[0])]
     prompts = [str(p) for p in _as_list(data, "prompt", "prompts")]
+    settings = {k: data[k] for k in TEMPLATE_FIELDS if data.get(k) is not None}
+    try:
+        template = GenerationSpec(model=_resolve(str(data["model"]), base), prompt="", loras=loras, **settings)
+        # Unknown methods or parameters fail here, before any model is loaded (also the parameters of a method a
+        # flag such as --method left out of this run: the spec file itself is wrong).
+        for m in dict.fromkeys([*methods, *method_params]):
+            dataclasses.replace(template, method=m, method_params=dict(method_params.get(m, {})))
+    except SpecError as err:
+        raise SpecError(f"{where}{err}") from None
     return BatchSpec(
-        model=_resolve(str(data["model"]), base), loras=loras, prompts=prompts, methods=methods, seeds=seeds,
-        negative_prompt=str(data.get("negative_prompt") or ""), method_params=method_params,
-        steps=int(data.get("steps", 30)), guidance_scale=float(data.get("guidance_scale", 7.5)),
-        height=data.get("height"), width=data.get("width"), scheduler=str(data.get("scheduler", "dpmsolver++")),
-        family=data.get("family"), dtype=str(data.get("dtype", "float32")), local_files_only=bool(data.get("local_files_only", False)),
-        model_config=data.get("model_config"), out=data.get("out"), source=source,
+        template=template, prompts=prompts, methods=methods, seeds=seeds, method_params=method_params,
+        local_files_only=bool(data.get("local_files_only", False)), model_config=data.get("model_config"),
+        out=data.get("out"), source=source,
     )
 
 
@@ -159,17 +162,12 @@ def expand(batch: BatchSpec) -> list[GenerationSpec]:
     names = [r.adapter_name for r in loras]
     if len(set(names)) != len(names):
         raise SpecError(f"two LoRAs share an adapter name {names}; give them distinct 'name' fields")
-    specs = []
-    for prompt in batch.prompts:
-        for method in batch.methods:
-            for seed in batch.seeds:
-                specs.append(GenerationSpec(
-                    model=batch.model, prompt=expand_prompt(prompt, loras), negative_prompt=batch.negative_prompt,
-                    loras=[LoRARef(**vars(r)) for r in loras], method=method, method_params=dict(batch.method_params.get(method, {})),
-                    steps=batch.steps, guidance_scale=batch.guidance_scale, height=batch.height, width=batch.width,
-                    scheduler=batch.scheduler, seed=seed, family=batch.family, dtype=batch.dtype,
-                ))
-    return specs
+    template = dataclasses.replace(batch.template, loras=loras)
+    return [
+        dataclasses.replace(template, prompt=expand_prompt(prompt, loras), loras=[LoRARef(**vars(r)) for r in loras],
+                            method=method, method_params=dict(batch.method_params.get(method, {})), seed=seed)
+        for prompt in batch.prompts for method in batch.methods for seed in batch.seeds
+    ]
 
 
 class PipelineCache:

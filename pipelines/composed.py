@@ -7,23 +7,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from loraloom.composition.conditioning import Conditioning
 from loraloom.composition.errors import AdapterNameError, IncompatibleLoRA
 from loraloom.composition.lora import LoRA, load_lora
 from loraloom.composition.metadata import FAMILY_NAMES, family_display
-from loraloom.composition.methods import ActiveLoRA, Method, Step, make_method, params_to_dict
+from loraloom.composition.methods import ActiveLoRA, Method, make_method, params_to_dict
 from loraloom.composition.routing import LoRARouter, Routing
 
-from .attention import StopForward, capture_cross_attention, enable_fast_attention, token_positions
+from .attention import enable_fast_attention
+from .defaults import DEFAULTS
+from .denoise import denoise
 from .loading import load_base_pipeline, pipeline_family
-from .schedulers import DEFAULT_SCHEDULER, make_scheduler, step_kwargs
-from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
+from .run import Run
+from .schedulers import make_scheduler
+from .vae import to_vae_latents
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
@@ -153,13 +154,13 @@ class ComposedPipeline:
         loras: Sequence[str | tuple[str, float]] = (),
         method: str | Method = "merge",
         method_params: Mapping | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int = DEFAULTS.steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        scheduler: str | None = DEFAULT_SCHEDULER,
+        scheduler: str | None = DEFAULTS.scheduler,
         callback_on_step_end: Callable | None = None,
         output_type: str = "pil",
         progress_bar: bool = True,
@@ -179,39 +180,44 @@ class ComposedPipeline:
         method = method if isinstance(method, Method) else make_method(method, method_params)
         with self._lock:
             self._interrupt = False
-            active = self._active(loras)
             started = time.perf_counter()
-            interrupted = False
-            run = _Run(self, active, prompt, negative_prompt or "", float(guidance_scale), height, width)
-            sched = make_scheduler(scheduler, self.pipe.scheduler.config, type(self.pipe.scheduler))
-            sched.set_timesteps(num_inference_steps, device=self.device)
-            run.scheduler = sched
-            timesteps = sched.timesteps
-            latents = self._initial_latents(height, width, generator) * sched.init_noise_sigma
-            extra = step_kwargs(sched, generator)
-            try:
+            run = self.run(loras, prompt, negative_prompt, guidance_scale, height, width, scheduler, num_inference_steps)
+            latents = self.initial_latents(height, width, generator) * run.scheduler.init_noise_sigma
+
+            def predict(latents, step):
+                eps = method.denoise(run, latents, step)
+                if run.new_latents is not None:  # a latent-optimising method (CLoRA) moved this step's latents
+                    latents, run.new_latents = run.new_latents, None
+                return eps, latents
+
+            def on_step(i, t, latents):
+                result = callback_on_step_end(self, i, t, {"latents": latents})
+                return result["latents"] if result and "latents" in result else latents
+
+            with run:
                 method.prepare(run)
-                for i, t in enumerate(tqdm(timesteps, desc=method.name, disable=not progress_bar, leave=False)):
-                    if self._interrupt:
-                        interrupted = True
-                        break
-                    step = Step(i, len(timesteps), t)
-                    eps = method.denoise(run, latents, step)
-                    if run.new_latents is not None:  # a latent-optimising method (CLoRA) moved this step's latents
-                        latents, run.new_latents = run.new_latents, None
-                    latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
-                    if callback_on_step_end is not None:
-                        result = callback_on_step_end(self, i, t, {"latents": latents})
-                        if result and "latents" in result:
-                            latents = result["latents"]
-            finally:
-                run.close()
+                latents, interrupted = denoise(run.scheduler, latents, predict, generator=generator,
+                                               on_step=on_step if callback_on_step_end is not None else None,
+                                               stop=lambda: self._interrupt, progress_bar=progress_bar, desc=method.name)
             images = [] if output_type == "latent" else self.decode_latents(latents)
             return GenerationOutput(
                 images=images, latents=latents, seconds=time.perf_counter() - started, method=method.name,
                 params=params_to_dict(method.params), unet_calls=run.unet_calls, unet_rows=run.unet_rows,
                 extras=getattr(method, "extras", {}), interrupted=interrupted,
             )
+
+    def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",
+            guidance_scale: float = DEFAULTS.guidance_scale, height: int | None = None, width: int | None = None,
+            scheduler: str | None = DEFAULTS.scheduler, num_inference_steps: int | None = None) -> Run:
+        """The run context of one generation (`loraloom.pipelines.Run`, a `DenoiseContext`), for driving a method
+        step by step: its scheduler is made from `scheduler` and, given `num_inference_steps`, has its timesteps
+        set. Use it as a context manager; `__call__` makes one per generation."""
+        height = height or self.default_size
+        width = width or self.default_size
+        sched = make_scheduler(scheduler, self.pipe.scheduler.config, type(self.pipe.scheduler))
+        if num_inference_steps is not None:
+            sched.set_timesteps(num_inference_steps, device=self.device)
+        return Run(self, self._active(loras), prompt, negative_prompt or "", float(guidance_scale), height, width, sched)
 
     @property
     def size_multiple(self) -> int:
@@ -228,9 +234,9 @@ class ComposedPipeline:
             if v <= 0 or v % multiple:
                 raise ValueError(f"{label} must be a positive multiple of {multiple} for this model, got {v}")
 
-    def _initial_latents(self, height, width, generator) -> torch.Tensor:
+    def initial_latents(self, height, width, generator) -> torch.Tensor:
+        """The starting noise of one image, drawn on `generator` (CPU) so that a seed gives the same image on any device."""
         shape = (1, self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-        # Drawn on the CPU generator, so a seed gives the same image on any device.
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
         return noise.to(self.device, self.dtype)
 
@@ -241,13 +247,7 @@ class ComposedPipeline:
         if upcast:
             vae.to(torch.float32)
         try:
-            mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-            if mean is not None and std is not None:
-                mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-                std_t = torch.tensor(std).view(1, -1, 1, 1).to(z)
-                z = z * std_t / vae.config.scaling_factor + mean_t
-            else:
-                z = z / vae.config.scaling_factor
+            z = to_vae_latents(vae, z)
             image = vae.decode(z, return_dict=False)[0]
         finally:
             if upcast:
@@ -278,140 +278,3 @@ class ComposedPipeline:
             for comp in TEXT_COMPONENTS:
                 if comp in self.routers:
                     self.routers[comp].set_routing(None)
-
-
-class _Run:
-    """The `DenoiseContext` of one generation: prompt, active LoRAs, UNet calls, resources to release."""
-
-    def __init__(self, owner: ComposedPipeline, loras, prompt, negative_prompt, guidance_scale, height, width):
-        self.owner = owner
-        self.loras = loras
-        self.prompt = prompt
-        self.negative_prompt = negative_prompt
-        self.guidance_scale = guidance_scale
-        self.height, self.width = height, width
-        self.unet_router = owner.routers["unet"]
-        self.scheduler = None
-        self.unet_calls = 0
-        self.unet_rows = 0
-        self.shallow_calls = 0  # DeepCache-style shallow passes (predict_features with cached features)
-        self.shallow_rows = 0
-        self.new_latents = None
-        self._stack = ExitStack()
-
-    @property
-    def pipeline(self) -> ComposedPipeline:
-        return self.owner
-
-    def encode(self, text_gates, prompts=None):
-        """(negative, positive) conditioning per branch: branch i's prompt (default: the run's prompt) encoded
-        with text-encoder gates i. Identical (prompt, gates) pairs are encoded once, all in one batched call."""
-        prompts = list(prompts) if prompts is not None else [self.prompt] * len(text_gates)
-        if len(prompts) != len(text_gates):
-            raise ValueError(f"{len(prompts)} prompts for {len(text_gates)} text-encoder gate settings")
-        keys = [(p, tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0))) for p, g in zip(prompts, text_gates)]
-        unique = list(dict.fromkeys(keys))
-        n = len(unique)
-        neg, pos = self.owner.encode_prompt_rows([k[0] for k in unique], [self.negative_prompt] * n, [dict(k[1]) for k in unique],
-                                                 self.height, self.width)
-        index = {k: i for i, k in enumerate(unique)}
-        return [(neg.rows(index[k], index[k] + 1), pos.rows(index[k], index[k] + 1)) for k in keys]
-
-    def add_lora(self, lora: LoRA) -> LoRA:
-        """Make a LoRA built during `prepare` (e.g. a merged one) resident until this generation ends."""
-        self.owner.add_lora(lora)
-        self._stack.callback(self.owner.remove_lora, lora.name)
-        return lora
-
-    def predict(self, latents, step, conditioning, routing, layer_gates=None, max_batch=None):
-        x = self.scheduler.scale_model_input(latents, step.timestep)
-        total = x.shape[0]
-        if len(conditioning) != total:
-            raise ValueError(f"{total} latent rows but {len(conditioning)} conditioning rows")
-        chunk = max_batch or total
-        outs = []
-        for lo in range(0, total, chunk):
-            hi = min(lo + chunk, total)
-            self.unet_router.set_routing(routing if chunk == total else routing.rows(lo, hi), layer_gates)
-            outs.append(self.owner.pipe.unet(x[lo:hi], step.timestep, **conditioning.rows(lo, hi).unet_kwargs(), return_dict=False)[0])
-            self.unet_calls += 1
-            self.unet_rows += hi - lo
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def enter(self, cm: AbstractContextManager):
-        return self._stack.enter_context(cm)
-
-    # --- attention maps, latent updates, feature caching, profiling (CLoRA, CMLoRA) ------------------------------
-    def token_indices(self, prompt, words):
-        return token_positions(self.owner.pipe.tokenizer, prompt, words)
-
-    def predict_with_attention(self, latents, step, conditioning, routing, tokens, map_side=None, output=True):
-        """One UNet call that also captures cross-attention maps (see DenoiseContext.predict_with_attention)."""
-        unet = self.owner.pipe.unet
-        x = self.scheduler.scale_model_input(latents, step.timestep)
-        if len(conditioning) != x.shape[0] or tokens.shape[0] != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} latent rows, {len(conditioning)} conditioning rows, {tokens.shape[0]} token rows")
-        self.unet_router.set_routing(routing)
-        # With grad on, track the latents only: frozen weights keep the graph (and its memory) to what d/dz needs.
-        frozen = [p for p in unet.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        for p in frozen:
-            p.requires_grad_(False)
-        out = None
-        try:
-            with capture_cross_attention(unet, tokens, tuple(latents.shape[-2:]), map_side, stop_after_last=not output) as store:
-                try:
-                    out = unet(x, step.timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
-                except StopForward:
-                    pass
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-        self.unet_calls += 1
-        self.unet_rows += x.shape[0]
-        return out, store.maps()
-
-    def predict_features(self, latents, step, conditioning, routing, features=None):
-        """Full pass returning deep features, or a shallow pass reusing them (see DenoiseContext.predict_features)."""
-        unet = self.owner.pipe.unet
-        check_feature_cache_support(unet)
-        x = self.scheduler.scale_model_input(latents, step.timestep)
-        if len(conditioning) != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} latent rows but {len(conditioning)} conditioning rows")
-        self.unet_router.set_routing(routing)
-        kw = conditioning.unet_kwargs()
-        if features is None:
-            out, features = full_pass(unet, x, step.timestep, kw["encoder_hidden_states"], kw["added_cond_kwargs"])
-            self.unet_calls += 1
-            self.unet_rows += x.shape[0]
-        else:
-            out = shallow_pass(unet, x, step.timestep, kw["encoder_hidden_states"], features, kw["added_cond_kwargs"])
-            self.shallow_calls += 1
-            self.shallow_rows += x.shape[0]
-        return out, features
-
-    def set_latents(self, latents):
-        self.new_latents = latents.detach()
-
-    @torch.no_grad()
-    def generate_image(self, prompt, gates, *, seed, num_inference_steps):
-        """A plain CFG generation with static `gates` (profiling), on its own scheduler and generator."""
-        sub = _Run(self.owner, self.loras, prompt, self.negative_prompt, self.guidance_scale, self.height, self.width)
-        sched = type(self.scheduler).from_config(self.scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=self.owner.device)
-        sub.scheduler = sched
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        latents = self.owner._initial_latents(self.height, self.width, generator) * sched.init_noise_sigma
-        extra = step_kwargs(sched, generator)
-        neg, pos = sub.encode([gates])[0]
-        cond, routing = Conditioning.cat([neg, pos]), Routing.uniform(gates)
-        for i, t in enumerate(sched.timesteps):
-            eps_u, eps_c = sub.predict(torch.cat([latents, latents]), Step(i, len(sched.timesteps), t), cond, routing).chunk(2)
-            latents = sched.step(eps_u + self.guidance_scale * (eps_c - eps_u), t, latents, **extra, return_dict=False)[0]
-        return self.owner.decode_latents(latents)[0]
-
-    def close(self) -> None:
-        try:
-            self._stack.close()
-        finally:
-            for router in self.owner.routers.values():
-                router.set_routing(None)

@@ -1,4 +1,5 @@
-"""Training LoRA.rar's merge hypernetwork on a folder of subject LoRAs and a folder of style LoRAs (spec §4.2-4.3).
+"""Training LoRA.rar's merge hypernetwork on a folder of subject LoRAs and a folder of style LoRAs
+(docs/methods/hypernet.md#training).
 
 Per epoch one random (subject, style) pair from the training split; for each of its reference images
 (max(#subject images, #style images) steps, batch 1, as the reference's per-pair dataset) the ZipLoRA loss
@@ -7,7 +8,7 @@ hypernetwork only, lr 0.01 constant, lambda 0.01, grad-norm clip 1.0, 100 epochs
 
 Where the reference code (donaldssh/LoRA.rar `train_lorarar.py`) has a bug we do what the paper means: its style
 prompt is always `--instance_prompt_2` ("a women in 3d rendering style"), whatever style was sampled
-(spec §4.3 ⚠); here each style LoRA is trained on its own prompt. Its train/validation split file is not in the
+(docs/methods/hypernet.md#reference-code); here each style LoRA is trained on its own prompt. Its train/validation split file is not in the
 repository; here validation LoRAs are held out by LoRA (`val_subjects`, `val_styles`), so every validation pair
 is unseen, and the validation loss is measured on all held-out pairs at fixed noise and timesteps.
 
@@ -35,7 +36,11 @@ from tqdm.auto import tqdm
 
 from loraloom.composition.errors import LoraloomError
 from loraloom.composition.hypernetwork import DEFAULT_TARGETS, MergeHypernetwork, delta_rms, target_layers, widths_of
-from loraloom.composition.merge_objective import PairBatchData, TrainableMerge, frozen, objective, own_prompt, training_scheduler
+from loraloom.composition.grad import frozen
+from loraloom.composition.merge_objective import PairBatchData, TrainableMerge, objective, own_prompt, training_scheduler
+
+from .defaults import DEFAULTS
+from .vae import to_unet_latents
 
 log = logging.getLogger(__name__)
 LORA_SUFFIXES = (".safetensors",)
@@ -53,7 +58,7 @@ class HypernetTrainConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     images_per_lora: int = 4  # reference images generated per LoRA
     reference_steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULTS.guidance_scale
     negative_prompt: str = ""
     height: int | None = None
     width: int | None = None
@@ -177,12 +182,7 @@ class HypernetTrainer:
         for f in files:
             img = ImageOps.fit(Image.open(f).convert("RGB"), (w, h), Image.Resampling.BICUBIC)
             x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-            z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-            mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-            if mean is not None and std is not None:
-                z = (z - torch.tensor(mean).view(1, -1, 1, 1).to(z)) * vae.config.scaling_factor / torch.tensor(std).view(1, -1, 1, 1).to(z)
-            else:
-                z = z * vae.config.scaling_factor
+            z = to_unet_latents(vae, vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean)
             out.append(z.to(self.cp.dtype))
         return torch.cat(out)
 

@@ -6,6 +6,8 @@ import inspect
 
 import diffusers
 
+from .defaults import DEFAULTS
+
 # Short names users know (A1111/ComfyUI style) -> (diffusers class, config overrides).
 ALIASES: dict[str, tuple[str, dict]] = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -20,7 +22,7 @@ ALIASES: dict[str, tuple[str, dict]] = {
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-DEFAULT_SCHEDULER = "dpmsolver++"  # as ComposLoRA (DPM-Solver++ multistep)
+DEFAULT_SCHEDULER = DEFAULTS.scheduler  # the name `make_scheduler(None)` gives
 
 
 def scheduler_names() -> list[str]:

@@ -12,12 +12,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from loraloom.composition.errors import SpecError
+from loraloom.composition.methods import make_method
+
+from .defaults import DEFAULTS
 
 SPEC_CHUNK = "loraloom"
 A1111_CHUNK = "parameters"
@@ -73,16 +77,43 @@ class GenerationSpec:
     loras: list[LoRARef] = field(default_factory=list)
     method: str = "merge"
     method_params: dict = field(default_factory=dict)
-    steps: int = 30
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    scheduler: str = "dpmsolver++"
+    steps: int = DEFAULTS.steps
+    guidance_scale: float = DEFAULTS.guidance_scale
+    height: int | None = DEFAULTS.height
+    width: int | None = DEFAULTS.width
+    scheduler: str = DEFAULTS.scheduler
     seed: int = 0
     family: str | None = None
     dtype: str = "float32"
     version: str = field(default_factory=_version)
     format: int = SPEC_FORMAT
+
+    def __post_init__(self):
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse what cannot be generated, with the field named, before any model is loaded."""
+        def number(name, kind, low, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise SpecError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if value < low:
+                raise SpecError(f"{name} must be {low} or more, got {value!r}")
+            setattr(self, name, kind(value))
+
+        number("steps", int, 1)
+        number("guidance_scale", float, 0.0)
+        number("height", int, 1, allow_none=True)
+        number("width", int, 1, allow_none=True)
+        number("seed", int, 0)
+        if not isinstance(self.method_params, Mapping):
+            raise SpecError(f"method_params must map parameter names to values, got {self.method_params!r}")
+        try:
+            make_method(self.method, self.method_params)  # unknown methods and parameter names fail here
+        except (ValueError, TypeError) as err:
+            raise SpecError(str(err)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,7 +4,7 @@ A full pass also returns the deep features: the input of the last up block (the 
 upsampled). A shallow pass recomputes only the outermost level — `conv_in`, the ResNet/Transformer pairs of
 `down_blocks[0]` (not its downsampler) and the last up block, fed with the cached deep features and fresh skip
 connections — and `conv_out`. This is the cut CMLoRA's code uses on SD 1.5 (`cache_layer_id=0, cache_block_id=1`:
-`shared/methods/composlora_switch_composite_cmlora.md` §9.4). LoRAs routed to the rows still act in the shallow
+docs/methods/cmlora.md#feature-cache). LoRAs routed to the rows still act in the shallow
 layers. With features from the same inputs, the shallow pass returns exactly the full pass's output.
 """
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraloom.composition import Routing
-from loraloom.composition.methods import ActiveLoRA, Step
+from loraloom.composition.methods import Step
 from loraloom.pipelines.attention import (
     capture_cross_attention,
     choose_map_depth,
@@ -14,8 +14,6 @@ from loraloom.pipelines.attention import (
     map_size_at,
     token_positions,
 )
-from loraloom.pipelines.composed import _Run
-from loraloom.pipelines.schedulers import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,10 +61,7 @@ def run(tiny_sd, tmp_path):
 
     for i, name in enumerate(("a", "b")):
         tiny_sd.load_lora(write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=i + 1, std=0.3), name)
-    r = _Run(tiny_sd, [ActiveLoRA(n, 1.0, tiny_sd.loras[n]) for n in ("a", "b")], "a red star", "", 5.0, 64, 64)
-    r.scheduler = make_scheduler("ddim", tiny_sd.pipe.scheduler.config)
-    r.scheduler.set_timesteps(4)
-    return r
+    return tiny_sd.run(["a", "b"], "a red star", "", 5.0, 64, 64, scheduler="ddim", num_inference_steps=4)
 
 
 def _hand_maps(unet, layers, x, t, hidden, tokens):
@@ -92,7 +87,7 @@ def _hand_maps(unet, layers, x, t, hidden, tokens):
 
 
 def test_maps_match_a_hand_computation_and_output_is_unchanged(run):
-    unet = run.owner.pipe.unet
+    unet = run.pipeline.pipe.unet
     neg, pos = run.encode([{}])[0]
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = run.scheduler.timesteps[1]
@@ -141,7 +136,7 @@ def test_maps_are_differentiable_in_the_latents_only(run):
     neg, pos = run.encode([{}])[0]
     z = torch.randn(1, 4, 16, 16, requires_grad=True)
     step = Step(0, 4, run.scheduler.timesteps[0])
-    unet = run.owner.pipe.unet
+    unet = run.pipeline.pipe.unet
     with torch.enable_grad():
         _, maps = run.predict_with_attention(z, step, pos, Routing.uniform({"a": 1.0}), torch.tensor([[1, 2]]), output=False)
         assert maps.requires_grad

@@ -15,10 +15,8 @@ from loraloom.composition.attention_masks import (
     info_nce_loss,
     minmax_normalise,
 )
-from loraloom.composition.methods import ActiveLoRA, Step, make_method
+from loraloom.composition.methods import Step, make_method
 from loraloom.composition.methods.guidance import classifier_free_guidance
-from loraloom.pipelines.composed import _Run
-from loraloom.pipelines.schedulers import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,10 +74,7 @@ def loaded(tiny_sd, lora_files):
 
 
 def _run(cp, names, prompt, steps=4):
-    run = _Run(cp, [ActiveLoRA(n, 1.0, cp.loras[n]) for n in names], prompt, "ugly", 5.0, 32, 32)
-    run.scheduler = make_scheduler("ddim", cp.pipe.scheduler.config)
-    run.scheduler.set_timesteps(steps)
-    return run
+    return cp.run(names, prompt, "ugly", 5.0, 32, 32, scheduler="ddim", num_inference_steps=steps)
 
 
 def test_branches_tokens_and_schedule(loaded):

@@ -16,14 +16,14 @@ from loraloom.composition.methods.cmlora import dominant_ratio, lora_weights, re
 from loraloom.composition.methods.guidance import composite_guidance
 from loraloom.composition.routing import Routing
 from loraloom.composition.conditioning import Conditioning
-from loraloom.pipelines.composed import _Run
+from loraloom.pipelines import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- schedules -----------------------------------------------------------------------------------------------------
 def test_refresh_steps_non_uniform_scaled_to_any_length():
-    r = refresh_steps(220)  # the reference's T = 220 listing (§9.5)
+    r = refresh_steps(220)  # the reference's T = 220 listing (docs/methods/cmlora.md#refresh-schedule)
     assert len(r) == 92 and r[:3] == [0, 2, 4] and r[40:44] == [80, 82, 85, 88] and r[-16:-13] == [187, 190, 192] and r[-1] == 218
     assert refresh_steps(10) == [0, 2, 3, 6, 8]  # boundaries int(3.75) = 3, int(8.75) = 8
     assert refresh_steps(20) == [0, 2, 4, 6, 7, 10, 13, 16, 17, 19]
@@ -67,7 +67,7 @@ def test_dominant_rotation_and_full_passes_paper(steps, k, h, dominant):
 
 
 def test_reference_mode_plan_reproduces_the_code():
-    """§9.5 with c = 2, T = 20, one background (index 2): only the newly dominant LoRA is recomputed at a refresh
+    """docs/methods/cmlora.md#reference-code with c = 2, T = 20, one background (index 2): only the newly dominant LoRA is recomputed at a refresh
     step, nothing after the (rescaled) step 120 — the late refresh is a no-op in the code — and the dominant index
     shifts by one in the late phase."""
     plan = _plan(20, 3, 2, reference_mode=True, cache_interval=2)
@@ -124,8 +124,8 @@ def test_cached_steps_skip_unet_work(loaded, monkeypatch):
     """T = 6, k = 3, refreshes at 0, 2, 5: Composite runs 36 full rows; CMLoRA 3 x 6 + 3 x 2 = 24 full rows and
     12 shallow rows (features) or none at all (noise)."""
     shallow = []
-    real = _Run.predict_features
-    monkeypatch.setattr(_Run, "predict_features", lambda self, *a, **k: shallow.append(k.get("features", a[4] if len(a) > 4 else None) is not None) or real(self, *a, **k))
+    real = Run.predict_features
+    monkeypatch.setattr(Run, "predict_features", lambda self, *a, **k: shallow.append(k.get("features", a[4] if len(a) > 4 else None) is not None) or real(self, *a, **k))
     comp = loaded("x", loras=LORAS, method="composite", **KW)
     every = {"order": "given", "refresh_policy": "all"}
     feat = loaded("x", loras=LORAS, method="cmlora", method_params=every, **KW)
@@ -192,8 +192,8 @@ def test_high_frequency_statistic():
 
 def test_profiles_are_measured_once_and_cached(loaded, tmp_path, monkeypatch):
     calls = []
-    real = _Run.generate_image
-    monkeypatch.setattr(_Run, "generate_image", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
+    real = Run.sample
+    monkeypatch.setattr(Run, "sample", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
     cache = tmp_path / "profiles.json"
     params = {"profile_cache": str(cache), "profile_steps": 2, "profile_seeds": [0]}
     first = loaded("x", loras=LORAS, method="cmlora", method_params=params, **KW)

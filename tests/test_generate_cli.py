@@ -45,16 +45,26 @@ def test_expand_grid_triggers_and_sidecar(tmp_path, lora_files):
 
 def test_cli_overrides(tmp_path, lora_files):
     batch = load_batch_spec(_spec(tmp_path, lora_files), {"methods": ["switch"], "seeds": [7], "steps": 3})
-    assert batch.methods == ["switch"] and batch.seeds == [7] and batch.steps == 3
+    assert batch.methods == ["switch"] and batch.seeds == [7] and batch.template.steps == 3
 
 
 @pytest.mark.parametrize("bad,msg", [
     ({"colour": "red"}, "unknown field"),
     ({"methods": ["nonsense"]}, "unknown method"),
+    ({"methods": ["composite"], "method_params": {"composite": 5}}, "must map a method name"),
+    ({"methods": ["composite"], "method_params": {"composite": {"max_btch": 2}}}, "no parameter.*max_btch"),
+    ({"methods": ["merge"], "method_params": {"composte": {"max_batch": 2}}}, "unknown method 'composte'"),
+    ({"methods": ["merge"], "method_params": {"composite": {"max_btch": 2}}}, "no parameter.*max_btch"),
+    ({"steps": 0}, "steps must be 1 or more"),
+    ({"guidance_scale": "high"}, "guidance_scale must be a number"),
+    ({"height": 64.5}, "height must be an integer"),
 ])
-def test_bad_spec_errors(tmp_path, lora_files, bad, msg):
+def test_bad_spec_errors(tmp_path, lora_files, bad, msg, monkeypatch):
+    """Refused when the spec is read, before any model loads."""
     from loraloom.composition.errors import SpecError
+    from loraloom.pipelines import ComposedPipeline
 
+    monkeypatch.setattr(ComposedPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises((SpecError, ValueError), match=msg):
         load_batch_spec(_spec(tmp_path, lora_files, **bad))
 

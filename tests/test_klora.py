@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from loraloom.composition.errors import LoraloomError
-from loraloom.composition.lora import LoRA, LoRAInfo, LoRALayer
+from loraloom.composition.lora import LoRALayer
 from loraloom.composition.methods import make_method
 from loraloom.composition.methods.klora import balance_factor, klora_table, time_pieces, time_scale, topk_abs_sum
 from loraloom.composition.merging import is_attention_projection
-from loraloom.pipelines.composed import _Run
+from loraloom.pipelines import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,7 +138,7 @@ def _record_gates(monkeypatch):
         seen.append((step.index, step.count, layer_gates))
         return torch.zeros_like(latents)
 
-    monkeypatch.setattr(_Run, "predict", spy)
+    monkeypatch.setattr(Run, "predict", spy)
     return seen
 
 
@@ -234,7 +234,7 @@ def test_other_layers_and_scope(tiny_sd, tmp_path):
     for name, cat, seed in (("subj", "character", 1), ("sty", "style", 2)):
         tiny_sd.load_lora(write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=seed, category=cat,
                                             text_encoder=False, targets=targets), name)
-    run = _Run(tiny_sd, [_active(tiny_sd, "subj"), _active(tiny_sd, "sty")], "x", "", 5.0, 64, 64)
+    run = tiny_sd.run(["subj", "sty"], "x", "", 5.0, 64, 64)
     m = make_method("klora")
     m.prepare(run)
     ff = [p for p in tiny_sd.routers["unet"].layers if p.endswith("ff.net.2")]

@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from loraloom.composition import Conditioning, Routing
-from loraloom.composition.methods import ActiveLoRA, Step, available_methods, describe_params, make_method
+from loraloom.composition.methods import Step, available_methods, describe_params, make_method
 from loraloom.composition.methods.guidance import classifier_free_guidance, composite_guidance, switch_active_index
-from loraloom.pipelines.composed import _Run
-from loraloom.pipelines.schedulers import make_scheduler
+from loraloom.pipelines import Run
 
 
 def _run(cp, names, prompt="a red star", guidance=6.0, steps=4):
-    active = [ActiveLoRA(n, w, cp.loras[n]) for n, w in names]
-    run = _Run(cp, active, prompt, "ugly", guidance, 64, 64)
-    run.scheduler = make_scheduler("ddim", cp.pipe.scheduler.config)
-    run.scheduler.set_timesteps(steps)
-    return run
+    return cp.run(names, prompt, "ugly", guidance, 64, 64, scheduler="ddim", num_inference_steps=steps)
 
 
 @pytest.fixture
@@ -134,13 +129,13 @@ def test_switch_schedule_reference(steps, tau, n, expected):
 def test_switch_active_lora_at_every_step_of_a_generation(loaded, steps, tau, reference, monkeypatch):
     """Record the routing the UNet actually ran with at each step, in category order (char, style, bg)."""
     seen = []
-    real = _Run.predict
+    real = Run.predict
 
     def spy(self, latents, step, cond, routing, *a, **k):
         seen.append([name for b in routing.blocks for name, g in b.gates if g])
         return real(self, latents, step, cond, routing, *a, **k)
 
-    monkeypatch.setattr(_Run, "predict", spy)
+    monkeypatch.setattr(Run, "predict", spy)
     # given in scrambled order; the default 'category' order is character, style, background
     loaded("x", loras=["bg", "char", "style"], method="switch", num_inference_steps=steps,
            method_params={"switch_interval": tau, "reference_timing": reference}, scheduler="ddim", output_type="latent", progress_bar=False)

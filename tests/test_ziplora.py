@@ -108,14 +108,14 @@ def test_zero_steps_is_direct_merge(pair):
 def test_objective_gradients_and_optimisation(pair):
     """The loss has gradients for every layer's m_c and m_s; 6 steps lower the loss and the similarity; the
     reference latents are generations of each LoRA alone (same seed -> same latents)."""
-    from loraloom.composition.merge_objective import TrainableMerge, frozen, objective, training_scheduler
+    from loraloom.composition.grad import frozen
+    from loraloom.composition.merge_objective import TrainableMerge, objective, training_scheduler
     from loraloom.composition.methods import ActiveLoRA
     from loraloom.composition.methods.ziplora import merge_layers, optimise_coefficients, pair_data, reference_latents
-    from loraloom.pipelines.composed import _Run
 
     cp, _ = pair
     subj, sty = ActiveLoRA("subj", 1.0, cp.loras["subj"]), ActiveLoRA("sty", 1.0, cp.loras["sty"])
-    run = _Run(cp, [subj, sty], "x", "", 5.0, 32, 32)
+    run = cp.run(["subj", "sty"], "x", "", 5.0, 32, 32)
     x_c = reference_latents(run, subj, "ohwx", 1, 2, seed=0)
     alone = cp("ohwx", loras=["subj"], method="merge", method_params={"lora_scale": 1.0, "fuse": False}, guidance_scale=5.0,
                num_inference_steps=2, seed=0, output_type="latent", progress_bar=False, height=32, width=32).latents

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraloom.composition.errors import SpecError
+from loraloom.pipelines.defaults import DEFAULTS
 from loraloom.resources import assets_dir
 
 ASSETS = assets_dir()
@@ -39,12 +40,12 @@ class UIConfig:
     method: str = "merge"
     compare_methods: list[str] = field(default_factory=list)
     method_params: dict = field(default_factory=dict)  # {method: {param: value}} overriding the dataclass defaults
-    steps: int = 20
-    guidance_scale: float = 7.5
-    scheduler: str = "dpmsolver++"
+    steps: int = DEFAULTS.steps
+    guidance_scale: float = DEFAULTS.guidance_scale
+    scheduler: str = DEFAULTS.scheduler
     seed: int = 0
-    height: int | None = None
-    width: int | None = None
+    height: int | None = DEFAULTS.height
+    width: int | None = DEFAULTS.width
     device: str = "cpu"
     dtype: str = "float32"
     local_files_only: bool = True
@@ -86,14 +87,14 @@ def from_spec(path: str | os.PathLike, name: str | None = None) -> UIConfig:
 
     batch = load_batch_spec(path)
     lora_dirs = list(dict.fromkeys(Path(ref.path).parent for ref in batch.loras))
-    params = batch.method_params or {}
+    t = batch.template
     return UIConfig(
-        models=[batch.model], lora_dirs=lora_dirs, prompt=batch.prompts[0] if batch.prompts else "",
-        negative_prompt=batch.negative_prompt, loras=[(ref.adapter_name, ref.weight) for ref in batch.loras],
+        models=[t.model], lora_dirs=lora_dirs, prompt=batch.prompts[0] if batch.prompts else "",
+        negative_prompt=t.negative_prompt, loras=[(ref.adapter_name, ref.weight) for ref in batch.loras],
         method=batch.methods[0], compare_methods=list(batch.methods),
-        method_params={m: dict(v) for m, v in params.items() if isinstance(v, dict)},
-        steps=batch.steps, guidance_scale=batch.guidance_scale, scheduler=batch.scheduler, seed=batch.seeds[0],
-        height=batch.height, width=batch.width, dtype=batch.dtype, name=name or Path(path).stem,
+        method_params={m: dict(v) for m, v in batch.method_params.items()},
+        steps=t.steps, guidance_scale=t.guidance_scale, scheduler=t.scheduler, seed=batch.seeds[0],
+        height=t.height, width=t.width, dtype=t.dtype, name=name or Path(path).stem,
     )
 
 

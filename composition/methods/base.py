@@ -1,6 +1,6 @@
 """The surface every composition method shares: a parameter dataclass, `prepare`, `denoise`; a name registry.
 
-A method answers two questions per step (see ARCHITECTURE.md): routing (which LoRA applies to which batch
+A method answers two questions per step (see docs/architecture.md): routing (which LoRA applies to which batch
 row and layer) and combining (how branch predictions become one noise prediction). It talks to the pipeline
 only through a `DenoiseContext`, so the same method runs on SD 1.x/2.x and SDXL.
 """
@@ -48,7 +48,8 @@ class Step:
 
 
 class DenoiseContext(Protocol):
-    """What a method may ask of the pipeline during one generation."""
+    """What a method may ask of the loop during one generation: the only door between methods and the pipeline
+    (`loraloom.pipelines.Run` implements it). A method never reaches the pipeline object itself."""
 
     loras: Sequence[ActiveLoRA]
     guidance_scale: float
@@ -115,9 +116,15 @@ class DenoiseContext(Protocol):
     def set_latents(self, latents: torch.Tensor) -> None:
         """Replace this step's latents (latent-optimising methods such as CLoRA): the scheduler steps from these."""
 
-    def generate_image(self, prompt: str, gates: Mapping[str, float], *, seed: int, num_inference_steps: int) -> Any:
-        """One image (PIL) with `gates` on every UNet row and in the text encoder, with this run's negative prompt,
-        guidance, size and scheduler (for profiling; not counted in this run's UNet calls)."""
+    # --- whole samples and training (CMLoRA's profiling, ZipLoRA's reference images and objective) ---------------
+    def sample(self, prompt: str, gates: Mapping[str, float], *, seed: int, num_inference_steps: int,
+               scheduler: str | None = None, output_type: str = "pil") -> Any:
+        """One plain-CFG sample with `gates` on every UNet row and in the text encoder, this run's negative prompt,
+        guidance and size, on a fresh scheduler (`scheduler`: a name; None: this run's kind) seeded `seed`: a PIL
+        image, or latents with `output_type="latent"`. Not counted in this run's UNet calls."""
+
+    def training_scheduler(self) -> Any:
+        """A DDPM scheduler with the model's own noise schedule, for training objectives (add_noise at random t)."""
 
 
 def param(default, help: str, **extra):

@@ -1,5 +1,5 @@
 """CLoRA: contrastive attention-map guidance and attention masks for composing concept LoRAs (Meral, Simsar,
-Tombari, Yanardag, ICCV 2025, arXiv 2403.19776). Spec: `shared/methods/klora_clora_ziplora_lorarar.md` §2.
+Tombari, Yanardag, ICCV 2025, arXiv 2403.19776). Spec: docs/methods/clora.md.
 
 Branches share one latent: the base prompt without concept LoRAs, and one branch per concept LoRA (its prompt,
 its LoRA in UNet and text encoder). On the early steps the latent takes gradient steps on an InfoNCE loss that
@@ -10,9 +10,9 @@ rest). All branches (each a CFG pair) run in one batched UNet call.
 Where we differ from the reference code (`reference_mode=True` restores it):
 - Fusion uses the noise predictions of the *updated* latents (one extra no-grad pass on the update steps). The
   reference fuses the predictions of the forward pass made before its last latent update, i.e. of latents that
-  are no longer the ones the scheduler steps from (§2.5 ⚠).
+  are no longer the ones the scheduler steps from (docs/methods/clora.md#latent-update).
 - Maps come from the conditional rows only. The reference averages both CFG halves at the concept token
-  positions, but in the negative prompt those positions hold unrelated tokens (§2.3 ⚠).
+  positions, but in the negative prompt those positions hold unrelated tokens (docs/methods/clora.md#attention-maps).
 - The gradient pass runs the conditional rows only and stops the UNet after the last captured layer (nothing
   later influences the loss); the reference runs every row through the whole UNet with grad.
 """
@@ -160,12 +160,12 @@ class CLoRA(Method):
         return pairs.mean(1) if self.params.reference_mode else pairs[:, 1]
 
     def loss(self, maps: torch.Tensor) -> torch.Tensor:
-        """InfoNCE over every concept token map of every branch, labelled by concept (§2.4)."""
+        """InfoNCE over every concept token map of every branch, labelled by concept (docs/methods/clora.md#contrastive-loss)."""
         picked = torch.stack([maps[j, :, :, c] for j, c, _ in self.embedding_index])
         return info_nce_loss(token_embeddings(picked), [g for _, _, g in self.embedding_index], self.params.temperature)
 
     def masks(self, maps: torch.Tensor) -> torch.Tensor:
-        """(N+1, h, w) bool masks: concept j where its own words attend (§2.6), the base branch elsewhere."""
+        """(N+1, h, w) bool masks: concept j where its own words attend (docs/methods/clora.md#masks), the base branch elsewhere."""
         per_branch = []
         for j in range(len(self.branches)):
             cols = [self.columns[j].index(i) for i in (self.positions[j][j - 1] if j else [])]

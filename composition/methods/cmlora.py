@@ -1,5 +1,5 @@
 """CMLoRA: Cached Multi-LoRA composition (Zou, Shen, Bouganis, Zhao, ICLR 2025, arXiv 2502.04923).
-Spec: `shared/methods/composlora_switch_composite_cmlora.md` §9 (and §4 Composite, §11 gotchas).
+Spec: docs/methods/cmlora.md (and docs/methods/composlora.md#composite).
 
 Composite-style collective guidance (every LoRA its own CFG branch, all batched) in which one *dominant* LoRA
 weighs more, the dominant role rotating in an order measured in the frequency domain: LoRAs that add
@@ -10,14 +10,14 @@ work between refresh steps, on a non-uniform schedule (refresh every 2nd step on
 Default (paper-intent) mode, per step:
   - refresh step (in R): the dominant LoRA rotates; the newly dominant LoRA runs the full UNet and refreshes its
     cache (`refresh_policy="dominant"`, the default: the reference code invalidates exactly that one cache per
-    refresh, §9.5; the paper's text does not say more). `refresh_policy="all"`: every LoRA refreshes at every
+    refresh, docs/methods/cmlora.md#reference-code; the paper's text does not say more). `refresh_policy="all"`: every LoRA refreshes at every
     refresh step — fresher caches, but at k = 4 at least ~0.56 of Composite's cost, see docs;
   - other steps: the dominant LoRA runs the full UNet; the others run a DeepCache-style shallow pass on their own
     cached deep features (`cache_mode="features"`) or reuse their cached noise prediction (`cache_mode="noise"`);
   - eps = (1/k) sum_j w_j [eps_j(n) + s (eps_j(c) - eps_j(n))], w_dom = c_dom * w_non, weights summing to k, the
     ratio c_dom starting at k - 0.5 and decaying at each refresh (never below 1).
 
-`reference_mode=True` reproduces the reference code (`pipeline_offline.py`, §9.5), bugs included: partition by
+`reference_mode=True` reproduces the reference code (`pipeline_offline.py`, docs/methods/cmlora.md#reference-code), bugs included: partition by
 category (background = L), caching only for uniform intervals >= 2 (the non-uniform schedule and interval 1 never
 use the cache), only the newly dominant LoRA recomputed at a refresh and the dominant LoRA shallow like the others
 otherwise, fixed weights (the decay is dead code), the late-phase refresh a no-op (a slice-copy bug), one prompt
@@ -42,7 +42,7 @@ LATE_PHASE_START = 120 / 220  # the reference's "step <= 120" of 220 steps, as a
 
 # --- schedules (pure) ----------------------------------------------------------------------------------------------
 def refresh_steps(count: int, cache_interval: int = 0, intervals=(2, 3, 2), boundaries=(0.375, 0.875)) -> list[int]:
-    """Steps at which caches refresh and the dominant LoRA rotates (§9.5 "refresh steps R").
+    """Steps at which caches refresh and the dominant LoRA rotates (docs/methods/cmlora.md#refresh-schedule).
 
     cache_interval 0: non-uniform, every intervals[0]-th step on [0, b1), intervals[1]-th on [b1, b2),
     intervals[2]-th on [b2, T), with b = int(boundary * T) (T = 220: 0, 2, …, 80, 82, 85, …, 190, 192, …, 218, 92 steps);
@@ -68,9 +68,9 @@ def is_late(index: int, count: int, late_phase_start: float = LATE_PHASE_START) 
 
 
 def dominant_ratio(k: int, refreshes_before: int, decay: bool) -> float:
-    """c_dom = w_dom / w_non: k - 0.5 at the first refresh (§9.5); with `decay` the code's intended rule, minus
+    """c_dom = w_dom / w_non: k - 0.5 at the first refresh (docs/methods/cmlora.md#weights); with `decay` the code's intended rule, minus
     0.5^j at the j-th refresh (so k - 0.5 - 2(1 - 0.5^n) after n), clamped at 1 so the dominant LoRA never weighs
-    less than the others (the literal rule goes below 1 for k <= 3 and negative for k = 2, §9.5 caution)."""
+    less than the others (the literal rule goes below 1 for k <= 3 and negative for k = 2, docs/methods/cmlora.md#weights)."""
     c = k - 0.5
     if decay:
         c = max(1.0, c - 2.0 * (1.0 - 0.5 ** max(refreshes_before, 0)))
@@ -78,7 +78,7 @@ def dominant_ratio(k: int, refreshes_before: int, decay: bool) -> float:
 
 
 def lora_weights(k: int, dominant: int, ratio: float) -> list[float]:
-    """w_non = k / (c_dom + k - 1), w_dom = c_dom * w_non: k weights summing to k (§9.5)."""
+    """w_non = k / (c_dom + k - 1), w_dom = c_dom * w_non: k weights summing to k (docs/methods/cmlora.md#weights)."""
     w_non = k / (ratio + k - 1)
     return [ratio * w_non if j == dominant else w_non for j in range(k)]
 
@@ -163,7 +163,7 @@ class CMLoRA(Method):
                             "L": [l.name for l in low], "dominant": [], "full_rows": 0, "cached_rows": 0})
 
     def frequency_deltas(self, ctx: DenoiseContext, loras: list[ActiveLoRA]) -> dict[str, float]:
-        """ΔH per LoRA: high-frequency score of images made with it alone minus the same without it (§9.2)."""
+        """ΔH per LoRA: high-frequency score of images made with it alone minus the same without it (docs/methods/cmlora.md#frequency-profile)."""
         p = self.params
         started = time.perf_counter()
         cache = ProfileCache(None if p.profile_cache == "off" else (p.profile_cache or default_cache_path()))
@@ -179,7 +179,7 @@ class CMLoRA(Method):
             hit = cache.get(key)
             if hit is not None:
                 return float(hit["score"])
-            values = [high_frequency_score(ctx.generate_image(prompt, gates, seed=s, num_inference_steps=p.profile_steps),
+            values = [high_frequency_score(ctx.sample(prompt, gates, seed=s, num_inference_steps=p.profile_steps),
                                            p.high_frequency_h) for s in p.profile_seeds]
             value = sum(values) / len(values)
             cache.put(key, {"score": value, "per_seed": values, "subject": subject if subject == "base" else None,

@@ -1,4 +1,4 @@
-"""Hypernetwork merging (LoRA.rar, Shenaj et al., ICCV 2025, arXiv 2412.05148; spec §4): a trained hypernetwork
+"""Hypernetwork merging (LoRA.rar, Shenaj et al., ICCV 2025, arXiv 2412.05148; docs/methods/hypernet.md): a trained hypernetwork
 predicts ZipLoRA's per-column coefficients from the two LoRAs' columns in one forward pass per layer — no
 per-pair optimisation — and the merged LoRA runs like Merge.
 
@@ -10,7 +10,6 @@ attention module; to_k / to_v are summed (coefficients 1 and 1, as the code). Tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

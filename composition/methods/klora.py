@@ -1,5 +1,5 @@
 """K-LoRA: per attention projection, the subject or the style LoRA, chosen by Top-K sums of their deltas
-(Ouyang, Li, Hou, CVPR 2025, arXiv 2502.18461; spec §1).
+(Ouyang, Li, Hou, CVPR 2025, arXiv 2502.18461; docs/methods/klora.md).
 
 For every projection l (to_q, to_k, to_v, to_out.0 of self- and cross-attention) the layer uses the subject
 delta at step tau iff  S_c,l >= gamma * S_s,l * s(tau)  (eq. 6/10), where S = sum of the K = r_c * r_s largest
@@ -10,10 +10,10 @@ time(s); per step the gates are read from that table and passed to the routing l
 
 Where the reference code (HVision-NKU/K-LoRA) differs, we follow the paper and fix its bugs:
 - tau = step index / step count from the pipeline, not a module-global forward counter that is only right for
-  exactly 50 steps with 560 wrapped layers and never resets between images (spec §1.4);
+  exactly 50 steps with 560 wrapped layers and never resets between images (docs/methods/klora.md#step-clock);
 - alpha/rank scaling is applied to each delta before comparing (the code uses B A unscaled, wrong when
-  alpha != rank, spec §1.1);
-- layers are paired by module path, not by the key order of the two files (spec §1.2);
+  alpha != rank, docs/methods/klora.md#selection);
+- layers are paired by module path, not by the key order of the two files (docs/methods/klora.md#gamma);
 - gamma defaults to the paper's ratio of global sums (eq. 9); the code's trimmed mean of per-layer ratios is
   `gamma="code"`. The time pattern defaults to the paper's s(tau) = 1.5 tau + 0.5 (eq. 7, its main results; the
   code's default is s*, `time_pattern="s*"`). Algorithm 1's `alpha + beta * t/T` swaps alpha and beta; eq. 7

@@ -1,5 +1,5 @@
 """ZipLoRA: per-column merge coefficients of a subject and a style LoRA, optimised per pair (Shah et al., ECCV 2024,
-arXiv 2311.13600; spec §3), then one merged LoRA run like Merge.
+arXiv 2311.13600; docs/methods/ziplora.md), then one merged LoRA run like Merge.
 
 dW_m = m_c (x) dW_c + m_s (x) dW_s (column j scaled by m[j]), m initialised to ones (= direct merge) and trained
 with the ZipLoRA objective (`composition.merge_objective`): each LoRA's own prediction on its own prompt at noised
@@ -10,7 +10,7 @@ Reference images: ZipLoRA uses the images each LoRA was trained on. loraloom has
 generates them with each LoRA alone on its own prompt (`reference_images` per LoRA, `reference_steps` steps) —
 a stand-in, said here and in the docs.
 
-Choices where sources differ (spec §3.2): the similarity is |cos(m_c, m_s)| (what the paper names and LoRA.rar
+Choices where sources differ (docs/methods/ziplora.md#objective): the similarity is |cos(m_c, m_s)| (what the paper names and LoRA.rar
 computes; the paper's formula prints a dot product, mkshing's code uses mean |m_c * m_s|: `similarity`);
 lr 0.01 (LoRA.rar's ZipLoRA script; mkshing's README 5e-5 barely moves ones in 100 steps); 100 steps; lambda 0.01.
 """
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..errors import LoraloomError
 from ..lora import LoRA
-from ..merge_objective import PairBatchData, TrainableMerge, frozen, objective, own_prompt, training_scheduler
+from ..grad import frozen
+from ..merge_objective import PairBatchData, TrainableMerge, objective, own_prompt
 from ..merging import (
     Coefficients,
     is_attention_projection,
@@ -42,6 +43,8 @@ from .base import ActiveLoRA, DenoiseContext, Method, Step, cfg_pair, param, reg
 from .guidance import classifier_free_guidance
 
 log = logging.getLogger(__name__)
+# Sampler of the reference images: DPM-Solver++ (loraloom's default sampler) whatever the run's own is.
+REFERENCE_SCHEDULER = "dpmsolver++"
 
 
 class MergedLoRAMethod(Method):
@@ -82,16 +85,12 @@ def merge_layers(subject: LoRA, style: LoRA, component: str, scope: str) -> list
     return [p for p in c if p in s and not c[p].is_conv and not s[p].is_conv and (scope == "all" or is_attention_projection(p))]
 
 
-def reference_latents(ctx: DenoiseContext, lora: ActiveLoRA, prompt: str, n: int, steps: int, seed: int) -> torch.Tensor:
+def reference_latents(ctx: DenoiseContext, lora: ActiveLoRA, prompt: str, n: int, steps: int, seed: int,
+                      scheduler: str | None = REFERENCE_SCHEDULER) -> torch.Tensor:
     """n images generated with this LoRA alone on its own prompt, as latents (the stand-in for training images)."""
-    cp = ctx.pipeline
-    out = []
-    for i in range(n):
-        run = cp(prompt, negative_prompt=ctx.negative_prompt, loras=[(lora.name, lora.weight)], method="merge",
-                 method_params={"lora_scale": 1.0, "fuse": False}, num_inference_steps=steps, guidance_scale=ctx.guidance_scale,
-                 height=ctx.height, width=ctx.width, seed=seed + i, output_type="latent", progress_bar=False)
-        out.append(run.latents)
-    return torch.cat(out)
+    gates = {lora.name: lora.weight}
+    return torch.cat([ctx.sample(prompt, gates, seed=seed + i, num_inference_steps=steps, scheduler=scheduler,
+                                 output_type="latent") for i in range(n)])
 
 
 def pair_data(ctx: DenoiseContext, subject: ActiveLoRA, style: ActiveLoRA, p_c: str, p_s: str,
@@ -210,5 +209,5 @@ class ZipLoRA(MergedLoRAMethod):
             raise LoraloomError(f"ZipLoRA: {subject.name} and {style.name} share no Linear layer to merge column-wise.")
         with TrainableMerge(router, f"ziplora-train:{subject.name}+{style.name}", subject.lora, style.lora, paths,
                             subject.weight, style.weight) as merged:
-            return optimise_coefficients(unet, router, merged, data, training_scheduler(ctx.pipeline.pipe), p.steps, p.lr,
+            return optimise_coefficients(unet, router, merged, data, ctx.training_scheduler(), p.steps, p.lr,
                                          p.lam, p.similarity, p.seed, p.progress)

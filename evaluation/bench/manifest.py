@@ -20,6 +20,7 @@ import yaml
 
 from loraloom.composition.errors import SpecError
 from loraloom.composition.metadata import CATEGORIES
+from loraloom.pipelines.defaults import DEFAULTS
 
 FORMAT = "loraloom-benchmark/1"
 SEEDING_MODES = ("derived", "plain")
@@ -39,11 +40,11 @@ SET_KEYS = {"id", "loras", "base_model", "group", "scoring_text", "expected", "t
 class Settings:
     """What decides the images of one set besides its LoRAs (after layering)."""
 
-    steps: int = 30
-    guidance_scale: float = 7.5
-    scheduler: str = "dpmsolver++"
-    height: int | None = None
-    width: int | None = None
+    steps: int = DEFAULTS.steps
+    guidance_scale: float = DEFAULTS.guidance_scale
+    scheduler: str = DEFAULTS.scheduler
+    height: int | None = DEFAULTS.height
+    width: int | None = DEFAULTS.width
     lora_scale: float = 1.0
     negative_prompt: str = ""
     prompt: str = "{triggers}"  # `{triggers}`: the set's trigger words, comma-joined in LoRA order

@@ -4,7 +4,7 @@ makes its image, in one canonical order, and which process of a sharded run take
 Seeds. By default an image's seed is a pure function of (set id, seed value) — `derived_seed` — so any image can
 be regenerated alone, and every method sees the same initial noise for the same set and seed (paired
 comparisons). `seeding: plain` uses the seed value itself. `--reference-seeding` reproduces the ComposLoRA
-reference code instead (methods doc §6.3): one CPU generator seeded once per (group, number of LoRAs, method) run,
+reference code instead (docs/methods/composlora.md#seeding): one CPU generator seeded once per (group, number of LoRAs, method) run,
 latents drawn for the run's sets in manifest order; we get the same noise without running in order by
 fast-forwarding a fresh generator past the draws of the sets before (`reference_generator`).
 """

@@ -1,10 +1,13 @@
 """Batched DDIM sampling straight on the model parts (for training-time evaluation; one UNet call per step for
-a whole batch). Initial latents are drawn exactly as `ComposedPipeline` draws them (one CPU generator per seed),
-so a seed means the same image in both."""
+a whole batch), through loraloom's one denoising loop (`pipelines.denoise`). Initial latents are drawn exactly as
+`ComposedPipeline` draws them (one CPU generator per seed), so a seed means the same image in both."""
 
 from __future__ import annotations
 
 import torch
+
+from loraloom.pipelines.denoise import denoise, guided
+from loraloom.pipelines.vae import to_vae_latents
 
 from .models import SCHEDULER_CONFIG
 
@@ -34,11 +37,12 @@ def sample(unet, text_encoder, tokenizer, vae, prompts: list[str], seeds: list[i
         uncond = encode_text(text_encoder, tokenizer, [negative_prompt]).expand_as(cond)
         ctx = torch.cat([uncond, cond])
         lat = initial_latents(ss, unet.config.in_channels, unet.config.sample_size) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            x = sched.scale_model_input(torch.cat([lat, lat]), t)
-            u, c = unet(x, t, ctx, return_dict=False)[0].chunk(2)
-            lat = sched.step(u + guidance_scale * (c - u), t, lat, return_dict=False)[0]
-        outs.append(vae.decode(lat / vae.config.scaling_factor, return_dict=False)[0].clamp(-1, 1))
+
+        def pair(x, step, sched=sched, ctx=ctx):
+            return unet(sched.scale_model_input(x, step.timestep), step.timestep, ctx, return_dict=False)[0]
+
+        lat, _ = denoise(sched, lat, guided(pair, guidance_scale))
+        outs.append(vae.decode(to_vae_latents(vae, lat), return_dict=False)[0].clamp(-1, 1))
     return torch.cat(outs)
 
 
