@@ -71,10 +71,8 @@ def run_jobs(jobs: list[tuple], paths: Paths, recipe: Recipe, progress: bool) ->
 
 def reset_stage(stage: str, paths: Paths) -> None:
     """Forget a stage's checkpoints (a fresh, non-resumed run of it)."""
-    folders = {"vae": [paths.vae], "clip": [paths.clip_work], "base": [paths.base], "checker": [paths.checker_work],
-               "loras": [paths.work / "loras"]}.get(stage, [])
-    for f in folders:
-        shutil.rmtree(f, ignore_errors=True)
+    if stage in paths.stage_work():
+        shutil.rmtree(paths.stage_work()[stage], ignore_errors=True)
     timings = paths.work / "timings"
     for t in timings.glob(f"{'lora_*' if stage == 'loras' else stage}.json") if timings.exists() else []:
         t.unlink()
@@ -84,7 +82,6 @@ def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path =
           resume: bool = False, progress: bool = True, lora_ids: list[str] | None = None) -> dict:
     """Run the recipe's stages (in dependency order); returns the stage timings."""
     from . import trainers as T
-    from .lora_io import save_kohya_twin
     from .manifest import write_example, write_manifest
 
     recipe = recipe or Recipe()
@@ -125,7 +122,7 @@ def train(stages=("all",), work: str | Path = DEFAULT_WORK, assets: str | Path =
     if late:
         run_jobs(late, paths, recipe, progress)
     if "loras" in stages and (lora_ids is None or T.KOHYA_TWIN in lora_ids):
-        save_kohya_twin(paths.loras / f"{T.KOHYA_TWIN}.safetensors", paths.loras / "kohya" / f"{T.KOHYA_TWIN}.safetensors")
+        T.write_kohya_twin(paths)
     if "manifest" in stages:
         write_manifest(paths.assets / "benchmark.yaml", recipe)
         if paths.assets.resolve() == DEFAULT_ASSETS.resolve():
@@ -139,8 +136,8 @@ def write_training_record(paths: Paths, recipe: Recipe) -> Path:
     from .training import done_marker
 
     done = {}
-    for name, folder in (("vae", paths.vae), ("base", paths.base), ("checker", paths.checker_work), ("clip", paths.clip_work)):
-        marker = done_marker(folder)
+    for name in ("vae", "base", "checker", "clip"):
+        marker = done_marker(paths.stage_work()[name])
         if marker.exists():
             done[name] = json.loads(marker.read_text())
     record = {"recipe": recipe.to_dict(), "timings": Timings(paths.work).read(), "results": done,

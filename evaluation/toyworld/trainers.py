@@ -1,7 +1,8 @@
 """The toy-world training stages: VAE, base model (UNet + text encoder), concept LoRAs, checker, tiny CLIP.
 
-Each stage is deterministic (per-step seeded data and noise), checkpoints every few steps into the work
-folder, resumes from there, shows a tqdm bar, and writes its final artefact into the assets folder.
+Each stage is deterministic (per-step seeded data and noise) and trains with the one `training.TrainingLoop`
+(resume from the work folder, cosine learning rate, tqdm bar, checkpoints); it supplies its model, optimiser and
+the loss of step k, and writes its final artefact into the assets folder.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,10 @@ from tqdm.auto import tqdm
 
 from . import scenes as S
 from .checker import Checker, CheckerNet, augment, label_indices
+from .clipmodel import clip_captions
 from .models import build_text_encoder, build_unet, build_vae, count_params, sample_scheduler, train_scheduler
 from .recipe import Recipe
-from .training import EMA, Checkpoint, cosine_lr, is_done, mark_done, step_generator, step_rng
+from .training import EMA, Checkpoint, ParamList, TrainingLoop, is_done, mark_done, step_generator, step_rng
 from .vocab import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -29,24 +32,31 @@ SEEDS = {"vae": 11, "base": 22, "checker": 33, "clip": 44, "lora": 55, "pool": 6
 
 
 class Paths:
-    """Where a run keeps its checkpoints (`work`) and where the shipped artefacts go (`assets`)."""
+    """Where a run keeps its checkpoints (`work`) and where the shipped artefacts go (`assets`); `model` names
+    another base model folder than `<assets>/model` (LoRAs trained on the shipped model into a scratch folder)."""
 
-    def __init__(self, work: str | Path, assets: str | Path):
+    def __init__(self, work: str | Path, assets: str | Path, model: str | Path | None = None):
         self.work = Path(work)
         self.assets = Path(assets)
+        self._model = Path(model) if model is not None else None
 
     tokenizer = property(lambda self: self.work / "tokenizer")
     vae = property(lambda self: self.work / "vae")
     base = property(lambda self: self.work / "base")
     checker_work = property(lambda self: self.work / "checker")
     clip_work = property(lambda self: self.work / "clip")
-    model = property(lambda self: self.assets / "model")
+    model = property(lambda self: self._model or self.assets / "model")
     loras = property(lambda self: self.assets / "loras")
     checker = property(lambda self: self.assets / "checker")
     clip = property(lambda self: self.assets / "clip")
 
     def lora_work(self, lora_id: str) -> Path:
         return self.work / "loras" / lora_id
+
+    def stage_work(self) -> dict[str, Path]:
+        """Each trained stage's checkpoint folder (the LoRAs' holds one folder per LoRA)."""
+        return {"vae": self.vae, "clip": self.clip_work, "base": self.base, "checker": self.checker_work,
+                "loras": self.work / "loras"}
 
     def trained_vae(self) -> Path:
         """The VAE the base model and the checker are trained against: this run's fp32 checkpoint or, when a later
@@ -57,10 +67,6 @@ class Paths:
                 return folder
         raise FileNotFoundError(f"no trained VAE in {self.vae / 'final'} or {self.model / 'vae'}: "
                                 "train it first (`loraloom toyworld train --stage vae`)")
-
-
-def _bar(total: int, start: int, desc: str, enabled: bool = True):
-    return tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0)
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------
@@ -84,55 +90,44 @@ def image_batch(scenes_) -> torch.Tensor:
 
 
 # --- VAE -------------------------------------------------------------------------------------------------
+def vae_step(vae, recipe: Recipe, step: int) -> dict[str, torch.Tensor]:
+    """Step k of the VAE: a fresh batch of any scenes; MSE + L1 + a tiny KL on a sampled latent."""
+    rng = step_rng(SEEDS["vae"] + recipe.seed, step)
+    x = image_batch([S.sample_any_scene(rng) for _ in range(recipe.vae_batch)])
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=step_generator(SEEDS["vae"], step))
+    rec = vae.decode(z).sample
+    mse = F.mse_loss(rec, x)
+    return {"loss": mse + 0.5 * F.l1_loss(rec, x) + recipe.vae_kl * post.kl().mean(), "mse": mse}
+
+
+@torch.no_grad()
+def save_vae(vae, paths: Paths) -> None:
+    """Scaling factor = 1 / std of the latents (of 512 fixed scenes); the VAE goes to `<work>/vae/final`."""
+    rng = np.random.default_rng(SEEDS["vae"] + 1000)
+    x = image_batch([S.sample_any_scene(rng) for _ in range(512)])
+    post = vae.encode(x).latent_dist
+    std = float(post.mean.std())
+    mse = float(F.mse_loss(vae.decode(post.mean).sample, x))
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5), force_upcast=False)
+    vae.save_pretrained(paths.vae / "final")
+    mark_done(paths.vae, {"recon_mse": mse, "latent_std": std, "params": count_params(vae)})
+
+
 def stage_vae(paths: Paths, recipe: Recipe, progress: bool = True):
     """AutoencoderKL on all scenes: MSE + L1 + a tiny KL; scaling factor = 1 / std of the latents."""
     from diffusers import AutoencoderKL
 
-    final = paths.vae / "final"
-    if is_done(paths.vae):
-        return AutoencoderKL.from_pretrained(final)
-    vae = build_vae(recipe.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    ckpt = Checkpoint(paths.vae)
-    start = 0
-    if ckpt.exists():
-        state = ckpt.load()
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    vae.train()
-    bar = _bar(recipe.vae_steps, start, "toyworld vae", progress)
-    for step in range(start, recipe.vae_steps):
-        rng = step_rng(SEEDS["vae"] + recipe.seed, step)
-        x = image_batch([S.sample_any_scene(rng) for _ in range(recipe.vae_batch)])
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.vae_steps, recipe.vae_lr, warmup=50)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=step_generator(SEEDS["vae"], step))
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x) + recipe.vae_kl * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(mse=f"{mse.item():.4f}")
-        if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.vae_steps:
-            ckpt.save({"step": step + 1, "model": vae.state_dict(), "opt": opt.state_dict()})
-    bar.close()
-    vae.eval()
-    with torch.no_grad():
-        rng = np.random.default_rng(SEEDS["vae"] + 1000)
-        x = image_batch([S.sample_any_scene(rng) for _ in range(512)])
-        post = vae.encode(x).latent_dist
-        std = float(post.mean.std())
-        rec = vae.decode(post.mean).sample
-        mse = float(F.mse_loss(rec, x))
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5), force_upcast=False)
-    vae.save_pretrained(final)
-    mark_done(paths.vae, {"recon_mse": mse, "latent_std": std, "params": count_params(vae)})
-    return AutoencoderKL.from_pretrained(final)
+    if not is_done(paths.vae):
+        vae = build_vae(recipe.seed)
+        opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+        loop = TrainingLoop("toyworld vae", paths.vae, recipe.vae_steps, opt, list(vae.parameters()),
+                            {"model": vae, "opt": opt}, recipe.vae_lr, warmup=50,
+                            checkpoint_every=recipe.checkpoint_every, shown="mse")
+        vae.train()
+        loop.run(partial(vae_step, vae, recipe), progress)
+        save_vae(vae.eval(), paths)
+    return AutoencoderKL.from_pretrained(paths.vae / "final")
 
 
 # --- checker ---------------------------------------------------------------------------------------------
@@ -172,45 +167,42 @@ def checker_accuracy(checker: Checker, n: int = 2000, seed: int = 12345) -> dict
     return {a: float((pred[a] == truth[a]).mean()) for a in truth}
 
 
-def stage_checker(paths: Paths, recipe: Recipe, vae=None, progress: bool = True) -> Checker:
-    if is_done(paths.checker_work) and (paths.checker / "config.json").exists():
-        return Checker.load(paths.checker)
+def augmented_batch(x_all: torch.Tensor, batch: int, g: torch.Generator, strength: float = 1.0):
+    """(indices, augmented images) of `batch` random pool images, all drawn from `g` (checker and CLIP steps)."""
+    idx = torch.randint(0, len(x_all), (batch,), generator=g)
+    return idx, augment(x_all[idx].clone(), g, strength)
+
+
+def checker_data(paths: Paths, recipe: Recipe, vae=None, progress: bool = True):
+    """(images, labels) the checker trains on: the scene pool, its first `checker_vae_share` through the VAE."""
     scenes_, images = scene_pool(recipe.checker_pool, SEEDS["pool"] + recipe.seed, paths.checker_work / "pool.npz",
                                 progress=progress)
     n_vae = int(len(images) * recipe.checker_vae_share) if vae is not None else 0
     if n_vae:
         images = images.copy()
         images[:n_vae] = vae_round_trip(vae, images[:n_vae])
-    x_all = S.to_tensor_batch(images)
-    y_all = {a: torch.from_numpy(v) for a, v in label_indices(scenes_).items()}
+    return S.to_tensor_batch(images), {a: torch.from_numpy(v) for a, v in label_indices(scenes_).items()}
+
+
+def checker_step(net, x_all: torch.Tensor, y_all: dict, recipe: Recipe, step: int) -> dict[str, torch.Tensor]:
+    """Step k of the checker: augmented pool images, label-smoothed cross-entropy summed over the attributes."""
+    idx, x = augmented_batch(x_all, recipe.checker_batch, step_generator(SEEDS["checker"] + recipe.seed, step))
+    out = net(x)
+    return {"loss": sum(F.cross_entropy(out[a], y_all[a][idx], label_smoothing=0.05) for a in out)}
+
+
+def stage_checker(paths: Paths, recipe: Recipe, vae=None, progress: bool = True) -> Checker:
+    if is_done(paths.checker_work) and (paths.checker / "config.json").exists():
+        return Checker.load(paths.checker)
+    x_all, y_all = checker_data(paths, recipe, vae, progress)
     torch.manual_seed(SEEDS["checker"] + recipe.seed)
     net = CheckerNet(tuple(recipe.checker_widths), recipe.checker_hidden)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.checker_lr, weight_decay=1e-4)
-    ckpt = Checkpoint(paths.checker_work)
-    start = 0
-    if ckpt.exists():
-        state = ckpt.load()
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    loop = TrainingLoop("toyworld checker", paths.checker_work, recipe.checker_steps, opt, list(net.parameters()),
+                        {"model": net, "opt": opt}, recipe.checker_lr, warmup=50, final_lr=0.02,
+                        checkpoint_every=recipe.checkpoint_every * 2, clip_norm=None, digits=3)
     net.train()
-    bar = _bar(recipe.checker_steps, start, "toyworld checker", progress)
-    for step in range(start, recipe.checker_steps):
-        g = step_generator(SEEDS["checker"] + recipe.seed, step)
-        idx = torch.randint(0, len(x_all), (recipe.checker_batch,), generator=g)
-        x = augment(x_all[idx].clone(), g)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.checker_steps, recipe.checker_lr, warmup=50, final=0.02)
-        out = net(x)
-        loss = sum(F.cross_entropy(out[a], y_all[a][idx], label_smoothing=0.05) for a in out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % (recipe.checkpoint_every * 2) == 0 or step + 1 == recipe.checker_steps:
-            ckpt.save({"step": step + 1, "model": net.state_dict(), "opt": opt.state_dict()})
-    bar.close()
+    loop.run(partial(checker_step, net, x_all, y_all, recipe), progress)
     checker = Checker(net.eval(), {"widths": list(recipe.checker_widths), "hidden": recipe.checker_hidden})
     acc = checker_accuracy(checker)
     checker.save(paths.checker, {"accuracy_clean": acc, "params": count_params(net)})
@@ -302,11 +294,24 @@ def init_trigger_embeddings(text_encoder, tokenizer, seed: int) -> None:
     emb[ids] = mean + std * torch.randn((len(ids), emb.shape[1]), generator=g)
 
 
+def base_step(step: int, *, unet, te, tokenizer, sched, pool: LatentPool, recipe: Recipe, rank: int,
+              world: int) -> dict[str, torch.Tensor]:
+    """Step k of the base model: process `rank`'s rows of one batch drawn for all processes alike (scenes,
+    captions, timesteps, noise), with latents sampled from its own generator."""
+    B = recipe.base_batch
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    seed = SEEDS["base"] + recipe.seed
+    rng, g = step_rng(seed, step), step_generator(seed, step)
+    idx = torch.from_numpy(rng.integers(0, len(pool), B))
+    caps = base_captions([pool.scenes[i] for i in idx.tolist()], rng, recipe.caption_dropout, recipe.background_omit)
+    z = pool.draw(idx[rows], step_generator(seed + rank + 1, step))
+    enc = te(tokenize(tokenizer, caps[rows]))[0]
+    return {"loss": v_loss(unet, sched, z, enc, g, B, rows)}
+
+
 def _base_worker(rank: int, world: int, paths: Paths, recipe: Recipe, progress: bool) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
-
-    from .training import average_gradients, barrier
 
     tokenizer = CLIPTokenizer.from_pretrained(paths.tokenizer)
     vae = AutoencoderKL.from_pretrained(paths.trained_vae()).eval().requires_grad_(False)
@@ -315,48 +320,16 @@ def _base_worker(rank: int, world: int, paths: Paths, recipe: Recipe, progress: 
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.base_lr, weight_decay=0.01)
     ema = EMA(params, recipe.base_ema)
-    sched = train_scheduler()
-    ckpt = Checkpoint(paths.base)
-    start = 0
-    if ckpt.exists():
-        state = ckpt.load()
-        unet.load_state_dict(state["unet"])
-        te.load_state_dict(state["te"])
-        opt.load_state_dict(state["opt"])
-        ema.load_state_dict(state["ema"])
-        start = state["step"]
+    loop = TrainingLoop("toyworld base", paths.base, recipe.base_steps, opt, params,
+                        {"unet": unet, "te": te, "opt": opt, "ema": ema}, recipe.base_lr, recipe.base_warmup,
+                        checkpoint_every=recipe.checkpoint_every, ema=ema, rank=rank, world=world)
     unet.train()
     te.train()
-    B = recipe.base_batch
-    rows = slice(rank * B // world, (rank + 1) * B // world)
-    seed = SEEDS["base"] + recipe.seed
-    pool_rng = np.random.default_rng([seed, 999])
+    pool_rng = np.random.default_rng([SEEDS["base"] + recipe.seed, 999])
     pool = LatentPool.build(vae, [S.sample_scene(pool_rng) for _ in range(recipe.base_pool)])
-    bar = _bar(recipe.base_steps, start, "toyworld base", progress and rank == 0)
-    for step in range(start, recipe.base_steps):
-        rng, g = step_rng(seed, step), step_generator(seed, step)
-        idx = torch.from_numpy(rng.integers(0, len(pool), B))
-        caps = base_captions([pool.scenes[i] for i in idx.tolist()], rng, recipe.caption_dropout, recipe.background_omit)
-        z = pool.draw(idx[rows], step_generator(seed + rank + 1, step))
-        enc = te(tokenize(tokenizer, caps[rows]))[0]
-        loss = v_loss(unet, sched, z, enc, g, B, rows)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.base_steps, recipe.base_lr, recipe.base_warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params, world)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if rank == 0 and ((step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.base_steps):
-            ckpt.save({"step": step + 1, "unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                       "ema": ema.state_dict()})
-        if (step + 1) % recipe.checkpoint_every == 0:
-            barrier(world)
-    bar.close()
-    barrier(world)
+    step = partial(base_step, unet=unet, te=te, tokenizer=tokenizer, sched=train_scheduler(), pool=pool, recipe=recipe,
+                   rank=rank, world=world)
+    loop.run(step, progress)
 
 
 def save_pipeline(folder: Path, unet, te, tokenizer, vae, dtype=torch.float16) -> None:
@@ -456,12 +429,44 @@ def lora_batch(pools: tuple[LatentPool, LatentPool], rng: np.random.Generator, g
     return z, caps
 
 
-def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool = True, position: int = 0) -> Path:
-    """Train one concept LoRA on the saved base model and write `<assets>/loras/<id>.safetensors` (+ sidecar)."""
+def add_lora_adapters(unet, te, cfgs: dict) -> list[torch.Tensor]:
+    """Inject the LoRA layers of `cfgs` (drawing their initial weights from torch's global generator); the
+    trainable parameters, UNet's first."""
+    unet.add_adapter(cfgs["unet"])
+    if "text_encoder" in cfgs:
+        # peft directly: transformers' `add_adapter` insists on a newer peft than diffusers needs
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(cfgs["text_encoder"], te)
+    return [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+
+
+def lora_step(step: int, *, unet, te, tokenizer, sched, pools: tuple[LatentPool, LatentPool], recipe: Recipe,
+              seed: int) -> dict[str, torch.Tensor]:
+    """Step k of one LoRA: positives and prior scenes (`lora_batch`), v-prediction loss; the text encoder is in
+    the graph only when it has LoRA layers."""
+    B = recipe.lora_batch
+    rng, g = step_rng(seed, step), step_generator(seed, step)
+    z, caps = lora_batch(pools, rng, step_generator(seed + 1, step), B, recipe.lora_prior, recipe.lora_background_omit)
+    with torch.set_grad_enabled(recipe.lora_text_encoder):
+        enc = te(tokenize(tokenizer, caps))[0]
+    return {"loss": v_loss(unet, sched, z, enc, g, B, slice(0, B), recipe.lora_timestep_power)}
+
+
+def save_lora(out: Path, unet, te, cfgs: dict, spec: S.ConceptLoRA, recipe: Recipe) -> None:
+    """The trained adapters as one LoRA file with its sidecar (`lora_io.save_peft_lora`)."""
     from peft.utils import get_peft_model_state_dict
 
     from .lora_io import save_peft_lora
 
+    states = {"unet": get_peft_model_state_dict(unet)}
+    if "text_encoder" in cfgs:
+        states["text_encoder"] = get_peft_model_state_dict(te)
+    save_peft_lora(out, states, cfgs, spec, {"loraloom.toyworld.steps": recipe.lora_steps})
+
+
+def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool = True, position: int = 0) -> Path:
+    """Train one concept LoRA on the saved base model and write `<assets>/loras/<id>.safetensors` (+ sidecar)."""
     recipe = recipe.for_lora(spec.id)
     work = paths.lora_work(spec.id)
     out = paths.loras / f"{spec.id}.safetensors"
@@ -471,81 +476,48 @@ def train_lora(paths: Paths, recipe: Recipe, spec: S.ConceptLoRA, progress: bool
     cfgs = lora_configs(recipe)
     index = [l.id for l in S.LORAS].index(spec.id)
     torch.manual_seed(SEEDS["lora"] + recipe.seed + index)
-    unet.add_adapter(cfgs["unet"])
-    if "text_encoder" in cfgs:
-        # peft directly: transformers' `add_adapter` insists on a newer peft than diffusers needs
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(cfgs["text_encoder"], te)
-    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    params = add_lora_adapters(unet, te, cfgs)
     opt = torch.optim.AdamW(params, lr=recipe.lora_lr, weight_decay=1e-4)
-    ckpt = Checkpoint(work)
-    start = 0
-    if ckpt.exists():
-        state = ckpt.load()
-        for p, v in zip(params, state["params"]):
-            p.data.copy_(v)
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    loop = TrainingLoop(f"toyworld lora {spec.id}", work, recipe.lora_steps, opt, params,
+                        {"params": ParamList(params), "opt": opt}, recipe.lora_lr, warmup=20,
+                        checkpoint_every=recipe.checkpoint_every, position=position)
     unet.train()
     te.train()
-    sched = train_scheduler()
     seed = SEEDS["lora"] + recipe.seed + 1000 * (index + 1)
-    B = recipe.lora_batch
-    pools = lora_pools(vae, spec, recipe, seed)
-    bar = tqdm(total=recipe.lora_steps, initial=start, desc=f"toyworld lora {spec.id}", disable=not progress,
-               position=position, dynamic_ncols=True, mininterval=2.0, leave=True)
-    for step in range(start, recipe.lora_steps):
-        rng, g = step_rng(seed, step), step_generator(seed, step)
-        z, caps = lora_batch(pools, rng, step_generator(seed + 1, step), B, recipe.lora_prior, recipe.lora_background_omit)
-        with torch.set_grad_enabled("text_encoder" in cfgs):
-            enc = te(tokenize(tok, caps))[0]
-        loss = v_loss(unet, sched, z, enc, g, B, slice(0, B), recipe.lora_timestep_power)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.lora_steps, recipe.lora_lr, warmup=20)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.lora_steps:
-            ckpt.save({"step": step + 1, "params": [p.detach().clone() for p in params], "opt": opt.state_dict()})
-    bar.close()
-    states = {"unet": get_peft_model_state_dict(unet)}
-    if "text_encoder" in cfgs:
-        states["text_encoder"] = get_peft_model_state_dict(te)
-    save_peft_lora(out, states, cfgs, spec, {"loraloom.toyworld.steps": recipe.lora_steps})
+    step = partial(lora_step, unet=unet, te=te, tokenizer=tok, sched=train_scheduler(),
+                   pools=lora_pools(vae, spec, recipe, seed), recipe=recipe, seed=seed)
+    loop.run(step, progress)
+    save_lora(out, unet, te, cfgs, spec, recipe)
     mark_done(work, {"steps": recipe.lora_steps})
     return out
-
-
-def _lora_worker(rank: int, world: int, paths: Paths, recipe: Recipe, ids: list[str], progress: bool) -> None:
-    for lora_id in ids[rank::world]:
-        train_lora(paths, recipe, S.LORA_BY_ID[lora_id], progress=progress, position=rank)
-
-
-def stage_loras(paths: Paths, recipe: Recipe, ids: list[str] | None = None, progress: bool = True) -> list[Path]:
-    from .lora_io import save_kohya_twin
-    from .training import launch
-
-    ids = ids or [l.id for l in S.LORAS]
-    todo = [i for i in ids if not (is_done(paths.lora_work(i)) and (paths.loras / f"{i}.safetensors").exists())]
-    if todo:
-        launch(_lora_worker, min(recipe.workers, len(todo)), (paths, recipe, todo, progress), paths.work / "dist_init")
-    if KOHYA_TWIN in ids:
-        save_kohya_twin(paths.loras / f"{KOHYA_TWIN}.safetensors", paths.loras / "kohya" / f"{KOHYA_TWIN}.safetensors")
-    return [paths.loras / f"{i}.safetensors" for i in ids]
 
 
 KOHYA_TWIN = "character_1"
 
 
+def write_kohya_twin(paths: Paths) -> Path:
+    """The kohya (sd-scripts) spelling of one trained LoRA, `<assets>/loras/kohya/<KOHYA_TWIN>.safetensors`."""
+    from .lora_io import save_kohya_twin
+
+    peft = paths.loras / f"{KOHYA_TWIN}.safetensors"
+    return save_kohya_twin(peft, paths.loras / "kohya" / peft.name)
+
+
 # --- tiny CLIP -------------------------------------------------------------------------------------------
+def clip_step(step: int, *, model, tokenizer, x_all: torch.Tensor, scenes_: list,
+              recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Step k of the tiny CLIP: augmented pool images and captions of their scenes, CLIP's contrastive loss."""
+    seed = SEEDS["clip"] + recipe.seed
+    g, rng = step_generator(seed, step), step_rng(seed, step)
+    idx, x = augmented_batch(x_all, recipe.clip_batch, g, strength=0.7)
+    ids = tokenize(tokenizer, clip_captions([scenes_[i] for i in idx.tolist()], rng))
+    return {"loss": model(input_ids=ids, pixel_values=x, return_loss=True).loss}
+
+
 def stage_clip(paths: Paths, recipe: Recipe, progress: bool = True):
     from transformers import CLIPTokenizer
 
-    from .clipmodel import build_clip, build_processor, clip_captions, load_clip, retrieval_accuracy, save_clip
+    from .clipmodel import build_clip, build_processor, load_clip, retrieval_accuracy, save_clip
 
     if is_done(paths.clip_work) and (paths.clip / "config.json").exists():
         return load_clip(paths.clip)
@@ -553,37 +525,14 @@ def stage_clip(paths: Paths, recipe: Recipe, progress: bool = True):
     processor = build_processor(tokenizer)
     scenes_, images = scene_pool(recipe.clip_pool, SEEDS["pool"] + recipe.seed + 1, paths.clip_work / "pool.npz",
                                 progress=progress)
-    x_all = S.to_tensor_batch(images)
     model = build_clip(tokenizer, SEEDS["clip"] + recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
-    ckpt = Checkpoint(paths.clip_work)
-    start = 0
-    if ckpt.exists():
-        state = ckpt.load()
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    loop = TrainingLoop("toyworld clip", paths.clip_work, recipe.clip_steps, opt, list(model.parameters()),
+                        {"model": model, "opt": opt}, recipe.clip_lr, warmup=50, final_lr=0.02,
+                        checkpoint_every=recipe.checkpoint_every * 2, digits=3)
     model.train()
-    seed = SEEDS["clip"] + recipe.seed
-    bar = _bar(recipe.clip_steps, start, "toyworld clip", progress)
-    for step in range(start, recipe.clip_steps):
-        g, rng = step_generator(seed, step), step_rng(seed, step)
-        idx = torch.randint(0, len(x_all), (recipe.clip_batch,), generator=g)
-        x = augment(x_all[idx].clone(), g, strength=0.7)
-        caps = clip_captions([scenes_[i] for i in idx.tolist()], rng)
-        ids = tokenize(tokenizer, caps)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, recipe.clip_steps, recipe.clip_lr, warmup=50, final=0.02)
-        loss = model(input_ids=ids, pixel_values=x, return_loss=True).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % (recipe.checkpoint_every * 2) == 0 or step + 1 == recipe.clip_steps:
-            ckpt.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()})
-    bar.close()
+    loop.run(partial(clip_step, model=model, tokenizer=tokenizer, x_all=S.to_tensor_batch(images), scenes_=scenes_,
+                     recipe=recipe), progress)
     model.eval()
     save_clip(model, processor, paths.clip)
     model, processor = load_clip(paths.clip)

@@ -1,4 +1,5 @@
-"""Shared training machinery: deterministic per-step randomness, resumable checkpoints, EMA, progress, timings.
+"""Shared training machinery: deterministic per-step randomness, resumable checkpoints, EMA, the one training
+loop every stage runs (`TrainingLoop`), progress, timings.
 
 Every random draw of step `k` of a stage comes from generators seeded by (stage seed, k), so a run resumed
 from a checkpoint draws exactly what an uninterrupted run would have drawn.
@@ -11,10 +12,13 @@ import math
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 def quiet_library_bars() -> None:
@@ -102,6 +106,101 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class ParamList:
+    """A list of parameters as one checkpointable part (the LoRA stage saves only its trainable tensors)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def load_state_dict(self, values: list[torch.Tensor]) -> None:
+        for p, v in zip(self.params, values):
+            p.data.copy_(v)
+
+
+# What a stage computes at step k: its metrics as tensors, "loss" (what is minimised) among them.
+StepFn = Callable[[int], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainingLoop:
+    """The resumable loop every toy-world stage trains with: resume from the checkpoint in `folder`, then per step
+    the stage's loss, the `cosine_lr` rate (linear warm-up, cosine decay), backward, gradients averaged across
+    processes (`average_gradients`), clipped, the optimiser's step and the EMA's; a tqdm bar; a checkpoint every
+    `checkpoint_every` steps and after the last one.
+
+    The loop draws no random numbers itself: a stage's step function draws all of step k's from generators seeded
+    by (stage seed, k), so a resumed run equals an uninterrupted one bit for bit.
+    """
+
+    name: str  # the progress bar's label
+    folder: Path  # where checkpoint.pt is kept
+    steps: int
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]  # the trained parameters (their gradients are averaged and clipped)
+    saved: dict  # the checkpoint's parts by key (optimiser included), each with state_dict()/load_state_dict()
+    lr: float
+    warmup: int
+    final_lr: float = 0.1  # the cosine's floor as a share of lr
+    checkpoint_every: int = 100
+    clip_norm: float | None = 1.0
+    ema: EMA | None = None
+    rank: int = 0
+    world: int = 1
+    shown: str = "loss"  # the metric the bar shows
+    digits: int = 4
+    position: int | None = None  # the bar's line (side-by-side LoRA processes)
+
+    def resume(self) -> int:
+        """Load the checkpoint into the saved parts; the step to continue from (0 without a checkpoint)."""
+        ckpt = Checkpoint(self.folder)
+        if not ckpt.exists():
+            return 0
+        state = ckpt.load()
+        for key, part in self.saved.items():
+            part.load_state_dict(state[key])
+        return state["step"]
+
+    def save(self, done: int) -> None:
+        Checkpoint(self.folder).save({"step": done, **{key: part.state_dict() for key, part in self.saved.items()}})
+
+    def descend(self, step: int, loss: torch.Tensor) -> None:
+        """One optimiser step on `loss` at step `step`'s learning rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(step, self.steps, self.lr, self.warmup, self.final_lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.params, self.world)
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+
+    def checkpoint(self, done: int) -> None:
+        """Save after every `checkpoint_every` steps and after the last (rank 0 writes, the others wait for it)."""
+        periodic = done % self.checkpoint_every == 0
+        if self.rank == 0 and (periodic or done == self.steps):
+            self.save(done)
+        if periodic:
+            barrier(self.world)
+
+    def run(self, step_fn: StepFn, progress: bool = True) -> None:
+        start = self.resume()
+        bar = tqdm(total=self.steps, initial=start, desc=self.name, disable=not (progress and self.rank == 0),
+                   position=self.position, dynamic_ncols=True, mininterval=2.0)
+        for step in range(start, self.steps):
+            metrics = step_fn(step)
+            self.descend(step, metrics["loss"])
+            bar.update(1)
+            bar.set_postfix({self.shown: f"{metrics[self.shown].item():.{self.digits}f}"})
+            self.checkpoint(step + 1)
+        bar.close()
+        barrier(self.world)
 
 
 class Timings:
