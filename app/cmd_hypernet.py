@@ -7,24 +7,18 @@ import json
 from pathlib import Path
 
 
-# Extra toy-world LoRAs for hypernetwork training: concept id : training seed (the shipped LoRAs use seed 0).
-TOY_SUBJECTS = ("character_1:1", "character_2:1", "character_3:1", "clothing_1:1", "clothing_2:1", "object_1:1",
-                "object_2:1", "character_1:2", "character_2:2", "character_3:2")
-TOY_STYLES = ("style_1:1", "style_2:1", "background_1:1", "background_2:1", "style_1:2", "style_2:2", "background_1:2",
-              "background_2:2")
-
-
 def _names_or_count(value: str):
     return int(value) if value.isdigit() else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def register(sub) -> None:
+    from loraloom.evaluation.toyworld.hypernet import TOY_STYLES, TOY_SUBJECTS
     from loraloom.pipelines.hypernet_training import HypernetTrainConfig
 
     d = HypernetTrainConfig()
     p = sub.add_parser("hypernet", help="train / use the LoRA.rar merge hypernetwork",
                        description="LoRA.rar's hypernetwork predicts ZipLoRA-style per-column merge coefficients of a "
-                                   "subject and a style LoRA in one forward pass. See docs/methods_klora_ziplora_hypernet.md.")
+                                   "subject and a style LoRA in one forward pass. See docs/methods/klora_ziplora_hypernet.md.")
     hn = p.add_subparsers(dest="hypernet_command", metavar="ACTION")
 
     t = hn.add_parser("train", help="train a hypernetwork on folders of subject and style LoRAs (resumable)",
@@ -112,7 +106,7 @@ def register(sub) -> None:
     te.add_argument("--steps", type=int, help="sampling steps (default: the toy world's own, from its benchmark.yaml)")
     te.add_argument("--guidance-scale", type=float,
                     help="CFG scale (default: the toy world's own, from its benchmark.yaml; the tables in "
-                         "docs/methods_klora_ziplora_hypernet.md were made with 4)")
+                         "docs/methods/klora_ziplora_hypernet.md were made with 4)")
     te.add_argument("--no-progress", action="store_true")
     te.set_defaults(func=run_toyworld_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -167,117 +161,27 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- toy world -------------------------------------------------------------------------------------------
-def toy_prompt(spec, colour: str = "red") -> str:
-    """A concept's own prompt in the toy world's caption language: the concept on a plain scene."""
-    from loraloom.evaluation.toyworld import scenes as S
-
-    base = S.Scene(shape="circle", colour=colour, background="white")
-    return S.caption(base.with_(**{spec.attribute: spec.value}), background=spec.attribute != "shape")
-
-
+# --- toy world (evaluation/toyworld/hypernet.py) ----------------------------------------------------------
 def run_toyworld_loras(args: argparse.Namespace) -> int:
-    import shutil
-    from dataclasses import replace
-
-    import torch
-
     from loraloom.evaluation.toyworld import MODEL
-    from loraloom.evaluation.toyworld import scenes as S
-    from loraloom.evaluation.toyworld.recipe import Recipe
-    from loraloom.evaluation.toyworld.trainers import Paths, train_lora
+    from loraloom.evaluation.toyworld.hypernet import train_variant_loras
 
-    torch.set_num_threads(1)  # one core per process (the recipe's threads=1); run two processes to use two cores
-    model = Path(args.model or MODEL)
+    from .cmd_toyworld import recipe_with_settings
+
+    recipe = recipe_with_settings((item.partition("=")[::2] for item in args.set), "loraloom hypernet toyworld-loras")
     out = Path(args.out)
-    try:
-        recipe = Recipe().with_settings(item.partition("=")[::2] for item in args.set)
-    except (KeyError, ValueError) as err:
-        raise SystemExit(f"loraloom hypernet toyworld-loras: --set: {err.args[0]}")
-    work = Path(args.work or f"{out}.work")
-
-    class VariantPaths(Paths):
-        """The toy world's LoRA trainer with the shipped model and a folder per seed."""
-
-        model = property(lambda self: model)
-
-    for kind, items in (("subjects", args.subjects), ("styles", args.styles)):
-        for item in items:
-            lora_id, _, seed = item.partition(":")
-            spec = S.LORA_BY_ID[lora_id]
-            target = out / kind / f"{lora_id}_s{seed}.safetensors"
-            if target.exists():
-                continue
-            paths = VariantPaths(work / f"seed{seed}", work / f"seed{seed}" / "assets")
-            recipe_i = replace(recipe, seed=int(seed), threads=1, workers=1)
-            trained = train_lora(paths, recipe_i, spec, progress=not args.no_progress)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            side = json.loads(trained.with_suffix(".json").read_text())
-            side.update({"prompt": toy_prompt(spec), "training_seed": int(seed)})
-            shutil.copyfile(trained, target.with_suffix(".tmp"))
-            target.with_suffix(".json").write_text(json.dumps(side, indent=2) + "\n")
-            target.with_suffix(".tmp").replace(target)
-            print(f"{target}: {spec.name} ({spec.category}), seed {seed}")
+    written = train_variant_loras(out, Path(args.work or f"{out}.work"), Path(args.model or MODEL), args.subjects,
+                                  args.styles, recipe, progress=not args.no_progress)
+    for target, spec, seed in written:
+        print(f"{target}: {spec.name} ({spec.category}), seed {seed}")
     return 0
 
 
 def run_toyworld_eval(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
+    from loraloom.evaluation.toyworld.hypernet import evaluate_pairs
 
-    from loraloom.evaluation.toyworld import ASSETS, CHECKER, LORAS_DIR, MODEL
-    from loraloom.evaluation.toyworld import scenes as S
-    from loraloom.evaluation.toyworld.checker import Checker
-    from loraloom.evaluation.toyworld.manifest import sampler_defaults
-    from loraloom.pipelines import ComposedPipeline
-
-    torch.set_num_threads(1)
-    sampler = sampler_defaults(ASSETS, args.steps, args.guidance_scale)
-    steps, cfg = sampler["steps"], sampler["guidance_scale"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cp = ComposedPipeline.from_pretrained(str(MODEL))
-    checker = Checker.load(CHECKER)
-    methods = [m for m in args.methods.split(",") if m]
-    subjects, styles = args.subjects.split(","), args.styles.split(",")
-    for lora_id in subjects + styles:
-        cp.load_lora(LORAS_DIR / f"{lora_id}.safetensors", lora_id)
-    colours = list(S.BASE_COLOURS)
-    scores_file = out / "scores.json"
-    scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
-    todo = [(m, c, s, seed) for m in methods for c in subjects for s in styles for seed in range(args.seeds)]
-    for method, c, s, seed in tqdm(todo, desc="toyworld eval", disable=args.no_progress, dynamic_ncols=True):
-        key = f"{method}/{c}+{s}/s{seed}"
-        image_path = out / method / f"{c}+{s}_s{seed}.png"
-        spec_c, spec_s = S.LORA_BY_ID[c], S.LORA_BY_ID[s]
-        colour = colours[seed % len(colours)]
-        if not image_path.exists():
-            prompt = f"a {colour} {spec_c.trigger}, {spec_s.trigger}"
-            params = {}
-            if method == "ziplora":
-                params = {"subject_prompt": toy_prompt(spec_c, colour="red"), "style_prompt": toy_prompt(spec_s, colour="red"),
-                          "coefficients": str(out / "ziplora_coefficients" / f"{c}+{s}.safetensors"), "progress": False}
-            if method == "hypernet" and args.checkpoint:
-                params = {"checkpoint": args.checkpoint}
-            img = cp(prompt, loras=[c, s], method=method, method_params=params, num_inference_steps=steps, guidance_scale=cfg,
-                     scheduler="default", seed=seed, progress_bar=False).images[0]
-            image_path.parent.mkdir(parents=True, exist_ok=True)
-            img.save(image_path)
-        from PIL import Image
-
-        seen = checker.predict([Image.open(image_path)])[0]
-        scores[key] = {"subject": seen[spec_c.attribute] == spec_c.value, "style": seen[spec_s.attribute] == spec_s.value,
-                       "colour": seen["colour"] == colour, "seen": seen}
-    scores_file.write_text(json.dumps(scores, indent=1))
-    rows = ["| method | subject and style | subject | style | n |", "|---|---|---|---|---|"]
-    for method in methods:
-        mine = [v for k, v in scores.items() if k.startswith(method + "/") and k.split("/")[1].split("+")[0] in subjects
-                and k.split("/")[1].split("+")[1] in styles and int(k.split("/s")[-1]) < args.seeds]
-        n = len(mine)
-        both = sum(v["subject"] and v["style"] for v in mine)
-        rows.append(f"| {method} | {both / n:.2f} ({both}/{n}) | {sum(v['subject'] for v in mine) / n:.2f} | "
-                    f"{sum(v['style'] for v in mine) / n:.2f} | {n} |")
-    table = "\n".join(rows)
-    (out / "table.md").write_text(table + "\n")
+    table = evaluate_pairs(Path(args.out), [m for m in args.methods.split(",") if m], args.subjects.split(","),
+                           args.styles.split(","), args.seeds, checkpoint=args.checkpoint, steps=args.steps,
+                           guidance_scale=args.guidance_scale, progress=not args.no_progress)
     print(table)
     return 0

@@ -60,15 +60,20 @@ def register(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _recipe(args):
-    from dataclasses import replace
-
+def recipe_with_settings(settings, command: str):
+    """The toy world's recipe with `--set` (key, text) overrides; a bad one ends `command` with a message naming it."""
     from loraloom.evaluation.toyworld.recipe import Recipe
 
     try:
-        recipe = Recipe().with_settings(args.set)
+        return Recipe().with_settings(settings)
     except (KeyError, ValueError) as err:
-        raise SystemExit(f"loraloom toyworld: --set: {err.args[0]}")
+        raise SystemExit(f"{command}: --set: {err.args[0]}")
+
+
+def _recipe(args):
+    from dataclasses import replace
+
+    recipe = recipe_with_settings(args.set, "loraloom toyworld")
     return replace(recipe, workers=args.workers) if args.workers else recipe
 
 
