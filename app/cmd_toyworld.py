@@ -41,6 +41,8 @@ def register(sub) -> None:
     c = tw.add_parser("check", help="measure the quality bars (prints the six result lines last)")
     c.add_argument("--assets", default=str(DEFAULT_ASSETS))
     c.add_argument("--quick", action="store_true", help="fewer images (a rough number in about a quarter of the time)")
+    c.add_argument("--smoke", action="store_true", help="one image per probe where possible: every part of the check "
+                                                        "runs in seconds (for an install; the numbers mean little)")
     c.add_argument("--workers", type=int, default=2, help="single-threaded generation processes (default: 2)")
     c.add_argument("--images", help="also save contact sheets of every probe group into this folder")
     c.add_argument("--steps", type=int, help="sampling steps (default: the world's own, from its benchmark.yaml)")
@@ -98,6 +100,9 @@ def run_check(args) -> int:
     if args.quick:
         settings = CheckSettings(base_seeds=1, lora_images=8, leak_images=8, merge2_seeds=1, merge4_sets=12, merge4_seeds=1,
                                  checker_images=500, workers=args.workers)
+    if args.smoke:
+        settings = CheckSettings(base_seeds=1, lora_images=1, leak_images=1, merge2_seeds=1, merge4_sets=1, merge4_seeds=1,
+                                 checker_images=50, workers=args.workers)
     check(args.assets, settings, steps=args.steps, guidance_scale=args.guidance_scale, progress=not args.no_progress,
           out_dir=Path(args.images) if args.images else None)
     return 0

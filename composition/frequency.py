@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .lora_file import file_sha256
+
 
 def grey_uint8(image) -> np.ndarray:
     """PIL image / HWC uint8 array / HWC float array in [0, 1] -> (H, W) uint8, RGB averaged (as the notebook)."""
@@ -59,14 +61,6 @@ def partition_by_score(deltas: dict[str, float], threshold: float = 0.0) -> tupl
 
 
 # --- identities and the cache ---------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def lora_identity(lora) -> str:
     """sha256 of the LoRA file (or of its factors when it was built in memory)."""
     if lora.path is not None and Path(lora.path).is_file():

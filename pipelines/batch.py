@@ -14,9 +14,11 @@ from tqdm.auto import tqdm
 
 from loraloom.composition.errors import LoRAFileError, SpecError
 from loraloom.composition.lora import read_lora_info
+from loraloom.composition.lora_file import file_sha256
+from loraloom.resources import examples, shipped
 
 from .composed import ComposedPipeline
-from .spec import GenerationSpec, LoRARef, file_sha256, save_png
+from .spec import GenerationSpec, LoRARef, save_png
 
 # Fields a spec file sets once for every image (the GenerationSpec template) and the grid and run fields.
 TEMPLATE_FIELDS = ("negative_prompt", "steps", "guidance_scale", "height", "width", "scheduler", "family", "dtype")
@@ -73,10 +75,12 @@ def _resolve(path: str, base: Path) -> str:
 def load_batch_spec(path: str | os.PathLike, overrides: dict | None = None) -> BatchSpec:
     """Read a YAML/JSON batch spec; `overrides` (from CLI flags) replace fields."""
     path = Path(path)
+    if not path.exists() and (found := shipped(path)) is not None:
+        path = found  # an example shipped with loraloom, named as in the repository (works from any folder)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file") from None
+        raise SpecError(f"{path}: no such spec file (the shipped examples: {', '.join(examples())})") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML/JSON ({err})") from None
     if not isinstance(data, dict):

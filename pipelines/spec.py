@@ -43,14 +43,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class LoRARef:
     """A LoRA as a spec names it: file, user weight, and what the user says it is."""

@@ -29,7 +29,7 @@ def _random_net(widths=(8, 32, 64), seed=0, input_scale=3.0):
 
 
 def test_factor_form_equals_dense_columns():
-    """coefficients() from the factors == forward() on the columns of [scaled dW_c; scaled dW_s] (spec §4.1)."""
+    """coefficients() from the factors == forward() on the columns of [scaled dW_c; scaled dW_s] (docs/methods/hypernet.md#architecture)."""
     g = torch.Generator().manual_seed(1)
     c = LoRALayer(torch.randn(2, 5, generator=g), torch.randn(8, 2, generator=g), alpha=6.0)
     s = LoRALayer(torch.randn(4, 5, generator=g), torch.randn(8, 4, generator=g), alpha=1.0)

@@ -22,7 +22,8 @@ import torch
 
 from loraloom.composition.errors import LoraloomError, SpecError
 from loraloom.pipelines.batch import PipelineCache, generate_image
-from loraloom.pipelines.spec import GenerationSpec, file_sha256, save_png
+from loraloom.pipelines.spec import GenerationSpec, save_png
+from loraloom.composition.lora_file import file_sha256
 
 from .manifest import BenchSet, Manifest, missing_files
 from .plan import FileHashes, MethodVariant, WorkItem, build_plan, reference_generator, scheduler_draws_noise, shard

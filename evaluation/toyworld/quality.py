@@ -212,9 +212,9 @@ def run_check(assets, settings: CheckSettings | None = None, steps: int | None =
                 f"leak {1 - rate[f'leak:{spec.id}']:.3f}")
     for n in (2, 4):
         idx = groups[f"merge{n}"]
-        per = {a: np.mean([preds[i][a] == probes[i].expect[a] for i in idx if a in probes[i].expect])
-               for a in ("shape", "clothing", "style", "background", "object")}
-        printer(f"merge n={n}: per concept " + ", ".join(f"{a} {v:.2f}" for a, v in per.items() if not np.isnan(v)))
+        hits = {a: [preds[i][a] == probes[i].expect[a] for i in idx if a in probes[i].expect]
+                for a in ("shape", "clothing", "style", "background", "object")}
+        printer(f"merge n={n}: per concept " + ", ".join(f"{a} {np.mean(h):.2f}" for a, h in hits.items() if h))
     if out_dir is not None:
         save_check_images(Path(out_dir), probes, images, ok)
         printer(f"images: {out_dir}")
