@@ -80,3 +80,14 @@ def lora_files(tmp_path, tiny_sd):
         paths[name] = write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=i + 1, alpha=2.0 + i,
                                         triggers=trig, category=cat, std=0.15)
     return paths
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marker `gpu` means it: without CUDA such a test is skipped, with the reason (`-ra` prints it); with CUDA it runs."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"gpu: needs a CUDA device; torch.cuda.is_available() is False here (torch "
+                                   f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -20,7 +20,36 @@ from loraloom.evaluation.bench.plan import (build_plan, derived_seed, parse_meth
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSLORA = ROOT / "assets" / "composlora" / "manifest.yaml"
-SHARED = ROOT.parent / "shared" / "data" / "composlora"
+REFERENCE = Path(__file__).resolve().parent / "data" / "composlora" / "reference_sets.json"
+
+
+def _git_blob_id(data: bytes) -> str:
+    """What `git hash-object` prints: pins a file to the exact bytes a git repository holds."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _lora_infos(manifest: dict) -> dict[str, bytes]:
+    """The reference repository's `<style>_lora_info.json` files, byte for byte, rebuilt from the shipped manifest's
+    `loras` (the manifest carries every field of them, in their order; the files are 4-space-indented JSON)."""
+    infos: dict[str, dict] = {}
+    for lora in manifest["loras"]:
+        style, lora_id = lora["id"].split("/", 1)
+        entry = {"id": lora_id, "name": lora["name"], "trigger": lora["triggers"], "url": lora["url"]}
+        infos.setdefault(style, {}).setdefault(lora["category"], []).append(entry)
+    return {style: json.dumps(info, indent=4).encode() for style, info in infos.items()}
+
+
+def _reference_sets(triggers: dict[tuple[str, str], list[str]]) -> bytes:
+    """`composlora_sets_derived.json` (the reference enumeration with its prompts), byte for byte, from the compact
+    copy in tests/data and the trigger words, by the rule its `_note` states."""
+    compact = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    sets = []
+    for style, n, run_index, lora_ids in compact["sets"]:
+        clip_text = ", ".join(t for i in lora_ids for t in triggers[style, i])
+        sets.append({"style": style, "n": n, "run_index": run_index, "lora_ids": lora_ids,
+                     "prompt": f"{compact['base_prompt'][style]}, {clip_text}", "clip_text": clip_text})
+    full = {"_note": compact["_note"], "base_prompt": compact["base_prompt"], "sets": sets}
+    return json.dumps(full, indent=1).encode()
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +86,21 @@ def test_composlora_counts_order_and_settings(composlora):
     assert m.model_ref("anime") == "gsdf/Counterfeit-V2.5"  # a hub id stays a hub id
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared ComposLoRA reference data is not next to the repository")
 def test_composlora_matches_reference_enumeration(composlora):
-    ref = json.loads((SHARED / "composlora_sets_derived.json").read_text())["sets"]
+    """Against the reference data (no download, no skip): the LoRA metadata files and the derived enumeration are
+    rebuilt here and must be the exact bytes the reference repository and the project's derivation hold (git blob
+    ids in tests/data/composlora/reference_sets.json), then the same checks as against the original files."""
+    shipped = yaml.safe_load(COMPOSLORA.read_text())
+    pins = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    raw_infos = _lora_infos(shipped)
+    assert {style: _git_blob_id(raw) for style, raw in raw_infos.items()} == pins["lora_info_blobs"], \
+        "the manifest's loras no longer carry the reference *_lora_info.json files (Multi-LoRA-Composition @ cac122a)"
+    infos = {style: json.loads(raw) for style, raw in raw_infos.items()}
+    triggers = {(style, e["id"]): e["trigger"] for style, info in infos.items() for entries in info.values() for e in entries}
+    raw_ref = _reference_sets(triggers)
+    assert _git_blob_id(raw_ref) == pins["derived_blob"], "tests/data/composlora/reference_sets.json was changed"
+
+    ref = json.loads(raw_ref)["sets"]
     assert len(ref) == len(composlora.sets)
     for s, r in zip(composlora.sets, ref):
         assert (s.group, s.n, s.run_position) == (r["style"], r["n"], r["run_index"])
@@ -67,9 +108,7 @@ def test_composlora_matches_reference_enumeration(composlora):
         assert composlora.prompt(s) == r["prompt"]
         assert composlora.scoring_text(s) == r["clip_text"]
     # the shipped file is what the builder makes from the reference metadata
-    infos = {st: json.loads((SHARED / f"{st}_lora_info.json").read_text()) for st in ("anime", "reality")}
     built = build_manifest(infos)
-    shipped = yaml.safe_load(COMPOSLORA.read_text())
     assert built == shipped
 
 

@@ -54,6 +54,7 @@ def _loraloom(installed: Path, cwd: Path, *args: str, timeout: int = 600) -> sub
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_installed_package_runs_from_any_folder(installed, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import loraloom, loraloom.resources as r; print(loraloom.__file__); "
                             "print(r.assets_dir())"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(installed)},

@@ -87,6 +87,7 @@ def test_base_model_draws_what_it_is_asked(cp, checker):
     assert hits >= 5, hits
 
 
+@pytest.mark.slow
 def test_every_lora_loads_with_its_metadata_and_changes_the_image(cp):
     from loraloom.composition import load_lora
 
