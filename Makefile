@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(VENV)/bin/loraloom ui $(UI_ARGS)
 
-# tools/ensure_chromium.sh installs Debian's chromium for the browser test when it is missing (never fails).
+# tools/ensure_chromium.sh installs Debian's chromium for the browser test when it is missing (never fails);
+# ruff checks the code with the rules in pyproject.toml before the suite runs.
 test: $(STAMP)
 	@sh tools/ensure_chromium.sh
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean-venv:

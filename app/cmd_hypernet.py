@@ -115,8 +115,8 @@ def register(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from loraloom.pipelines.hypernet_training import HypernetTrainConfig, HypernetTrainer
     from loraloom.pipelines import ComposedPipeline
+    from loraloom.pipelines.hypernet_training import HypernetTrainConfig, HypernetTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

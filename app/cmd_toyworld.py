@@ -69,7 +69,7 @@ def recipe_with_settings(settings, command: str):
     try:
         return Recipe().with_settings(settings)
     except (KeyError, ValueError) as err:
-        raise SystemExit(f"{command}: --set: {err.args[0]}")
+        raise SystemExit(f"{command}: --set: {err.args[0]}") from None
 
 
 def _recipe(args):
@@ -94,7 +94,8 @@ def run_train(args) -> int:
 
 
 def run_check(args) -> int:
-    from loraloom.evaluation.toyworld.quality import CheckSettings, run_check as check
+    from loraloom.evaluation.toyworld.quality import CheckSettings
+    from loraloom.evaluation.toyworld.quality import run_check as check
 
     settings = CheckSettings(workers=args.workers)
     if args.quick:

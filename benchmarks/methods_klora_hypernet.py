@@ -81,7 +81,13 @@ def _merge_lines(env) -> list[tuple[str, float]]:
     from loraloom.composition.merging import merged_lora
     from loraloom.composition.methods import ActiveLoRA
     from loraloom.composition.methods.hypernet import merge_with_hypernet
-    from loraloom.composition.methods.ziplora import ZipLoRAParams, merge_layers, optimise_coefficients, pair_data, reference_latents
+    from loraloom.composition.methods.ziplora import (
+        ZipLoRAParams,
+        merge_layers,
+        optimise_coefficients,
+        pair_data,
+        reference_latents,
+    )
 
     ours = env.ours
     subject, style = ours.loras[env.names[0]], ours.loras[env.names[1]]

@@ -20,7 +20,7 @@ class Conditioning:
         return int(self.hidden.shape[0])
 
     @staticmethod
-    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
         first = parts[0]
         return Conditioning(
             torch.cat([p.hidden for p in parts]),
@@ -28,7 +28,7 @@ class Conditioning:
             None if first.time_ids is None else torch.cat([p.time_ids for p in parts]),
         )
 
-    def rows(self, start: int, stop: int) -> "Conditioning":
+    def rows(self, start: int, stop: int) -> Conditioning:
         return Conditioning(
             self.hidden[start:stop],
             None if self.pooled is None else self.pooled[start:stop],

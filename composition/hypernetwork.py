@@ -93,7 +93,7 @@ class MergeHypernetwork(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device=None) -> "MergeHypernetwork":
+    def load(cls, path: str | Path, device=None) -> MergeHypernetwork:
         from safetensors import safe_open
 
         path = Path(path)

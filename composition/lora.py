@@ -160,7 +160,7 @@ class LoRA:
     def nbytes(self) -> int:
         return sum(l.nbytes for mods in self.layers.values() for l in mods.values())
 
-    def to(self, device=None, dtype=None) -> "LoRA":
+    def to(self, device=None, dtype=None) -> LoRA:
         """Move/cast factors in place (the routing layer then shares these tensors: no second copy)."""
         for mods in self.layers.values():
             for layer in mods.values():

@@ -115,7 +115,7 @@ def _unet(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.T
 @torch.no_grad()
 def own_predictions(unet, router: LoRARouter, data: PairBatchData, xt_c: torch.Tensor, xt_s: torch.Tensor, t) -> torch.Tensor:
     """[eps_Lc(x_c^t, p_c); eps_Ls(x_s^t, p_s)] in one routed call (row 0 subject alone, row 1 style alone)."""
-    router.set_routing(Routing.blocks([(1, {data.subject: data.w_c}), (1, {data.style: data.w_s})]))
+    router.set_routing(Routing.from_blocks([(1, {data.subject: data.w_c}), (1, {data.style: data.w_s})]))
     try:
         return _unet(unet, torch.cat([xt_c, xt_s]), t, Conditioning.cat([data.cond_c, data.cond_s]))
     finally:

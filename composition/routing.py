@@ -41,27 +41,27 @@ class RowBlock:
     gates: tuple[tuple[str, float], ...]
 
     @staticmethod
-    def of(rows: slice | None, gates: Mapping[str, float]) -> "RowBlock":
+    def of(rows: slice | None, gates: Mapping[str, float]) -> RowBlock:
         return RowBlock(rows, tuple((k, float(v)) for k, v in gates.items()))
 
 
 @dataclass(frozen=True)
 class Routing:
-    """Which adapters apply to which rows of a batch. Build with `Routing.uniform` or `Routing.blocks`."""
+    """Which adapters apply to which rows of a batch. Build with `Routing.uniform` or `Routing.from_blocks`."""
 
     blocks: tuple[RowBlock, ...] = ()
 
     @staticmethod
-    def none() -> "Routing":
+    def none() -> Routing:
         return Routing(())
 
     @staticmethod
-    def uniform(gates: Mapping[str, float]) -> "Routing":
+    def uniform(gates: Mapping[str, float]) -> Routing:
         """Every row gets the same adapters (Merge, Switch)."""
         return Routing((RowBlock.of(None, gates),))
 
     @staticmethod
-    def blocks(sizes_and_gates: Sequence[tuple[int, Mapping[str, float]]]) -> "Routing":
+    def from_blocks(sizes_and_gates: Sequence[tuple[int, Mapping[str, float]]]) -> Routing:
         """Consecutive row blocks, e.g. [(2, {"a": .8}), (2, {"b": .8})] for two CFG pairs (Composite)."""
         out, start = [], 0
         for n, gates in sizes_and_gates:
@@ -74,7 +74,7 @@ class Routing:
         stops = [b.rows.stop for b in self.blocks if b.rows is not None]
         return max(stops) if stops else None
 
-    def rows(self, start: int, stop: int) -> "Routing":
+    def rows(self, start: int, stop: int) -> Routing:
         """The routing of rows [start, stop), renumbered from 0 (for chunked batches)."""
         out = []
         for b in self.blocks:

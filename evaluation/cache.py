@@ -64,7 +64,7 @@ class JudgeCache:
             return self._answers.get(key)
 
     def put(self, record: dict) -> None:
-        record = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **record}
+        record = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **record}
         line = json.dumps(record, ensure_ascii=False, sort_keys=True)
         with self._lock:
             if record.get("status") == "answer":

@@ -18,9 +18,9 @@ last), a warning is logged and the result says `truncated=True`; with `long_text
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

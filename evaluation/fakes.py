@@ -12,10 +12,10 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -84,8 +84,15 @@ def tiny_llava_folder(folder: str | Path, seed: int = 0, always_first_token: boo
     template, saved. With `always_first_token`, the LM head is zero, so greedy decoding always picks token 0
     ("yes"): a deterministic answer through the real generate path."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     vocab = {w: i for i, w in enumerate(LLAVA_WORDS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -152,7 +159,7 @@ class FakeChatServer:
     request JSON, its headers and the 1-based request count, and returns the answer text or a `Fault`.
     Every request is recorded (`requests`: bodies, `headers`)."""
 
-    def __init__(self, respond: Callable[[dict, dict, int], "str | Fault"]):
+    def __init__(self, respond: Callable[[dict, dict, int], str | Fault]):
         self.respond = respond
         self.requests: list[dict] = []
         self.headers: list[dict] = []
@@ -203,7 +210,7 @@ class FakeChatServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def start(self) -> "FakeChatServer":
+    def start(self) -> FakeChatServer:
         self._thread.start()
         return self
 

@@ -7,13 +7,12 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from PIL import Image
 
 from loraloom.evaluation.errors import EvaluationError
 
-ImageLike = Union[Image.Image, str, os.PathLike, bytes]
+ImageLike = Image.Image | str | os.PathLike | bytes
 
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
@@ -49,7 +48,7 @@ class ImageBlob:
     source: str | None = None
 
     @staticmethod
-    def of(image: "ImageLike | ImageBlob") -> "ImageBlob":
+    def of(image: ImageLike | ImageBlob) -> ImageBlob:
         """From a file (its bytes as they are on disk), encoded bytes, or a PIL image (encoded as PNG)."""
         if isinstance(image, ImageBlob):
             return image

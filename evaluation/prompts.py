@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import string
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -45,7 +45,7 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_template(name_or_path: str) -> PromptTemplate:
     """A shipped template by name (`composlora_pairwise`) or a user's own YAML file by path."""
     path = Path(name_or_path)

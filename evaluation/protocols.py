@@ -17,8 +17,8 @@ failures with their raw text; a failed comparison has no scores, never a guessed
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from loraloom.evaluation.cache import JudgeCache
 from loraloom.evaluation.images import ImageBlob, ImageLike

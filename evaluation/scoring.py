@@ -17,15 +17,15 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.parsing import PAIRWISE_DIMENSIONS
-from loraloom.evaluation.protocols import ComposLoRAPairwise, Element, OUTCOMES, PairwiseResult, win_tie_lose
+from loraloom.evaluation.protocols import OUTCOMES, ComposLoRAPairwise, Element, PairwiseResult, win_tie_lose
 from loraloom.pipelines.spec import GenerationSpec, read_png_spec
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def evaluate_folder(folder: str | os.PathLike, scorer=None, text_mode: str = "tr
     out_dir = Path(out_dir) if out_dir else folder
     out_dir.mkdir(parents=True, exist_ok=True)
     images, skipped = scan_folder(folder, recursive=recursive)
-    for path, why in skipped:
+    for _path, why in skipped:
         log.warning("skipped %s", why)
     if not images:
         raise EvaluationError(f"{folder}: no loraloom PNGs to evaluate" + (f" ({len(skipped)} other PNGs skipped)" if skipped else ""))

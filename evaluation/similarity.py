@@ -14,9 +14,10 @@ A fidelity score is the mean cosine over the references (raw cosine in [-1, 1]; 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -67,7 +67,7 @@ class ComposedPipeline:
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs) -> "ComposedPipeline":
+    def from_pretrained(cls, model: str, **kwargs) -> ComposedPipeline:
         """`model`: diffusers folder, hub id, single-file .safetensors, or `tiny:sd1` / `tiny:sdxl`."""
         family = kwargs.get("family")
         return cls(load_base_pipeline(model, **kwargs), family=family if family in FAMILY_NAMES else None)
@@ -116,7 +116,7 @@ class ComposedPipeline:
                 raise IncompatibleLoRA(lora.path, f"has layers for {missing}, which this {model} model does not have.",
                                        "use a LoRA made for this model family.")
             looks_like = family_display(info.key_families) if info.key_families else None
-            for comp, router in self.routers.items():
+            for router in self.routers.values():
                 router.check(lora, model, looks_like)
             for comp, router in self.routers.items():
                 if lora.layers.get(comp):
@@ -257,7 +257,7 @@ class ComposedPipeline:
     # --- text encoding --------------------------------------------------------------------------------------
     def encode_prompt_rows(self, prompts: list[str], negatives: list[str], text_gates: list[Mapping[str, float]], height: int, width: int):
         """Encode prompt i with text-encoder LoRA gates i (one batched call per encoder); (negative, positive)."""
-        routing = Routing.blocks([(1, g) for g in text_gates])
+        routing = Routing.from_blocks([(1, g) for g in text_gates])
         for comp in TEXT_COMPONENTS:
             if comp in self.routers:
                 self.routers[comp].set_routing(routing)

@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from loraloom.composition.errors import LoraloomError
-from loraloom.composition.hypernetwork import DEFAULT_TARGETS, MergeHypernetwork, delta_rms, target_layers, widths_of
 from loraloom.composition.grad import frozen
+from loraloom.composition.hypernetwork import DEFAULT_TARGETS, MergeHypernetwork, delta_rms, target_layers, widths_of
 from loraloom.composition.merge_objective import PairBatchData, TrainableMerge, objective, own_prompt, training_scheduler
 
 from .defaults import DEFAULTS

@@ -114,7 +114,7 @@ class GenerationSpec:
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
 
     @staticmethod
-    def from_dict(data: dict) -> "GenerationSpec":
+    def from_dict(data: dict) -> GenerationSpec:
         if not isinstance(data, dict):
             raise SpecError("a generation spec must be a JSON object")
         data = dict(data)

@@ -119,7 +119,7 @@ def test_maps_follow_routing_row_by_row_and_early_stop(run):
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)).repeat(3, 1, 1, 1)
     step = Step(1, 4, run.scheduler.timesteps[1])
     tokens = torch.tensor([[1, 2]] * 3)
-    routing = Routing.blocks([(1, {}), (1, {"a": 1.0}), (1, {"b": 1.0})])
+    routing = Routing.from_blocks([(1, {}), (1, {"a": 1.0}), (1, {"b": 1.0})])
     with torch.no_grad():
         eps, maps = run.predict_with_attention(x, step, cond, routing, tokens)
         none, early = run.predict_with_attention(x, step, cond, routing, tokens, output=False)

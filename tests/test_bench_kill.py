@@ -90,7 +90,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
                 time.sleep(rng.uniform(0.0, 1.5))
             else:  # mid-run: a few images after the previous kill, at a random point of the next one
                 target = done + rng.randint(1, 4)
-                _wait(lambda: _count(db) >= target, proc, deadline)
+                _wait(lambda target=target: _count(db) >= target, proc, deadline)
                 time.sleep(rng.uniform(0.0, 0.3))
             alive = proc.poll() is None
             proc.send_signal(signal.SIGKILL)

@@ -15,8 +15,14 @@ from loraloom.app.cli import main
 from loraloom.composition.errors import SpecError
 from loraloom.evaluation.bench.composlora import build_manifest
 from loraloom.evaluation.bench.manifest import load_manifest, missing_files
-from loraloom.evaluation.bench.plan import (build_plan, derived_seed, parse_methods, reference_generator, scheduler_draws_noise,
-                                   shard)
+from loraloom.evaluation.bench.plan import (
+    build_plan,
+    derived_seed,
+    parse_methods,
+    reference_generator,
+    scheduler_draws_noise,
+    shard,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSLORA = ROOT / "assets" / "composlora" / "manifest.yaml"

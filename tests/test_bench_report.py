@@ -93,7 +93,7 @@ def test_report_tables_plots_and_grids(scored_run, tmp_path):
                       "AND i.method='composite' AND i.n_loras=3").fetchall()
     per_set = [statistics.fmean(v for s, v in vals if s == sid) for sid in sorted({s for s, _ in vals})]
     e = estimate(per_set)
-    assert f"| composite | " in md and f"{e.mean:.2f} ± {e.half:.2f} |" in md.split("## CLIPScore")[1].split("##")[0]
+    assert "| composite | " in md and f"{e.mean:.2f} ± {e.half:.2f} |" in md.split("## CLIPScore")[1].split("##")[0]
     # the judge tables in Multi-LoRA Composition's layout
     assert "| N | switch comp. | merge comp. | switch img | merge img |" in md
     assert "win / tie / lose" in md

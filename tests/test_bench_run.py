@@ -18,7 +18,6 @@ from loraloom.evaluation.bench.tiny_bench import torch_threads, write_tiny_bench
 from loraloom.pipelines.batch import PipelineCache, run_specs
 from loraloom.pipelines.spec import read_png_spec
 
-
 CACHE = PipelineCache()  # one tiny model for the whole module (RunOptions.cache)
 
 

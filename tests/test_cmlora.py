@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from loraloom.composition.conditioning import Conditioning
 from loraloom.composition.frequency import high_frequency_score, partition_by_score, radial_profile
 from loraloom.composition.methods import Method, Step, make_method
 from loraloom.composition.methods.cmlora import dominant_ratio, lora_weights, refresh_steps
 from loraloom.composition.methods.guidance import composite_guidance
 from loraloom.composition.routing import Routing
-from loraloom.composition.conditioning import Conditioning
 from loraloom.pipelines import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,7 +158,7 @@ class _UncachedWeighted(Method):
 
     def denoise(self, ctx, latents, step):
         k = len(self.gates)
-        eps = ctx.predict(latents.repeat(2 * k, 1, 1, 1), step, self.cond, Routing.blocks([(2, g) for g in self.gates]))
+        eps = ctx.predict(latents.repeat(2 * k, 1, 1, 1), step, self.cond, Routing.from_blocks([(2, g) for g in self.gates]))
         eps = eps.reshape(k, 2, *latents.shape)
         w = lora_weights(k, step.index % k, dominant_ratio(k, step.index, True))
         return composite_guidance(eps[:, 0], eps[:, 1], ctx.guidance_scale, w)

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loraloom.evaluation.clipscore import (CLIPScorer, HESSEL_SCALE, OpenCLIPEmbedder, TransformersCLIPEmbedder,
-                                  load_clip_embedder)
+from loraloom.evaluation.clipscore import HESSEL_SCALE, CLIPScorer, OpenCLIPEmbedder, TransformersCLIPEmbedder, load_clip_embedder
 from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.fakes import register_tiny_open_clip, tiny_clip_folder
 
@@ -31,8 +30,8 @@ def noise_images(n, seed=0, size=(48, 40)):
 
 
 def test_equals_torchmetrics_clipscore(clip_dir, scorer):
-    from transformers import CLIPModel, CLIPProcessor
     from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
 
     class TensorCLIP(CLIPModel):  # torchmetrics 1.9 expects tensors from get_*_features (transformers 5 gives outputs)
         def get_image_features(self, *a, **k):

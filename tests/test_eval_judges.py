@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from loraloom.evaluation.cache import JudgeCache
+from loraloom.evaluation.errors import JudgeError
+from loraloom.evaluation.fakes import FakeChatServer, Fault, brightness_judge, images_in, prompt_in
 from loraloom.evaluation.judges import JudgeRequest, ask
 from loraloom.evaluation.judges.openai_chat import OpenAIChatJudge
-from loraloom.evaluation.errors import JudgeError
 from loraloom.evaluation.prompts import load_template
 from loraloom.evaluation.protocols import ComposLoRAPairwise, Element
-from loraloom.evaluation.fakes import FakeChatServer, Fault, brightness_judge, images_in, prompt_in
 
 SECRET = "sk-test-DO-NOT-LEAK-0123456789"
 ELEMENTS = [Element("Kamado Nezuko", "character", ("nezuko", "pink kimono")), Element("Watercolor", "style", ("watercolor",))]

@@ -5,9 +5,9 @@ from PIL import Image
 
 from loraloom.evaluation.cache import JudgeCache
 from loraloom.evaluation.errors import EvaluationError
+from loraloom.evaluation.fakes import tiny_llava_folder
 from loraloom.evaluation.judges.local_vlm import TransformersVLMJudge
 from loraloom.evaluation.protocols import ComposLoRAPairwise, Element, LoRARarYesNo
-from loraloom.evaluation.fakes import tiny_llava_folder
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 import pytest
 
+from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.parsing import parse_pairwise, parse_yes_no
 from loraloom.evaluation.prompts import load_template
-from loraloom.evaluation.errors import EvaluationError
 
 BOTH = {1: {"composition": 7.5, "image_quality": 6.0}, 2: {"composition": 5.0, "image_quality": 8.0}}
 

@@ -8,8 +8,16 @@ from PIL import Image
 from loraloom.evaluation.cache import JudgeCache
 from loraloom.evaluation.judges import JudgeRequest
 from loraloom.evaluation.parsing import parse_yes_no
-from loraloom.evaluation.protocols import (ComposLoRAPairwise, Element, LoRARarYesNo, PairwiseResult, element_lines, mars2,
-                                  style_name, win_tie_lose)
+from loraloom.evaluation.protocols import (
+    ComposLoRAPairwise,
+    Element,
+    LoRARarYesNo,
+    PairwiseResult,
+    element_lines,
+    mars2,
+    style_name,
+    win_tie_lose,
+)
 
 
 class ScriptedJudge:

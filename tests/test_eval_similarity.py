@@ -7,8 +7,8 @@ from PIL import Image
 
 from loraloom.evaluation.clipscore import CLIPScorer
 from loraloom.evaluation.errors import EvaluationError
-from loraloom.evaluation.similarity import ClipImageEncoder, DinoEncoder, DinoPreprocess, IMAGENET_MEAN, ImageSimilarity
 from loraloom.evaluation.fakes import tiny_clip_folder, tiny_dinov2
+from loraloom.evaluation.similarity import IMAGENET_MEAN, ClipImageEncoder, DinoEncoder, DinoPreprocess, ImageSimilarity
 
 
 def noise(seed, size=(40, 30)):

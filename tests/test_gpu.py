@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import weights_hash
+
 from loraloom.composition import Routing
 from loraloom.pipelines import ComposedPipeline
 
@@ -120,7 +120,7 @@ PLANS = {
 
 def _router_outputs(pipelines, plan):
     """[(routed UNet output, base UNet output)] per pipeline, for the same inputs and routing."""
-    routing = Routing.blocks(PLANS[plan])
+    routing = Routing.from_blocks(PLANS[plan])
     x, ctx = _unet_inputs(routing.num_rows)
     outs = []
     for cp in pipelines:

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from loraloom.composition import load_lora
 from loraloom.composition.errors import LoraloomError
 from loraloom.composition.hypernetwork import MergeHypernetwork, delta_rms, hypernet_coefficients, read_info, widths_of
 from loraloom.composition.lora import LoRALayer

@@ -8,9 +8,9 @@ import torch
 
 from loraloom.composition.errors import LoraloomError
 from loraloom.composition.lora import LoRALayer
+from loraloom.composition.merging import is_attention_projection
 from loraloom.composition.methods import make_method
 from loraloom.composition.methods.klora import balance_factor, klora_table, time_pieces, time_scale, topk_abs_sum
-from loraloom.composition.merging import is_attention_projection
 from loraloom.pipelines import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import weights_hash
+from lora_layouts import peft_to_kohya, peft_to_old_diffusers, sdxl_sgm_name
 from safetensors.torch import load_file, save_file
 
 from loraloom.composition import (
@@ -17,8 +19,6 @@ from loraloom.composition import (
     read_lora_info,
 )
 from loraloom.composition.metadata import family_from_metadata, read_sidecar, trigger_suggestions, write_sidecar
-from conftest import weights_hash
-from lora_layouts import peft_to_kohya, peft_to_old_diffusers, sdxl_sgm_name
 from loraloom.pipelines.tiny import random_lora_state_dict
 
 

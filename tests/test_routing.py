@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import weights_hash
 
 from loraloom.composition import Routing
-from loraloom.composition.methods import make_method
-from conftest import weights_hash
 from loraloom.pipelines import ComposedPipeline
 from loraloom.pipelines.tiny import build_tiny_sd, build_tiny_sdxl
 
@@ -53,7 +52,7 @@ def test_rows_with_different_loras_equal_rows_one_by_one(tiny_sd, lora_files):
     t = torch.tensor(500)
     plan = [(2, {"char": 0.8}), (1, {"style": 1.0, "bg": 0.5}), (1, {}), (1, {"bg": -0.7})]
     with torch.no_grad():
-        router.set_routing(Routing.blocks(plan))
+        router.set_routing(Routing.from_blocks(plan))
         batched = unet(x, t, encoder_hidden_states=ctx).sample
         singles = []
         row = 0
@@ -180,7 +179,7 @@ def test_grouped_branches_equal_per_branch_loop(tiny_sd, lora_files):
         tiny_sd.load_lora(path, name)
     router = tiny_sd.routers["unet"]
     names = list(lora_files)
-    routing = Routing.blocks([(2, {n: 0.7 + 0.1 * i}) for i, n in enumerate(names)])
+    routing = Routing.from_blocks([(2, {n: 0.7 + 0.1 * i}) for i, n in enumerate(names)])
     unet = tiny_sd.pipe.unet
     x = torch.randn(2 * len(names), unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(x.shape[0], 7, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))

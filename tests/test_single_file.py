@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ldm_checkpoint import CLIP_PREFIX, SCHEDULE_KEYS, UNET_PREFIX, VAE_PREFIX, ldm_state_dict, save_ldm_checkpoint
 from safetensors.torch import save_file
 
 from loraloom.pipelines import ComposedPipeline, ModelLoadError
 from loraloom.pipelines.tiny import build_tiny_sd, write_random_lora
-
-from ldm_checkpoint import CLIP_PREFIX, SCHEDULE_KEYS, UNET_PREFIX, VAE_PREFIX, ldm_state_dict, save_ldm_checkpoint
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 GEN = dict(num_inference_steps=2, seed=7, scheduler="default", output_type="latent", progress_bar=False)

@@ -14,10 +14,10 @@ import re
 
 import pytest
 import torch
+from lora_layouts import peft_to_kohya, peft_to_old_diffusers, respell_peft, sdxl_sgm_name
 from safetensors.torch import save_file
 
 from loraloom.composition import IncompatibleLoRA, load_lora
-from lora_layouts import peft_to_kohya, peft_to_old_diffusers, respell_peft, sdxl_sgm_name
 from loraloom.pipelines import ComposedPipeline
 from loraloom.pipelines.tiny import build_tiny_sd, build_tiny_sdxl, random_lora_state_dict
 

@@ -132,7 +132,6 @@ def test_diffusers_itself_loads_every_key_of_a_shipped_lora(lora_id):
 
 def test_kohya_twin_generates_the_same_image_as_its_peft_original(cp):
     from loraloom.composition import load_lora
-
     from loraloom.evaluation.toyworld.trainers import KOHYA_TWIN
 
     twin = LORAS_DIR / "kohya" / f"{KOHYA_TWIN}.safetensors"

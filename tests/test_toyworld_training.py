@@ -9,8 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from loraloom.evaluation.toyworld.training import (EMA, Checkpoint, ParamList, TrainingLoop, cosine_lr,
-                                                   step_generator)
+from loraloom.evaluation.toyworld.training import EMA, Checkpoint, ParamList, TrainingLoop, cosine_lr, step_generator
 
 
 class Interrupted(Exception):

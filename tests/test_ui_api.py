@@ -93,7 +93,7 @@ def test_compare_shows_clipscore_and_time_per_method(world):
         "tiny:sd1", "a portrait", "", PAIR, ["merge", "switch", "composite"], {"switch": {"switch_interval": 1}},
         2, 7.5, 32, 32, "dpmsolver++", 5, api_name="/compare")
     assert [row[0] for row in table["data"]] == ["merge", "switch", "composite"]
-    for method, score, seconds, name, error in table["data"]:
+    for _method, score, seconds, name, error in table["data"]:
         assert error == "" and 0 <= score <= 100 and seconds > 0
         assert read_png_spec(world["config"].output_dir / name).seed == 5
     assert len(gallery) == 3

@@ -15,7 +15,6 @@ from loraloom.composition.errors import LoraloomError
 from loraloom.composition.methods import REGISTRY, Method, register
 from loraloom.composition.methods.base import param
 
-
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
@@ -160,8 +159,8 @@ def test_fields_follow_the_dataclass(probe_method):
 @pytest.fixture(scope="module")
 def tiny_service(tmp_path_factory):
     """One service (one tiny model in memory) for the tests below."""
-    from loraloom.app.ui.service import GenerationService
     from loraloom.app.ui.sandbox import tiny_ui_world
+    from loraloom.app.ui.service import GenerationService
 
     return GenerationService(tiny_ui_world(tmp_path_factory.mktemp("ui-parts"), clip=False, hazards=False))
 

@@ -68,7 +68,7 @@ class UIConfig:
     def file_roots(self) -> list[Path]:
         return [*self.model_roots, *self.lora_dirs, self.output_dir]
 
-    def check(self) -> "UIConfig":
+    def check(self) -> UIConfig:
         """Clear errors for folders that are not there, before the server starts."""
         if not self.models:
             raise SpecError("the UI needs at least one base model (--model)")

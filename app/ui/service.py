@@ -20,11 +20,11 @@ from typing import Any
 from loraloom.composition.errors import LoRAFileError, LoraloomError, SpecError
 from loraloom.composition.library import scan_loras
 from loraloom.composition.lora import LoRAInfo, read_lora_info
+from loraloom.composition.lora_file import file_sha256
 from loraloom.composition.metadata import sidecar_paths, write_sidecar
 from loraloom.composition.methods import make_method
 from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
 from loraloom.pipelines.spec import GenerationSpec, LoRARef, read_png_spec, save_png
-from loraloom.composition.lora_file import file_sha256
 
 from .config import TINY_MODELS, UIConfig
 from .params import path_values

@@ -1,5 +1,6 @@
 """Composition methods, registered by name. Importing this package registers the built-in ones."""
 
+from . import clora, cmlora, composite, hypernet, klora, merge, switch, ziplora  # noqa: F401  (registration)  # noqa: F401  (registration)  # noqa: F401  (registration)
 from .base import (
     REGISTRY,
     ActiveLoRA,
@@ -12,9 +13,6 @@ from .base import (
     params_to_dict,
     register,
 )
-from . import composite, merge, switch  # noqa: F401  (registration)
-from . import clora, cmlora  # noqa: F401  (registration)
-from . import hypernet, klora, ziplora  # noqa: F401  (registration)
 
 
 def available_methods() -> list[str]:

@@ -128,8 +128,8 @@ class CLoRA(Method):
         conds = ctx.encode([b.gates for b in self.branches], [b.prompt for b in self.branches])
         self.cond_all = Conditioning.cat([part for pair in conds for part in pair])  # [neg_0, pos_0, neg_1, pos_1, ...]
         self.cond_pos = Conditioning.cat([pair[1] for pair in conds])
-        self.routing_all = Routing.blocks([(2, b.gates) for b in self.branches])
-        self.routing_pos = Routing.blocks([(1, b.gates) for b in self.branches])
+        self.routing_all = Routing.from_blocks([(2, b.gates) for b in self.branches])
+        self.routing_pos = Routing.from_blocks([(1, b.gates) for b in self.branches])
         self.extras = {"branches": [b.name or "base" for b in self.branches], "concept_words": dict(zip(
             [l.name for l in concept_loras], words)), "masks": [], "loss": []}
         if p.mask_dir:

@@ -32,7 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from ..conditioning import Conditioning
-from ..frequency import ProfileCache, default_cache_path, high_frequency_score, lora_identity, model_fingerprint, partition_by_score, profile_key
+from ..frequency import (
+    ProfileCache,
+    default_cache_path,
+    high_frequency_score,
+    lora_identity,
+    model_fingerprint,
+    partition_by_score,
+    profile_key,
+)
 from ..routing import Routing
 from .base import ActiveLoRA, DenoiseContext, Method, Step, param, register
 from .guidance import category_rank, composite_guidance
@@ -229,7 +237,7 @@ class CMLoRA(Method):
         rows = latents.repeat(2 * len(which), *([1] * (latents.ndim - 1)))
         b = latents.shape[0]
         cond = Conditioning.cat([part for j in which for part in self.conds[j]])
-        return rows, cond, Routing.blocks([(2 * b, self.gates[j]) for j in which])
+        return rows, cond, Routing.from_blocks([(2 * b, self.gates[j]) for j in which])
 
     def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
         p = self.params

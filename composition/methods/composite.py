@@ -40,7 +40,7 @@ class Composite(Method):
             conds = ctx.encode(gates)
         self.k = len(gates)
         self.cond = Conditioning.cat([part for pair in conds for part in pair])
-        self.routing = Routing.blocks([(2, g) for g in gates])
+        self.routing = Routing.from_blocks([(2, g) for g in gates])
 
     def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
         b = latents.shape[0]

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ...resources import asset
 from ..hypernetwork import MergeHypernetwork, hypernet_coefficients
 from ..lora import LoRA
 from ..merging import merged_lora
 from .base import ActiveLoRA, DenoiseContext, param, register
 from .ziplora import MergedLoRAMethod, MergedLoRAParams
-from ...resources import asset
 
 DEFAULT_CHECKPOINT = asset("hypernet", "toyworld_hypernet.safetensors")
 

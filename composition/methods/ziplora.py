@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LoraloomError
-from ..lora import LoRA
 from ..grad import frozen
+from ..lora import LoRA
 from ..merge_objective import PairBatchData, TrainableMerge, objective, own_prompt
 from ..merging import (
     Coefficients,

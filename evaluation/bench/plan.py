@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from loraloom.composition.errors import SpecError
+from loraloom.composition.lora_file import file_sha256
 from loraloom.composition.methods import get_method, make_method
 from loraloom.pipelines.spec import GenerationSpec, LoRARef
-from loraloom.composition.lora_file import file_sha256
 
 from .manifest import BenchSet, Manifest
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from loraloom.composition.errors import LoraloomError, SpecError
+from loraloom.composition.lora_file import file_sha256
 from loraloom.pipelines.batch import PipelineCache, generate_image
 from loraloom.pipelines.spec import GenerationSpec, save_png
-from loraloom.composition.lora_file import file_sha256
 
 from .manifest import BenchSet, Manifest, missing_files
 from .plan import FileHashes, MethodVariant, WorkItem, build_plan, reference_generator, scheduler_draws_noise, shard

@@ -101,7 +101,7 @@ ITEM_COLUMNS = ("item_id", "set_id", "method", "method_label", "seed_index", "se
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class Store:

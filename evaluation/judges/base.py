@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from loraloom.evaluation.cache import JudgeCache, request_key
 from loraloom.evaluation.errors import JudgeError
@@ -26,7 +27,7 @@ class JudgeRequest:
     layout: str = "text_then_images"
 
     @staticmethod
-    def build(template: PromptTemplate, images: Sequence[ImageLike | ImageBlob], **fields: str) -> "JudgeRequest":
+    def build(template: PromptTemplate, images: Sequence[ImageLike | ImageBlob], **fields: str) -> JudgeRequest:
         return JudgeRequest(prompt=template.render(**fields), images=tuple(ImageBlob.of(im) for im in images),
                             template=template.id, layout=template.layout)
 

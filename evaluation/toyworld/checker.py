@@ -67,7 +67,7 @@ class Checker:
         self.config = config or {}
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Checker":
+    def load(cls, folder: str | Path) -> Checker:
         from safetensors.torch import load_file
 
         folder = Path(folder)

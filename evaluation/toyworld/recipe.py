@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-
 # attention projections plus the resnet convolutions and the transformer in/out projections (LoCon-style targets)
 CONV_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
 # the text encoder's attention projections plus its MLPs
@@ -101,7 +100,7 @@ class Recipe:
         """Names of the fields whose value differs from `saved` (a recipe.json)."""
         return sorted(k for k, v in self.to_dict().items() if saved.get(k) != v)
 
-    def with_settings(self, settings) -> "Recipe":
+    def with_settings(self, settings) -> Recipe:
         """A copy with `(key, text)` overrides (`--set key=text` on the command line), each parsed as its field's type."""
         changes = {}
         for key, text in settings:
@@ -122,7 +121,7 @@ class Recipe:
                 changes[key] = type(current)(text)
         return replace(self, **changes)
 
-    def for_lora(self, lora_id: str) -> "Recipe":
+    def for_lora(self, lora_id: str) -> Recipe:
         """The recipe one LoRA is trained with: this one with that LoRA's `lora_overrides` applied."""
         changes = dict(self.lora_overrides.get(lora_id, {}))
         per_lora = {k for k in self.__dataclass_fields__ if k.startswith("lora_")} - {"lora_overrides"}
@@ -135,9 +134,9 @@ class Recipe:
         return replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for k, f in cls.__dataclass_fields__.items():
+        for k in cls.__dataclass_fields__:
             if k in known and isinstance(getattr(cls(), k), tuple):
                 known[k] = tuple(known[k])
         return cls(**known)

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
+from . import ASSETS as DEFAULT_ASSETS
+from . import STAGES
+from . import WORK as DEFAULT_WORK
 from . import scenes as S
 from .recipe import Recipe
 from .trainers import Paths
 from .training import Timings, quiet_library_bars
-
-from . import ASSETS as DEFAULT_ASSETS
-from . import STAGES
-from . import WORK as DEFAULT_WORK
 
 EXAMPLE_SPEC = DEFAULT_ASSETS.parent / "examples" / "toyworld.yaml"
 

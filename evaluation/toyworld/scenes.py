@@ -8,8 +8,8 @@ is a concept held out for one LoRA (`LORAS`), one concept family per ComposLoRA 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -101,7 +101,7 @@ class Scene:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes) -> "Scene":
+    def with_(self, **changes) -> Scene:
         return replace(self, **changes)
 
 

@@ -243,7 +243,7 @@ class LatentPool:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vae, scenes_: list, batch: int = 256) -> "LatentPool":
+    def build(cls, vae, scenes_: list, batch: int = 256) -> LatentPool:
         means, stds = [], []
         for i in range(0, len(scenes_), batch):
             post = vae.encode(image_batch(scenes_[i : i + batch])).latent_dist
