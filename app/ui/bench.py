@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+def _parser() -> argparse.ArgumentParser:
+    """The command line: model, LoRAs, method and size of the image, repeats, the UI's preview settings."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model")
     p.add_argument("--lora-dir")
@@ -42,15 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1; on a busy 2-core machine 2 threads collapse in the main thread, "
                         "which would flatter the UI, whose generation runs in a worker thread)")
-    args = p.parse_args(argv)
+    return p
 
-    import torch
-    from gradio_client import Client
 
+def _ui_config(args: argparse.Namespace):
+    """The UI's default configuration with the flags' model, LoRA folder and preview settings; output to a temp folder."""
     from .config import default_config
-    from .sandbox import serve
 
-    torch.set_num_threads(args.threads)
     cfg = default_config()
     if args.model:
         cfg.models = [args.model]
@@ -62,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.preview_every = args.preview_every
     if args.preview_interval is not None:
         cfg.preview_interval = args.preview_interval
+    return cfg
+
+
+def _set_page(cfg, args: argparse.Namespace) -> tuple[list[str], int, int]:
+    """Pick the LoRAs (the flag's, else the library's first two), steps and image side, and open the page with them,
+    so a click in the browser asks for the same image as the API calls. Returns (LoRA names, steps, side)."""
     from .service import GenerationService
 
     probe = GenerationService(cfg)
@@ -69,40 +73,52 @@ def main(argv: list[str] | None = None) -> int:
     side, _ = probe.geometry(cfg.models[0], load=False)
     size = args.size or cfg.height or side
     steps = args.steps or cfg.steps
-    # the page opens with these settings, so a click in the browser asks for the same image as the API calls
     cfg.loras, cfg.method, cfg.steps, cfg.height, cfg.width = [(n, 1.0) for n in names], args.method, steps, size, size
     cfg.prompt = cfg.prompt or "a picture, {triggers}"
-    with serve(cfg) as (demo, url):
-        service = demo.service
-        loras = [[n, 1.0] for n in names]
-        client = Client(url, verbose=False, download_files=str(cfg.output_dir / "downloads"))
-        spec = service.make_spec(cfg.models[0], cfg.prompt or "a picture, {triggers}", cfg.negative_prompt, loras,
-                                 args.method, {}, steps, cfg.guidance_scale, size, size, cfg.scheduler, 0)
-        cp = service.pipeline(cfg.models[0])
-        service.generate(spec)  # warm-up: LoRAs loaded, first-call costs paid
+    return names, steps, size
 
-        def api():
-            cp(spec.prompt, negative_prompt=spec.negative_prompt, loras=[(r.adapter_name, r.weight) for r in spec.loras],
-               method=spec.method, method_params=spec.method_params, num_inference_steps=spec.steps,
-               guidance_scale=spec.guidance_scale, height=size, width=size, seed=spec.seed, scheduler=spec.scheduler,
-               progress_bar=False)
 
-        bare = Client(url, verbose=False, download_files=False)
+def _timed_calls(service, url: str, cfg, names: list[str], method: str, steps: int, size: int) -> list[tuple[str, object]]:
+    """The calls to time, after a warm-up generation: (name, no-argument function) for ui, api, service and
+    ui_no_download, all asking for the same image."""
+    from gradio_client import Client
 
-        def ui(c=client):
-            c.predict(cfg.models[0], spec.prompt, spec.negative_prompt, loras, spec.method, {}, steps,
-                      spec.guidance_scale, size, size, spec.scheduler, 0, api_name="/generate")
+    loras = [[n, 1.0] for n in names]
+    client = Client(url, verbose=False, download_files=str(cfg.output_dir / "downloads"))
+    spec = service.make_spec(cfg.models[0], cfg.prompt or "a picture, {triggers}", cfg.negative_prompt, loras,
+                             method, {}, steps, cfg.guidance_scale, size, size, cfg.scheduler, 0)
+    cp = service.pipeline(cfg.models[0])
+    service.generate(spec)  # warm-up: LoRAs loaded, first-call costs paid
 
-        runs = [("ui", ui), ("api", api), ("service", lambda: service.generate(spec)), ("ui_no_download", lambda: ui(bare))]
-        with _browser(url, args.browser) as click:
-            if click:
-                runs.append(("browser", click))
-            times = {name: [] for name, _ in runs}
-            for _ in range(args.repeats):
-                for name, fn in runs:
-                    t = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t)
+    def api():
+        cp(spec.prompt, negative_prompt=spec.negative_prompt, loras=[(r.adapter_name, r.weight) for r in spec.loras],
+           method=spec.method, method_params=spec.method_params, num_inference_steps=spec.steps,
+           guidance_scale=spec.guidance_scale, height=size, width=size, seed=spec.seed, scheduler=spec.scheduler,
+           progress_bar=False)
+
+    bare = Client(url, verbose=False, download_files=False)
+
+    def ui(c=client):
+        c.predict(cfg.models[0], spec.prompt, spec.negative_prompt, loras, spec.method, {}, steps,
+                  spec.guidance_scale, size, size, spec.scheduler, 0, api_name="/generate")
+
+    return [("ui", ui), ("api", api), ("service", lambda: service.generate(spec)), ("ui_no_download", lambda: ui(bare))]
+
+
+def _time_rounds(runs: list[tuple[str, object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call, `repeats` rounds, the calls alternating within a round."""
+    times = {name: [] for name, _ in runs}
+    for _ in range(repeats):
+        for name, fn in runs:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _print_timings(cfg, args: argparse.Namespace, names: list[str], steps: int, size: int,
+                   times: dict[str, list[float]]) -> None:
+    """The settings, each call's median and runs, and each median over the API's; `ui_vs_api` last."""
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {cfg.models[0]}  loras {names}  method {args.method}  steps {steps}  size {size}x{size}  "
           f"repeats {args.repeats}  preview every {cfg.preview_every} step(s), at most every {cfg.preview_interval} s")
@@ -112,6 +128,27 @@ def main(argv: list[str] | None = None) -> int:
         if k not in ("api", "ui"):
             print(f"{k}_vs_api {med[k] / med['api']:.2f}")
     print(f"ui_vs_api {med['ui'] / med['api']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the UI in this process, time the UI and the API on the same image in alternating rounds, print medians."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = _parser().parse_args(argv)
+
+    import torch
+
+    from .sandbox import serve
+
+    torch.set_num_threads(args.threads)
+    cfg = _ui_config(args)
+    names, steps, size = _set_page(cfg, args)
+    with serve(cfg) as (demo, url):
+        runs = _timed_calls(demo.service, url, cfg, names, args.method, steps, size)
+        with _browser(url, args.browser) as click:
+            if click:
+                runs.append(("browser", click))
+            times = _time_rounds(runs, args.repeats)
+    _print_timings(cfg, args, names, steps, size, times)
     return 0
 
 

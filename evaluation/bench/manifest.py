@@ -233,9 +233,8 @@ def _resolve_path(value: str | None, base: Path) -> Path | None:
     return (p if p.is_absolute() else base / p).resolve()
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and check a manifest; every error names the file, the key and the fix."""
-    path = Path(path).expanduser().resolve()
+def _read_manifest_file(path: Path) -> tuple[bytes, object]:
+    """The file's bytes and what YAML (a superset of JSON) makes of them."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -244,14 +243,20 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(raw.decode("utf-8"))
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML/JSON ({err})") from None
+    return raw, data
+
+
+def _check_top_level(path: Path, data) -> None:
+    """The document is a mapping in this reader's format with known keys only."""
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a manifest must be a mapping (format, base_models, defaults, loras, sets)")
     if data.get("format") != FORMAT:
         raise _err(path, "format", f"is {data.get('format')!r}", f"this reader knows format: {FORMAT}")
     _check_keys(path, "top level", data, TOP_KEYS)
-    folder = path.parent
 
-    bms = data.get("base_models")
+
+def _base_models(path: Path, bms) -> dict[str, BaseModel]:
+    """`base_models`: key -> {model, family, vae, settings}; a bare string is the model."""
     if not isinstance(bms, dict) or not bms:
         raise _err(path, "base_models", "must map at least one key to {model: ...}", "e.g. base_models: {sd15: {model: runwayml/stable-diffusion-v1-5}}")
     base_models = {}
@@ -262,8 +267,11 @@ def load_manifest(path: str | Path) -> Manifest:
             raise _err(path, f"base_models.{key}.model", "is missing", "give a diffusers folder (relative to the manifest), a hub id or tiny:sd1")
         base_models[str(key)] = BaseModel(key=str(key), model=str(entry["model"]), family=entry.get("family"),
                                           vae=entry.get("vae"), settings=_check_settings(path, f"base_models.{key}", entry))
+    return base_models
 
-    defaults = data.get("defaults") or {}
+
+def _default_settings(path: Path, defaults, base_models: dict[str, BaseModel]) -> dict:
+    """`defaults`: the checked settings plus `base_model` (the only base model when there is one and none is named)."""
     _check_keys(path, "defaults", defaults, DEFAULTS_KEYS)
     default_settings = _check_settings(path, "defaults", defaults)
     default_bm = defaults.get("base_model")
@@ -273,59 +281,92 @@ def load_manifest(path: str | Path) -> Manifest:
         raise _err(path, "defaults.base_model", f"{default_bm!r} is not in base_models {sorted(base_models)}")
     if default_bm is not None:
         default_settings["base_model"] = default_bm
+    return default_settings
 
+
+def _lora_entry(path: Path, where: str, entry, loras: dict[str, LoRAEntry]) -> LoRAEntry:
+    """One item of `loras`, checked against the ones before it."""
+    _check_keys(path, where, entry, LORA_KEYS)
+    for k in ("id", "file"):
+        if not entry.get(k):
+            raise _err(path, f"{where}.{k}", "is missing")
+    lid = str(entry["id"])
+    if lid in loras:
+        raise _err(path, f"{where}.id", f"{lid!r} is used twice", "give every LoRA its own id")
+    cat = entry.get("category")
+    if cat is not None and cat not in CATEGORIES:
+        raise _err(path, f"{where}.category", f"{cat!r} is not one of {list(CATEGORIES)}")
+    trig = entry.get("triggers") or []
+    if isinstance(trig, str) or not all(isinstance(t, str) for t in trig):
+        raise _err(path, f"{where}.triggers", "must be a list of strings", 'e.g. triggers: ["ohwx", "red hair"]')
+    return LoRAEntry(id=lid, file=str(entry["file"]), name=entry.get("name"), category=cat, triggers=tuple(trig),
+                     weight=float(entry.get("weight", 1.0)), url=entry.get("url"), concept=entry.get("concept"))
+
+
+def _loras(path: Path, entries) -> dict[str, LoRAEntry]:
+    """`loras`: id -> entry, in manifest order; at least one."""
     loras: dict[str, LoRAEntry] = {}
-    for i, entry in enumerate(data.get("loras") or []):
-        where = f"loras[{i}]"
-        _check_keys(path, where, entry, LORA_KEYS)
-        for k in ("id", "file"):
-            if not entry.get(k):
-                raise _err(path, f"{where}.{k}", "is missing")
-        lid = str(entry["id"])
-        if lid in loras:
-            raise _err(path, f"{where}.id", f"{lid!r} is used twice", "give every LoRA its own id")
-        cat = entry.get("category")
-        if cat is not None and cat not in CATEGORIES:
-            raise _err(path, f"{where}.category", f"{cat!r} is not one of {list(CATEGORIES)}")
-        trig = entry.get("triggers") or []
-        if isinstance(trig, str) or not all(isinstance(t, str) for t in trig):
-            raise _err(path, f"{where}.triggers", "must be a list of strings", 'e.g. triggers: ["ohwx", "red hair"]')
-        loras[lid] = LoRAEntry(id=lid, file=str(entry["file"]), name=entry.get("name"), category=cat, triggers=tuple(trig),
-                               weight=float(entry.get("weight", 1.0)), url=entry.get("url"), concept=entry.get("concept"))
+    for i, entry in enumerate(entries):
+        lora = _lora_entry(path, f"loras[{i}]", entry, loras)
+        loras[lora.id] = lora
     if not loras:
         raise _err(path, "loras", "is empty", "list the LoRAs the sets use")
+    return loras
 
+
+def _set_id(path: Path, i: int, entry, seen: set[str]) -> str:
+    """A set's id: present, not used before, usable as a folder name."""
+    where = f"sets[{i}]"
+    _check_keys(path, where, entry, SET_KEYS)
+    sid = entry.get("id")
+    if not sid:
+        raise _err(path, f"{where}.id", "is missing")
+    sid = str(sid)
+    where = f"sets[{i}] ({sid})"
+    if sid in seen:
+        raise _err(path, f"{where}.id", "is used twice", "give every set its own id")
+    if any(c in sid for c in "/\\") or sid in (".", ".."):
+        raise _err(path, f"{where}.id", "must not contain path separators")
+    return sid
+
+
+def _set_loras(path: Path, where: str, entry, loras: dict[str, LoRAEntry]) -> list[tuple[str, float]]:
+    """A set's (LoRA id, weight) pairs: known ids, each once; the LoRA's own weight where the set gives none."""
+    refs = []
+    for item in entry.get("loras") or []:
+        lid, w = (item, None) if isinstance(item, str) else (item.get("id"), item.get("weight"))
+        if lid not in loras:
+            raise _err(path, f"{where}.loras", f"unknown LoRA id {lid!r}", "add it to `loras` or fix the id")
+        refs.append((lid, float(loras[lid].weight if w is None else w)))
+    if not refs:
+        raise _err(path, f"{where}.loras", "is empty")
+    if len({r[0] for r in refs}) != len(refs):
+        raise _err(path, f"{where}.loras", "lists a LoRA twice")
+    return refs
+
+
+def _set_base_model(path: Path, where: str, entry, default_bm: str | None, base_models: dict[str, BaseModel]) -> str:
+    """A set's base model key: its own, else `defaults.base_model`; one of `base_models`."""
+    bm = entry.get("base_model", default_bm)
+    if bm is None:
+        raise _err(path, f"{where}.base_model", "is missing and there is no defaults.base_model")
+    if bm not in base_models:
+        raise _err(path, f"{where}.base_model", f"{bm!r} is not in base_models {sorted(base_models)}")
+    return bm
+
+
+def _sets(path: Path, entries, loras: dict[str, LoRAEntry], base_models: dict[str, BaseModel],
+          default_bm: str | None) -> list[BenchSet]:
+    """`sets`, in manifest order, each with its position among the sets of its (group, number of LoRAs)."""
     sets: list[BenchSet] = []
     seen: set[str] = set()
     positions: dict[tuple[str, int], int] = defaultdict(int)
-    for i, entry in enumerate(data.get("sets") or []):
-        where = f"sets[{i}]"
-        _check_keys(path, where, entry, SET_KEYS)
-        sid = entry.get("id")
-        if not sid:
-            raise _err(path, f"{where}.id", "is missing")
-        sid = str(sid)
-        where = f"sets[{i}] ({sid})"
-        if sid in seen:
-            raise _err(path, f"{where}.id", "is used twice", "give every set its own id")
-        if any(c in sid for c in "/\\") or sid in (".", ".."):
-            raise _err(path, f"{where}.id", "must not contain path separators")
+    for i, entry in enumerate(entries):
+        sid = _set_id(path, i, entry, seen)
         seen.add(sid)
-        refs = []
-        for item in entry.get("loras") or []:
-            lid, w = (item, None) if isinstance(item, str) else (item.get("id"), item.get("weight"))
-            if lid not in loras:
-                raise _err(path, f"{where}.loras", f"unknown LoRA id {lid!r}", "add it to `loras` or fix the id")
-            refs.append((lid, float(loras[lid].weight if w is None else w)))
-        if not refs:
-            raise _err(path, f"{where}.loras", "is empty")
-        if len({r[0] for r in refs}) != len(refs):
-            raise _err(path, f"{where}.loras", "lists a LoRA twice")
-        bm = entry.get("base_model", default_bm)
-        if bm is None:
-            raise _err(path, f"{where}.base_model", "is missing and there is no defaults.base_model")
-        if bm not in base_models:
-            raise _err(path, f"{where}.base_model", f"{bm!r} is not in base_models {sorted(base_models)}")
+        where = f"sets[{i}] ({sid})"
+        refs = _set_loras(path, where, entry, loras)
+        bm = _set_base_model(path, where, entry, default_bm, base_models)
         group = str(entry.get("group", bm))
         key = (group, len(refs))
         sets.append(BenchSet(id=sid, loras=tuple(refs), base_model=bm, group=group, index=i, run_position=positions[key],
@@ -334,17 +375,34 @@ def load_manifest(path: str | Path) -> Manifest:
         positions[key] += 1
     if not sets:
         raise _err(path, "sets", "is empty", "list at least one composition set")
+    return sets
 
+
+def _check_layered_settings(m: Manifest) -> None:
+    """Every set's settings must build (catches a bad value in any layer once, here)."""
+    for s in m.sets:
+        try:
+            m.settings(s)
+        except TypeError as err:
+            raise _err(m.path, f"set {s.id}", f"bad settings ({err})") from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and check a manifest; every error names the file, the key and the fix."""
+    path = Path(path).expanduser().resolve()
+    raw, data = _read_manifest_file(path)
+    _check_top_level(path, data)
+    folder = path.parent
+    base_models = _base_models(path, data.get("base_models"))
+    default_settings = _default_settings(path, data.get("defaults") or {}, base_models)
+    loras = _loras(path, data.get("loras") or [])
+    sets = _sets(path, data.get("sets") or [], loras, base_models, default_settings.get("base_model"))
     m = Manifest(path=path, name=str(data.get("name") or path.stem), base_models=base_models, defaults=default_settings,
                  loras=loras, sets=sets, sha256=hashlib.sha256(raw).hexdigest(), description=str(data.get("description") or ""),
                  source=data.get("source"), lora_dir=_resolve_path(data.get("lora_dir"), folder),
                  lora_source=data.get("lora_source"), checker=_resolve_path(data.get("checker"), folder),
                  clip=data.get("clip"))
-    for s in sets:  # every set's settings must build (catches a bad value in any layer once, here)
-        try:
-            m.settings(s)
-        except TypeError as err:
-            raise _err(path, f"set {s.id}", f"bad settings ({err})") from None
+    _check_layered_settings(m)
     return m
 
 

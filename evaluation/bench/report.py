@@ -336,40 +336,60 @@ def _seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
 
 
-def render_html(d: ReportData, grid_sets: int = 2) -> str:
-    f = d.facts
-    name = d.manifest.name if d.manifest else d.meta.get("manifest_name", "benchmark")
-    cmap = colours(d.methods)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>loraloom bench — {escape(name)}</title>"
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>loraloom benchmark — {escape(name)}</h1>",
-             f"<div class='sub'>{escape(str(d.folder.resolve()))} · manifest {escape(d.meta.get('manifest_path', '?'))} "
-             f"(sha256 {escape(d.meta.get('manifest_sha256', '?')[:12])}) · seeding: {escape(d.meta.get('seeding', '?'))} · "
-             f"report written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</div>",
-             "<div class='facts'>",
-             _fact(f"{f['images']}", "images"), _fact(f"{f['failed']}", "failed"), _fact(f"{f['sets']}", "sets"),
-             _fact(", ".join(d.methods) or "–", "methods"), _fact(f"{f['seeds']}", "seeds per set"),
-             _fact(_seconds(f["wall_seconds"]), f"wall time ({f['runs']} run(s))"),
-             _fact(f"{f['images_per_second']:.2f}" if math.isfinite(f["images_per_second"]) else "–", "images / s"),
-             _fact(f"{f['devices']} × {f['processes']}", "device × processes"), "</div>"]
-    tables = metric_tables(d)
-    if tables:
-        parts.append("<h2>Scores per method and number of LoRAs</h2>")
-        parts.append("<div class='note'>mean ± 95% CI over composition sets (each set's seeds averaged first); "
-                     "avg = mean of the per-N means. The best mean of each column is shaded.</div>")
-        for m, t, per_group in tables:
-            k = 100 if t.percent else 1
-            chart = line_chart(f"{m.short} vs number of LoRAs",
-                               {meth: [(n, k * t.cells[(meth, n)].mean, k * t.cells[(meth, n)].half) for n in t.ns] for meth in t.methods},
-                               "number of LoRAs", m.short + (" (%)" if m.percent else ""), cmap,
-                               y_floor=0.0 if _non_negative(m.rows) else None, y_ceil=_ceiling(m))
-            block = [f"<h3>{escape(m.title)}" + (" (%)" if m.percent else "") + "</h3>",
-                     f"<div class='note'>scorer: <code>{escape(m.scorer)}</code></div>", html_metric_table(t)]
-            block += [f"<details><summary>{escape(g)} only</summary>{html_metric_table(gt)}</details>" for g, gt in per_group.items()]
-            parts.append("<div class='metricrow'><div>" + "".join(block) + f"</div><div>{chart}</div></div>")
-    else:
-        parts.append("<h2>Scores</h2><div class='note'>No scores yet: run <code>loraloom bench score DIR</code>.</div>")
+def _report_name(d: ReportData) -> str:
+    """The benchmark's name: the manifest's, else the one the store recorded."""
+    return d.manifest.name if d.manifest else d.meta.get("manifest_name", "benchmark")
 
+
+def _html_header(d: ReportData) -> list[str]:
+    """The document head with the CSS, the title and the line naming the folder, manifest and time of writing."""
+    name = _report_name(d)
+    return [f"<!doctype html><html><head><meta charset='utf-8'><title>loraloom bench — {escape(name)}</title>"
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>loraloom benchmark — {escape(name)}</h1>",
+            f"<div class='sub'>{escape(str(d.folder.resolve()))} · manifest {escape(d.meta.get('manifest_path', '?'))} "
+            f"(sha256 {escape(d.meta.get('manifest_sha256', '?')[:12])}) · seeding: {escape(d.meta.get('seeding', '?'))} · "
+            f"report written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</div>"]
+
+
+def _html_facts(d: ReportData) -> list[str]:
+    """The row of boxes: images, failures, sets, methods, seeds, wall time, speed, devices."""
+    f = d.facts
+    return ["<div class='facts'>",
+            _fact(f"{f['images']}", "images"), _fact(f"{f['failed']}", "failed"), _fact(f"{f['sets']}", "sets"),
+            _fact(", ".join(d.methods) or "–", "methods"), _fact(f"{f['seeds']}", "seeds per set"),
+            _fact(_seconds(f["wall_seconds"]), f"wall time ({f['runs']} run(s))"),
+            _fact(f"{f['images_per_second']:.2f}" if math.isfinite(f["images_per_second"]) else "–", "images / s"),
+            _fact(f"{f['devices']} × {f['processes']}", "device × processes"), "</div>"]
+
+
+def _html_metric_row(m: Metric, t: Table, per_group: dict[str, Table], cmap: dict) -> str:
+    """One metric: its table (and per-group tables, folded) beside its chart over the number of LoRAs."""
+    k = 100 if t.percent else 1
+    chart = line_chart(f"{m.short} vs number of LoRAs",
+                       {meth: [(n, k * t.cells[(meth, n)].mean, k * t.cells[(meth, n)].half) for n in t.ns] for meth in t.methods},
+                       "number of LoRAs", m.short + (" (%)" if m.percent else ""), cmap,
+                       y_floor=0.0 if _non_negative(m.rows) else None, y_ceil=_ceiling(m))
+    block = [f"<h3>{escape(m.title)}" + (" (%)" if m.percent else "") + "</h3>",
+             f"<div class='note'>scorer: <code>{escape(m.scorer)}</code></div>", html_metric_table(t)]
+    block += [f"<details><summary>{escape(g)} only</summary>{html_metric_table(gt)}</details>" for g, gt in per_group.items()]
+    return "<div class='metricrow'><div>" + "".join(block) + f"</div><div>{chart}</div></div>"
+
+
+def _html_scores(d: ReportData, cmap: dict) -> list[str]:
+    """Per metric, methods × number of LoRAs; a hint to score first when there are no scores."""
+    tables = metric_tables(d)
+    if not tables:
+        return ["<h2>Scores</h2><div class='note'>No scores yet: run <code>loraloom bench score DIR</code>.</div>"]
+    parts = ["<h2>Scores per method and number of LoRAs</h2>",
+             "<div class='note'>mean ± 95% CI over composition sets (each set's seeds averaged first); "
+             "avg = mean of the per-N means. The best mean of each column is shaded.</div>"]
+    return parts + [_html_metric_row(m, t, per_group, cmap) for m, t, per_group in tables]
+
+
+def _html_judges(d: ReportData) -> list[str]:
+    """Per MLLM judge and baseline: mean scores and win / tie / lose, as tables and bars."""
+    parts = []
     for sec in judge_sections(d):
         parts.append(f"<h2>MLLM judge: every method against {escape(sec['baseline'])}</h2>")
         parts.append(f"<div class='note'>judge <code>{escape(sec['judge'])}</code>; {sec['comparisons']} comparisons, "
@@ -378,63 +398,94 @@ def render_html(d: ReportData, grid_sets: int = 2) -> str:
         parts.append("<div class='note'>win / tie / lose (%) of each method against the baseline</div>")
         parts.append(html_table(*sec["wtl"]))
         parts.append("<div class='charts'>" + stacked_bars("judge win / tie / lose, all N", sec["bars"]) + "</div>")
+    return parts
 
+
+def _win_rate_tables(d: ReportData, rates: list[tuple[Metric, str, dict]]) -> list[tuple[Metric, list[str], list[list[str]]]]:
+    """Per metric, (header, rows) of win / tie / lose against the baseline: a row per N and one for all."""
+    ns = sorted({n for _, _, o in rates for n in o if n != "all"})
+    out = []
+    for m in d.metrics:
+        sub = [(cand, o) for mm, cand, o in rates if mm is m]
+        header = ["N"] + [f"{cand} vs {d.baseline}" for cand, _ in sub]
+        rows = [[str(n)] + [_wtl_text(o.get(n, WinTieLose())) for _, o in sub] for n in [*ns, "all"]]
+        out.append((m, header, rows))
+    return out
+
+
+def _html_win_rates(d: ReportData) -> list[str]:
+    """Paired win rates of every method against the baseline, per metric, with bars over all N."""
     rates = win_rates(d)
-    if rates:
-        parts.append(f"<h2>Paired win rates against {escape(d.baseline)}</h2>")
-        parts.append("<div class='note'>per set and seed, a method wins when its score is higher than the baseline's on "
-                     "the same set and seed; win / tie / lose in %.</div>")
-        ns = sorted({n for _, _, o in rates for n in o if n != "all"})
-        for m in d.metrics:
-            sub = [(cand, o) for mm, cand, o in rates if mm is m]
-            header = ["N"] + [f"{cand} vs {d.baseline}" for cand, _ in sub]
-            rows = [[str(n)] + [_wtl_text(o.get(n, WinTieLose())) for _, o in sub] for n in [*ns, "all"]]
-            parts.append(f"<h3>{escape(m.short)}</h3>" + html_table(header, rows))
-        bars = [(f"{cand}: {m.short}", *o.get("all", WinTieLose()).rates()) for m, cand, o in rates]
-        parts.append("<div class='charts'>" + stacked_bars(f"win / tie / lose against {d.baseline}, all N", bars, width=560) + "</div>")
+    if not rates:
+        return []
+    parts = [f"<h2>Paired win rates against {escape(d.baseline)}</h2>",
+             "<div class='note'>per set and seed, a method wins when its score is higher than the baseline's on "
+             "the same set and seed; win / tie / lose in %.</div>"]
+    parts += [f"<h3>{escape(m.short)}</h3>" + html_table(header, rows) for m, header, rows in _win_rate_tables(d, rates)]
+    bars = [(f"{cand}: {m.short}", *o.get("all", WinTieLose()).rates()) for m, cand, o in rates]
+    parts.append("<div class='charts'>" + stacked_bars(f"win / tie / lose against {d.baseline}, all N", bars, width=560) + "</div>")
+    return parts
 
-    if d.items:
-        t = time_table(d)
-        parts.append("<h2>Time per image</h2>")
-        parts.append(html_metric_table(t, digits=3))
-        calls = method_n_table("UNet calls", [{**it, "value": it["unet_calls"]} for it in d.items], d.methods)
-        parts.append("<div class='note'>seconds in the sampler per image (mean ± 95% CI over sets); UNet calls per image: " +
-                     ", ".join(f"{m} {fmt_estimate(calls.avg[m], digits=1)}" for m in calls.methods) + "</div>")
-        parts.append("<div class='charts'>" + line_chart("seconds per image vs number of LoRAs",
-                                                          {m: [(n, t.cells[(m, n)].mean, t.cells[(m, n)].half) for n in t.ns] for m in t.methods},
-                                                          "number of LoRAs", "seconds", cmap, y_floor=0.0) + "</div>")
 
+def _html_time(d: ReportData, cmap: dict) -> list[str]:
+    """Sampler seconds per image and UNet calls per image, by method and number of LoRAs."""
+    if not d.items:
+        return []
+    t = time_table(d)
+    calls = method_n_table("UNet calls", [{**it, "value": it["unet_calls"]} for it in d.items], d.methods)
+    return ["<h2>Time per image</h2>", html_metric_table(t, digits=3),
+            "<div class='note'>seconds in the sampler per image (mean ± 95% CI over sets); UNet calls per image: " +
+            ", ".join(f"{m} {fmt_estimate(calls.avg[m], digits=1)}" for m in calls.methods) + "</div>",
+            "<div class='charts'>" + line_chart("seconds per image vs number of LoRAs",
+                                                {m: [(n, t.cells[(m, n)].mean, t.cells[(m, n)].half) for n in t.ns] for m in t.methods},
+                                                "number of LoRAs", "seconds", cmap, y_floor=0.0) + "</div>"]
+
+
+def _html_grid_cell(d: ReportData, it: dict | None, values: dict[tuple[str, str], float]) -> str:
+    """One image of the grid (small images scaled up, pixelated) with its checker verdict and CLIPScore."""
+    if it is None:
+        return "<td>–</td>"
+    uri, w, h = image_data_uri(d.folder / it["png"])
+    scale = max(1, 96 // max(w, h)) if max(w, h) < 96 else 1
+    cls = " class='pix'" if scale > 1 else ""
+    cap = []
+    if (it["item_id"], "checker.all") in values:
+        ok = values[(it["item_id"], "checker.all")] == 1.0
+        cap.append(f"<span class='{'ok' if ok else 'bad'}'>{'✓ all' if ok else '✗'}</span>")
+    if (it["item_id"], "clipscore") in values:
+        cap.append(f"CLIP {values[(it['item_id'], 'clipscore')]:.1f}")
+    return (f"<td><img{cls} src='{uri}' width='{w * scale}' height='{h * scale}' alt='{escape(it['item_id'])}'>"
+            f"<div class='cap'>{' · '.join(cap)}</div></td>")
+
+
+def _html_grid(d: ReportData, grid_sets: int) -> list[str]:
+    """Image grids: a row per picked set and seed, a column per method."""
     grid = grid_rows(d, grid_sets)
-    if grid:
-        parts.append("<h2>Image grids: the same set and seed across methods</h2>")
-        values = {(r["item_id"], m.metric): r["value"] for m in d.metrics for r in m.rows}
-        head = "<tr><th>set</th>" + "".join(f"<th>{escape(m)}</th>" for m in d.methods) + "</tr>"
-        body = []
-        for row in grid:
-            cells = [f"<td class='prompt'><b>{escape(row['set_id'])}</b> · seed {row['seed_index']}<br>{escape(row['prompt'])}</td>"]
-            for meth in d.methods:
-                it = row["cells"].get(meth)
-                if it is None:
-                    cells.append("<td>–</td>")
-                    continue
-                uri, w, h = image_data_uri(d.folder / it["png"])
-                scale = max(1, 96 // max(w, h)) if max(w, h) < 96 else 1
-                cls = " class='pix'" if scale > 1 else ""
-                cap = []
-                if (it["item_id"], "checker.all") in values:
-                    ok = values[(it["item_id"], "checker.all")] == 1.0
-                    cap.append(f"<span class='{'ok' if ok else 'bad'}'>{'✓ all' if ok else '✗'}</span>")
-                if (it["item_id"], "clipscore") in values:
-                    cap.append(f"CLIP {values[(it['item_id'], 'clipscore')]:.1f}")
-                cells.append(f"<td><img{cls} src='{uri}' width='{w * scale}' height='{h * scale}' alt='{escape(it['item_id'])}'>"
-                             f"<div class='cap'>{' · '.join(cap)}</div></td>")
-            body.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append(f"<table class='grid'>{head}{''.join(body)}</table>")
+    if not grid:
+        return []
+    values = {(r["item_id"], m.metric): r["value"] for m in d.metrics for r in m.rows}
+    head = "<tr><th>set</th>" + "".join(f"<th>{escape(m)}</th>" for m in d.methods) + "</tr>"
+    body = []
+    for row in grid:
+        cells = [f"<td class='prompt'><b>{escape(row['set_id'])}</b> · seed {row['seed_index']}<br>{escape(row['prompt'])}</td>"]
+        cells += [_html_grid_cell(d, row["cells"].get(meth), values) for meth in d.methods]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ["<h2>Image grids: the same set and seed across methods</h2>", f"<table class='grid'>{head}{''.join(body)}</table>"]
 
-    if d.failed:
-        parts.append(f"<h2>Failed items ({len(d.failed)})</h2>")
-        rows = [[it["item_id"], str(it["attempts"]), (it["error"] or "").splitlines()[0][:200]] for it in d.failed[:100]]
-        parts.append(html_table(["item", "attempts", "error"], rows))
+
+def _html_failed(d: ReportData) -> list[str]:
+    """The failed items (the first 100) with the first line of their error."""
+    if not d.failed:
+        return []
+    rows = [[it["item_id"], str(it["attempts"]), (it["error"] or "").splitlines()[0][:200]] for it in d.failed[:100]]
+    return [f"<h2>Failed items ({len(d.failed)})</h2>", html_table(["item", "attempts", "error"], rows)]
+
+
+def render_html(d: ReportData, grid_sets: int = 2) -> str:
+    """The self-contained HTML report: facts, score tables and charts, judges, win rates, time, grids, failures."""
+    cmap = colours(d.methods)
+    parts = [*_html_header(d), *_html_facts(d), *_html_scores(d, cmap), *_html_judges(d), *_html_win_rates(d),
+             *_html_time(d, cmap), *_html_grid(d, grid_sets), *_html_failed(d)]
     parts.append("<div class='note' style='margin-top:24px'>Written by <code>loraloom bench report</code>; data in "
                  "<code>bench.sqlite</code> next to the images.</div></body></html>")
     return "\n".join(parts)
@@ -442,7 +493,7 @@ def render_html(d: ReportData, grid_sets: int = 2) -> str:
 
 def render_markdown(d: ReportData) -> str:
     f = d.facts
-    name = d.manifest.name if d.manifest else d.meta.get("manifest_name", "benchmark")
+    name = _report_name(d)
     lines = [f"# loraloom benchmark — {name}", "",
              f"{f['images']} images ({f['failed']} failed), {f['sets']} sets, methods {', '.join(d.methods)}, "
              f"{f['seeds']} seed(s) per set; seeding: {d.meta.get('seeding', '?')}.",
@@ -459,12 +510,8 @@ def render_markdown(d: ReportData) -> str:
                   md_table(*sec["scores"]), "", "win / tie / lose (%):", "", md_table(*sec["wtl"]), ""]
     rates = win_rates(d)
     if rates:
-        ns = sorted({n for _, _, o in rates for n in o if n != "all"})
         lines += [f"## Paired win rates against {d.baseline} (win / tie / lose %)", ""]
-        for m in d.metrics:
-            sub = [(cand, o) for mm, cand, o in rates if mm is m]
-            header = ["N"] + [f"{cand} vs {d.baseline}" for cand, _ in sub]
-            rows = [[str(n)] + [_wtl_text(o.get(n, WinTieLose())) for _, o in sub] for n in [*ns, "all"]]
+        for m, header, rows in _win_rate_tables(d, rates):
             lines += [f"{m.short}:", "", md_table(header, rows), ""]
     if d.items:
         lines += ["## Seconds per image (sampler)", "", md_table(*table_rows(time_table(d), 3)), ""]
