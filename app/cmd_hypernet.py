@@ -149,7 +149,10 @@ def run_merge(args: argparse.Namespace) -> int:
     subject, style = load_lora(args.subject), load_lora(args.style)
     merged = merge_with_hypernet(net, subject, style, args.subject_weight, args.style_weight, args.kv_merge,
                                  name=Path(args.out).stem)
-    save_lora_file(merged, args.out)
+    from loraloom.composition.files import WritePolicy
+
+    policy = WritePolicy.at(Path(args.out).expanduser().parent).protecting(args.subject, args.style)  # --out, as typed
+    save_lora_file(merged, args.out, policy)
     print(f"merged LoRA written to {args.out} ({merged.info.num_modules} modules, ranks {merged.info.ranks})")
     return 0
 

@@ -30,5 +30,9 @@ class AdapterNameError(LoraloomError, ValueError):
     """Duplicate or unknown adapter name."""
 
 
+class GenerationError(LoraloomError, RuntimeError):
+    """A generation that cannot give a valid image (e.g. its latents became NaN/Inf); nothing is saved."""
+
+
 class SpecError(LoraloomError, ValueError):
     """A generation spec (YAML/JSON/PNG) is malformed."""

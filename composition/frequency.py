@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import WritePolicy, loraloom_made, write_text
 from .lora_file import file_sha256
 
 
@@ -82,24 +83,32 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def default_cache_path() -> Path:
-    """`$LORALOOM_CACHE/frequency_profiles.json`, else `$XDG_CACHE_HOME/loraloom/…`, else `~/.cache/loraloom/…`."""
+def cache_folder() -> Path:
+    """loraloom's cache folder: `$LORALOOM_CACHE`, else `$XDG_CACHE_HOME/loraloom`, else `~/.cache/loraloom`."""
     root = os.environ.get("LORALOOM_CACHE")
     if root:
-        return Path(root) / "frequency_profiles.json"
+        return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg or Path.home() / ".cache") / "loraloom" / "frequency_profiles.json"
+    return Path(xdg or Path.home() / ".cache") / "loraloom"
+
+
+def default_cache_path() -> Path:
+    """The frequency-profile cache in loraloom's cache folder."""
+    return cache_folder() / "frequency_profiles.json"
 
 
 class ProfileCache:
     """High-frequency scores keyed by (what was profiled, model, settings), in one small JSON file.
 
-    Writes are atomic (temporary file + rename) and merge with what another process may have written meanwhile.
+    Writes go through the write policy (atomic) and merge with what another process may have written meanwhile.
     `path=None` keeps the scores in memory only.
     """
 
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = Path(path) if path is not None else None
+    FORMAT = "loraloom-frequency-profiles/1"
+
+    def __init__(self, path: str | os.PathLike | None, policy: WritePolicy | None = None):
+        self.policy = policy or WritePolicy.at(Path(path).parent if path is not None else ".")
+        self.path = self.policy.resolve(path, "profile cache") if path is not None else None
         self.entries: dict[str, dict] = self._read()
 
     def _read(self) -> dict:
@@ -119,11 +128,20 @@ class ProfileCache:
         if self.path is None:
             return
         merged = {**self._read(), key: self.entries[key]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "entries": merged}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        text = json.dumps({"format": self.FORMAT, "version": 1, "entries": merged}, indent=1, sort_keys=True) + "\n"
+        write_text(self.path, text, self.policy, what="profile cache", replace=self._ours)
         self.entries = merged
+
+    @classmethod
+    def _ours(cls, path: Path) -> bool:
+        """A cache file this class wrote (also before it carried `format`: {"version": 1, "entries": …})."""
+        if loraloom_made(path):
+            return True
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and set(data) == {"version", "entries"}
 
 
 def profile_key(subject: str, model: str, settings: dict) -> str:

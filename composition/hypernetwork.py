@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LoraloomError
+from .files import WritePolicy, write_file
 from .lora import LoRA, LoRALayer
 from .merging import Coefficients, is_attention_projection, projection
 
@@ -80,17 +81,13 @@ class MergeHypernetwork(nn.Module):
     def config(self) -> dict:
         return {"widths": self.widths, "hidden": self.hidden, "input_scale": self.input_scale, "targets": list(self.targets)}
 
-    def save(self, path: str | Path, info: dict | None = None) -> Path:
-        """safetensors weights; config and training information as JSON in the header."""
+    def save(self, path: str | Path, policy: WritePolicy, info: dict | None = None) -> Path:
+        """safetensors weights; config and training information as JSON in the header (through the write policy)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "config": json.dumps(self.config()), "info": json.dumps(info or {}, default=str)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), policy, what="hypernetwork file")
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> MergeHypernetwork:

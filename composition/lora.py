@@ -169,6 +169,15 @@ class LoRA:
         return self
 
 
+def check_finite(state_dict: dict[str, torch.Tensor], path) -> None:
+    """Refuse a file whose tensors hold NaN or Inf: it would silently turn every image it touches black."""
+    for key, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LoRAFileError(path, f"tensor {key!r} holds {bad} NaN/Inf value(s) of {t.numel()}.",
+                                "the file is damaged or comes from a diverged training run; export or download it again.")
+
+
 def lora_from_layers(name: str, raw: Layers, info: LoRAInfo) -> LoRA:
     layers = {
         comp: {m: LoRALayer(l.down, l.up, float(l.alpha) if l.alpha is not None else float(l.down.shape[0])) for m, l in mods.items()}
@@ -196,6 +205,7 @@ def load_lora(
     """
     path = Path(path)
     state_dict, metadata = read_tensors(path, allow_pickle=allow_pickle)
+    check_finite(state_dict, path)
     layout, raw = convert_to_layers(state_dict, metadata, path, unet_config=unet_config)
     info = _describe(path, name or path.stem, layout, raw, metadata, path.stat().st_size, state_dict)
     lora = lora_from_layers(name or path.stem, raw, info)

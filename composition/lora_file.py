@@ -51,6 +51,8 @@ def _check_exists(path: Path) -> None:
         raise LoRAFileError(path, "no such file.", "check the path.")
     if path.is_dir():
         raise LoRAFileError(path, "is a folder, not a LoRA file.", "point at the .safetensors file inside it.")
+    if not path.is_file():  # a FIFO would block the read forever; a device has no end
+        raise LoRAFileError(path, "is not a regular file (a pipe, socket or device).", "point at a .safetensors file.")
 
 
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraloomError
+from .files import WritePolicy, write_file
 from .lora import LoRA, LoRAInfo, LoRALayer, target_name
 
 SUBJECT_CATEGORIES = ("character", "clothing", "object")
@@ -173,14 +174,12 @@ def lora_state_dict(lora: LoRA, dtype: torch.dtype | None = torch.float32) -> di
     return out
 
 
-def save_lora_file(lora: LoRA, path: str | Path, metadata: Mapping[str, str] | None = None,
+def save_lora_file(lora: LoRA, path: str | Path, policy: WritePolicy, metadata: Mapping[str, str] | None = None,
                    dtype: torch.dtype | None = torch.float32) -> Path:
     """Write a LoRA as an ordinary diffusers-layout `.safetensors` file (loads in loraloom and in diffusers'
-    `load_lora_weights`). Written to a temporary name and renamed, so an interrupted save leaves no half file."""
+    `load_lora_weights`), through the write policy (`composition.files.write_file`)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     family = lora.info.family
     arch = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}.get(family or "")
     meta = {"modelspec.architecture": arch} if arch else {}
@@ -188,10 +187,9 @@ def save_lora_file(lora: LoRA, path: str | Path, metadata: Mapping[str, str] | N
         meta["modelspec.trigger_phrase"] = ", ".join(lora.triggers)
     meta.update({k: str(v) for k, v in (lora.info.metadata or {}).items()})
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(lora_state_dict(lora, dtype), str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    meta["loraloom.written_by"] = "loraloom"
+    tensors = lora_state_dict(lora, dtype)
+    return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), policy, what="LoRA file")
 
 
 def lora_fingerprint(lora: LoRA) -> str:
@@ -206,21 +204,17 @@ def lora_fingerprint(lora: LoRA) -> str:
     return h.hexdigest()
 
 
-def save_coefficients(path: str | Path, coefficients: Coefficients, metadata: Mapping[str, str]) -> Path:
-    """Per-column merge coefficients as safetensors: `<component>.<module>.m_c` / `.m_s`."""
+def save_coefficients(path: str | Path, coefficients: Coefficients, metadata: Mapping[str, str], policy: WritePolicy) -> Path:
+    """Per-column merge coefficients as safetensors: `<component>.<module>.m_c` / `.m_s` (through the write policy)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {}
     for comp, mods in coefficients.items():
         for module, (m_c, m_s) in mods.items():
             flat[f"{comp}.{module}.m_c"] = m_c.detach().float().contiguous().cpu()
             flat[f"{comp}.{module}.m_s"] = m_s.detach().float().contiguous().cpu()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata={"format": "loraloom-merge-coefficients/1", **{k: str(v) for k, v in metadata.items()}})
-    tmp.replace(path)
-    return path
+    meta = {"format": "loraloom-merge-coefficients/1", **{k: str(v) for k, v in metadata.items()}}
+    return write_file(path, lambda tmp: save_file(flat, str(tmp), metadata=meta), policy, what="coefficient file")
 
 
 def load_coefficients(path: str | Path) -> tuple[Coefficients, dict[str, str]]:

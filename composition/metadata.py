@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import LoRAFileError
+from .errors import LoRAFileError, SpecError
+from .files import read_yaml_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
@@ -131,12 +132,14 @@ def sidecar_paths(lora_path: str | Path) -> list[Path]:
 def read_sidecar(lora_path: str | Path) -> dict:
     """The optional `<name>.json` / `<name>.yaml` next to a LoRA: `category`, `triggers`, and free keys."""
     for side in sidecar_paths(lora_path):
-        if side.exists():
+        if side.exists() or side.is_symlink():
+            if side.is_symlink() and side.resolve().parent != Path(lora_path).resolve().parent:
+                raise LoRAFileError(side, f"the sidecar is a link to {side.resolve()}, outside the LoRA's folder; it is not read.",
+                                    "put the sidecar itself next to the LoRA file.")
             try:
-                text = side.read_text(encoding="utf-8")
-                data = json.loads(text) if side.suffix == ".json" else yaml.safe_load(text)
-            except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
-                raise LoRAFileError(side, f"sidecar cannot be parsed ({err}).", "fix or delete the sidecar file.") from None
+                data = read_yaml_file(side, "sidecar", max_bytes=1 << 20)  # JSON is YAML too
+            except SpecError as err:
+                raise LoRAFileError(side, f"sidecar cannot be read ({err}).", "fix or delete the sidecar file.") from None
             if data is None:
                 return {}
             if not isinstance(data, dict):

@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .composition import LoRA, LoRAInfo, load_lora, read_lora_info
 from .composition.errors import (
     AdapterNameError,
+    GenerationError,
     IncompatibleLoRA,
     LoRAFileError,
     LoraloomError,
@@ -45,6 +46,7 @@ __all__ = [
     "AdapterNameError",
     "ComposedPipeline",
     "DenoiseContext",
+    "GenerationError",
     "GenerationOutput",
     "IncompatibleLoRA",
     "LoRA",

@@ -9,12 +9,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
 from loraloom.composition.errors import LoRAFileError, SpecError
+from loraloom.composition.files import WritePolicy, WriteRefused, read_yaml_file, remove_stale_temps
+from loraloom.composition.frequency import cache_folder
 from loraloom.composition.lora import read_lora_info
 from loraloom.composition.lora_file import file_sha256
+from loraloom.composition.methods import written_paths
 from loraloom.resources import examples, shipped
 
 from .composed import ComposedPipeline
@@ -77,12 +79,9 @@ def load_batch_spec(path: str | os.PathLike, overrides: dict | None = None) -> B
     path = Path(path)
     if not path.exists() and (found := shipped(path)) is not None:
         path = found  # an example shipped with loraloom, named as in the repository (works from any folder)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file (the shipped examples: {', '.join(examples())})") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML/JSON ({err})") from None
+    if not path.exists():
+        raise SpecError(f"{path}: no such spec file (the shipped examples: {', '.join(examples())})")
+    data = read_yaml_file(path, "spec file")
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a spec must be a mapping of fields")
     for key, value in (overrides or {}).items():
@@ -209,14 +208,32 @@ class PipelineCache:
         return self.pipeline
 
 
-def generate_image(cp: ComposedPipeline, spec: GenerationSpec, progress_bar: bool = False, callback=None):
-    """Run one spec on a pipeline that holds its LoRAs; returns the GenerationOutput."""
+def generate_image(cp: ComposedPipeline, spec: GenerationSpec, output_dir: str | os.PathLike, progress_bar: bool = False,
+                   callback=None):
+    """Run one spec on a pipeline that holds its LoRAs; returns the GenerationOutput. Files the method writes stay
+    in `output_dir` (`ComposedPipeline.write_policy`)."""
     return cp(
         spec.prompt, negative_prompt=spec.negative_prompt, loras=[(r.adapter_name, r.weight) for r in spec.loras],
         method=spec.method, method_params=spec.method_params, num_inference_steps=spec.steps,
         guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, seed=spec.seed,
-        scheduler=spec.scheduler, progress_bar=progress_bar, callback_on_step_end=callback,
+        scheduler=spec.scheduler, progress_bar=progress_bar, callback_on_step_end=callback, output_dir=output_dir,
     )
+
+
+def check_written_paths(specs: Iterable[GenerationSpec], out_dir: str | os.PathLike) -> None:
+    """Refuse, before any model loads, every file a spec's method would write outside `out_dir` (or loraloom's cache
+    folder): paths in a spec or a PNG are data; the error lists them all."""
+    policy = WritePolicy.at(out_dir, allowed=[cache_folder()])
+    refused = []
+    for spec in specs:
+        for name, value in written_paths(spec.method, spec.method_params).items():
+            try:
+                policy.resolve(value, f"{spec.method}.{name}")
+            except WriteRefused:
+                refused.append(f"{spec.method}.{name}={value!r}")
+    if refused:
+        raise SpecError(f"the spec names files outside the output folder {policy.root}: {', '.join(dict.fromkeys(refused))}. "
+                        "Fix: use paths relative to the output folder (they land there), or choose --out so that it holds them.")
 
 
 def run_specs(
@@ -230,7 +247,9 @@ def run_specs(
 ) -> tuple[list[Path], int]:
     """Generate every spec into `out_dir` (file name from the spec's identity). Returns (paths, number skipped)."""
     out_dir = Path(out_dir)
+    check_written_paths(specs, out_dir)
     cache = cache or PipelineCache()
+    remove_stale_temps(out_dir)
     paths, skipped = [], 0
     order = sorted(range(len(specs)), key=lambda i: (specs[i].model, specs[i].family or "", specs[i].dtype))
     bar = tqdm(total=len(specs), desc="images", disable=not progress, unit="img")
@@ -242,10 +261,10 @@ def run_specs(
                 skipped += 1
             else:
                 cp = cache.get(spec)
-                out = generate_image(cp, spec)
+                out = generate_image(cp, spec, out_dir)
                 # The file name stays that of the spec as written; the PNG records the size actually used.
                 image = out.images[0]
-                save_png(image, path, dataclasses.replace(spec, height=image.height, width=image.width))
+                save_png(image, path, dataclasses.replace(spec, height=image.height, width=image.width), cp.write_policy(out_dir))
                 if on_image:
                     on_image(path, spec)
             paths.append(path)

@@ -8,13 +8,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from loraloom.composition.conditioning import Conditioning
 from loraloom.composition.errors import AdapterNameError, IncompatibleLoRA
+from loraloom.composition.files import WritePolicy
+from loraloom.composition.frequency import cache_folder
 from loraloom.composition.lora import LoRA, load_lora
-from loraloom.composition.metadata import FAMILY_NAMES, family_display
+from loraloom.composition.metadata import FAMILY_NAMES, family_display, sidecar_paths
 from loraloom.composition.methods import ActiveLoRA, Method, make_method, params_to_dict
 from loraloom.composition.routing import LoRARouter, Routing
 
@@ -53,9 +56,10 @@ class ComposedPipeline:
     ```
     """
 
-    def __init__(self, pipe, family: str | None = None):
+    def __init__(self, pipe, family: str | None = None, model_path: str | Path | None = None):
         self.pipe = pipe
         self.family = family or pipeline_family(pipe)
+        self.model_path = Path(model_path).expanduser().resolve() if model_path else None  # a local folder or file
         self.routers: dict[str, LoRARouter] = {"unet": LoRARouter(pipe.unet, "unet")}
         for comp in TEXT_COMPONENTS:
             if getattr(pipe, comp, None) is not None:
@@ -70,7 +74,21 @@ class ComposedPipeline:
     def from_pretrained(cls, model: str, **kwargs) -> ComposedPipeline:
         """`model`: diffusers folder, hub id, single-file .safetensors, or `tiny:sd1` / `tiny:sdxl`."""
         family = kwargs.get("family")
-        return cls(load_base_pipeline(model, **kwargs), family=family if family in FAMILY_NAMES else None)
+        local = Path(model).expanduser()
+        return cls(load_base_pipeline(model, **kwargs), family=family if family in FAMILY_NAMES else None,
+                   model_path=local if local.exists() else None)
+
+    def write_policy(self, output_dir: str | Path | None = None) -> WritePolicy:
+        """Where a generation may write (method parameters that name files, `composition.files`).
+
+        With `output_dir` (the CLI, the web UI, a PNG's spec): relative paths land there and nothing is written
+        outside it but loraloom's cache folder. Without it (a Python caller's own paths): relative paths land in
+        the current folder and absolute ones anywhere. Either way the model and every resident LoRA file and its
+        sidecar are never written, nor any existing file loraloom did not make."""
+        protected = [self.model_path] + [p for lora in self.loras.values() if lora.path for p in (lora.path, *sidecar_paths(lora.path))]
+        if output_dir is None:
+            return WritePolicy.at(Path.cwd(), allowed=[Path("/")], protected=[p for p in protected if p])
+        return WritePolicy.at(output_dir, allowed=[cache_folder()], protected=[p for p in protected if p])
 
     @property
     def device(self) -> torch.device:
@@ -164,11 +182,13 @@ class ComposedPipeline:
         callback_on_step_end: Callable | None = None,
         output_type: str = "pil",
         progress_bar: bool = True,
+        output_dir: str | Path | None = None,
     ) -> GenerationOutput:
         """Generate one image. `loras`: names (weight 1) or (name, weight) pairs of resident LoRAs.
 
         `callback_on_step_end(pipeline, step_index, timestep, {"latents": ...})` may return {"latents": ...}
-        to replace them, as in diffusers.
+        to replace them, as in diffusers. Files a method writes (its path parameters) go through
+        `write_policy(output_dir)`: relative paths land in `output_dir` (default: the current folder).
         """
         if not isinstance(prompt, str):
             raise TypeError("prompt must be one string (loraloom generates one image per call; use seeds for more)")
@@ -181,7 +201,8 @@ class ComposedPipeline:
         with self._lock:
             self._interrupt = False
             started = time.perf_counter()
-            run = self.run(loras, prompt, negative_prompt, guidance_scale, height, width, scheduler, num_inference_steps)
+            run = self.run(loras, prompt, negative_prompt, guidance_scale, height, width, scheduler, num_inference_steps,
+                           output_dir=output_dir)
             latents = self.initial_latents(height, width, generator) * run.scheduler.init_noise_sigma
 
             def predict(latents, step):
@@ -208,7 +229,8 @@ class ComposedPipeline:
 
     def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",
             guidance_scale: float = DEFAULTS.guidance_scale, height: int | None = None, width: int | None = None,
-            scheduler: str | None = DEFAULTS.scheduler, num_inference_steps: int | None = None) -> Run:
+            scheduler: str | None = DEFAULTS.scheduler, num_inference_steps: int | None = None,
+            output_dir: str | Path | None = None) -> Run:
         """The run context of one generation (`loraloom.pipelines.Run`, a `DenoiseContext`), for driving a method
         step by step: its scheduler is made from `scheduler` and, given `num_inference_steps`, has its timesteps
         set. Use it as a context manager; `__call__` makes one per generation."""
@@ -217,7 +239,8 @@ class ComposedPipeline:
         sched = make_scheduler(scheduler, self.pipe.scheduler.config, type(self.pipe.scheduler))
         if num_inference_steps is not None:
             sched.set_timesteps(num_inference_steps, device=self.device)
-        return Run(self, self._active(loras), prompt, negative_prompt or "", float(guidance_scale), height, width, sched)
+        return Run(self, self._active(loras), prompt, negative_prompt or "", float(guidance_scale), height, width, sched,
+                   write_policy=self.write_policy(output_dir))
 
     @property
     def size_multiple(self) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from loraloom.composition.errors import GenerationError
 from loraloom.composition.methods import Step
 from loraloom.composition.methods.guidance import classifier_free_guidance
 
@@ -45,6 +46,9 @@ def denoise(
             return latents, True
         eps, latents = predict(latents, Step(i, len(timesteps), t))
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        if not bool(torch.isfinite(latents).all()):
+            raise GenerationError(f"step {i + 1} of {len(timesteps)} gave NaN/Inf latents; no image was made. Fix: lower the "
+                                  "LoRA weights or the guidance scale, or run in float32 (--dtype float32).")
         if on_step is not None:
             latents = on_step(i, t, latents)
     return latents, False

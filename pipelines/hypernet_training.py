@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loraloom.composition.errors import LoraloomError
+from loraloom.composition.files import WritePolicy, write_file
 from loraloom.composition.grad import frozen
 from loraloom.composition.hypernetwork import DEFAULT_TARGETS, MergeHypernetwork, delta_rms, target_layers, widths_of
 from loraloom.composition.merge_objective import PairBatchData, TrainableMerge, objective, own_prompt, training_scheduler
@@ -113,6 +114,7 @@ class HypernetTrainer:
         self.cp, self.cfg, self.progress = cp, config, progress
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.policy = WritePolicy.at(self.work, protected=[subjects, styles])  # the work folder the user named
         self.names = {"subject": [], "style": []}
         self.prompts: dict[str, str] = {}
         for kind, folder, template in (("subject", subjects, config.subject_prompt), ("style", styles, config.style_prompt)):
@@ -161,7 +163,10 @@ class HypernetTrainer:
                                          method_params={"lora_scale": 1.0, "fuse": False}, num_inference_steps=cfg.reference_steps,
                                          guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, seed=cfg.seed + i,
                                          output_type="latent", progress_bar=False).latents for i in range(cfg.images_per_lora)])
-            save_file({"latents": lat.float().cpu().contiguous()}, str(file), metadata={"key": key})
+            meta = {"format": "loraloom-reference-latents/1", "key": key}
+            tensors = {"latents": lat.float().cpu().contiguous()}
+            write_file(file, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m), self.policy,
+                       what="reference latents", replace=True)
             self.latents[name] = lat
 
     def _image_files(self, name: str) -> list[Path]:
@@ -290,7 +295,7 @@ class HypernetTrainer:
         net.eval()
         self.state = state
         if out is not None:
-            net.save(out, self.summary(state))
+            net.save(out, WritePolicy.at(Path(out).expanduser().parent).protecting(*self.policy.protected), self.summary(state))
         return net
 
     def split(self) -> dict:
@@ -307,10 +312,10 @@ class HypernetTrainer:
         }
 
     def _checkpoint(self, path: Path, net, opt, state) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"net": net.state_dict(), "net_config": net.config(), "opt": opt.state_dict(), "config": self.cfg.to_dict(),
-                    "split": self.split(), **state}, tmp)
-        tmp.replace(path)
+        payload = {"net": net.state_dict(), "net_config": net.config(), "opt": opt.state_dict(), "config": self.cfg.to_dict(),
+                   "split": self.split(), **state}
+        # the trainer's own checkpoint name in its own work folder: replaced at every checkpoint
+        write_file(path, lambda tmp: torch.save(payload, tmp), self.policy, what="checkpoint", replace=True)
 
 
 def _resumable(config: dict) -> dict:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraloom.composition.conditioning import Conditioning
+from loraloom.composition.files import WritePolicy
 from loraloom.composition.grad import frozen
 from loraloom.composition.lora import LoRA
 from loraloom.composition.merge_objective import training_scheduler
@@ -40,7 +41,7 @@ class Run:
     """
 
     def __init__(self, pipeline: ComposedPipeline, loras: Sequence[ActiveLoRA], prompt: str, negative_prompt: str,
-                 guidance_scale: float, height: int, width: int, scheduler=None):
+                 guidance_scale: float, height: int, width: int, scheduler=None, write_policy: WritePolicy | None = None):
         self.pipeline = pipeline
         self.loras = list(loras)
         self.prompt = prompt
@@ -49,6 +50,7 @@ class Run:
         self.height, self.width = height, width
         self.unet_router = pipeline.routers["unet"]
         self.scheduler = scheduler
+        self.write_policy = write_policy or pipeline.write_policy()
         self.unet_calls = 0
         self.unet_rows = 0
         self.shallow_calls = 0
@@ -157,7 +159,8 @@ class Run:
         prompt, guidance and size, on a fresh scheduler (`scheduler`: a name, default this run's kind) and a CPU
         generator seeded `seed`. A PIL image, or the latents with `output_type="latent"`. Its UNet calls are not
         counted in this run's."""
-        sub = Run(self.pipeline, self.loras, prompt, self.negative_prompt, self.guidance_scale, self.height, self.width)
+        sub = Run(self.pipeline, self.loras, prompt, self.negative_prompt, self.guidance_scale, self.height, self.width,
+                  write_policy=self.write_policy)
         if scheduler is None:
             sched = type(self.scheduler).from_config(self.scheduler.config)
         else:

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from loraloom.composition.errors import SpecError
+from loraloom.composition.files import WritePolicy, write_file
 from loraloom.composition.methods import make_method
 
 from .defaults import DEFAULTS
@@ -173,21 +173,10 @@ def png_info(spec: GenerationSpec) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, spec: GenerationSpec) -> Path:
-    """Write atomically (temp file + rename): an interrupted run never leaves a half-written PNG behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(spec))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def save_png(image: Image.Image, path: str | os.PathLike, spec: GenerationSpec, policy: WritePolicy) -> Path:
+    """Write the PNG with its spec through the write policy (atomic: an interrupted run leaves no half-written PNG)."""
+    info = png_info(spec)
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), policy, what="image")
 
 
 def read_png_spec(path: str | os.PathLike) -> GenerationSpec:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from loraloom.app.cli import main
+from loraloom.composition.files import WritePolicy
 from loraloom.evaluation.fakes import FakeChatServer, brightness_judge, tiny_clip_folder
 from loraloom.pipelines.spec import GenerationSpec, LoRARef, save_png
 
@@ -31,7 +32,7 @@ def folder(tmp_path):
         for seed in (0, 1):
             for method, shade in SHADE.items():
                 spec = GenerationSpec(model="tiny:sd1", prompt=prompt, loras=loras, method=method, seed=seed)
-                save_png(Image.new("RGB", (32, 32), (shade, shade - seed * 10, 80)), out / spec.file_name(), spec)
+                save_png(Image.new("RGB", (32, 32), (shade, shade - seed * 10, 80)), out / spec.file_name(), spec, WritePolicy.at(out))
     Image.new("RGB", (8, 8)).save(out / "not_ours.png")
     return out
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loraloom.composition.errors import LoraloomError
+from loraloom.composition.files import WritePolicy
 from loraloom.composition.hypernetwork import MergeHypernetwork, delta_rms, hypernet_coefficients, read_info, widths_of
 from loraloom.composition.lora import LoRALayer
 
@@ -87,7 +88,7 @@ def test_method_equals_merge_of_the_merged_lora(pair, tmp_path):
     from loraloom.pipelines.tiny import build_tiny_sd
 
     cp, paths = pair
-    ckpt = _random_net(widths_of([cp.loras["subj"], cp.loras["sty"]], ("to_q", "to_out.0"))).save(tmp_path / "h.safetensors", {"note": "test"})
+    ckpt = _random_net(widths_of([cp.loras["subj"], cp.loras["sty"]], ("to_q", "to_out.0"))).save(tmp_path / "h.safetensors", WritePolicy.at(tmp_path), {"note": "test"})
     assert read_info(ckpt)["info"] == {"note": "test"}
     out = cp("a red star", loras=["sty", "subj"], method="hypernet", method_params={"checkpoint": str(ckpt)}, **KW)
     assert out.extras["hypernet"]["subject"] == "subj"
@@ -162,7 +163,7 @@ def test_all_three_methods_run_on_sdxl(tiny_sdxl, tmp_path):
         tiny_sdxl.load_lora(write_random_lora(tiny_sdxl.pipe, tmp_path / f"{name}.safetensors", seed=seed, category=cat,
                                               triggers=(name,), std=0.1), name)
     net = _random_net(widths_of([tiny_sdxl.loras["subj"], tiny_sdxl.loras["sty"]], ("to_q", "to_out.0")))
-    ckpt = net.save(tmp_path / "h.safetensors")
+    ckpt = net.save(tmp_path / "h.safetensors", WritePolicy.at(tmp_path))
     kw = dict(num_inference_steps=1, seed=0, output_type="latent", progress_bar=False, height=32, width=32)
     base = tiny_sdxl("x", **kw).latents
     for method, params in (("klora", {}), ("ziplora", {"steps": 1, "reference_images": 1, "reference_steps": 1, "progress": False}),

@@ -156,8 +156,13 @@ def test_file_parameters_of_methods_are_refused_outside_the_folders(world):
 
     if "clora" not in available_methods():
         pytest.skip("no method with a file parameter is registered")
-    with pytest.raises(AppError, match="clora.mask_dir.*outside the allowed folders"):
+    with pytest.raises(AppError, match="clora.mask_dir.*outside the folders this run may write"):
         generate(world["client"], method="clora", params={"mask_dir": "/tmp/elsewhere"})
+    # a LoRA folder is readable but never written
+    lora_dir = world["config"].lora_dirs[0]
+    with pytest.raises(AppError, match="clora.mask_dir .*loras/masks. lies outside the folders this run may write"):
+        generate(world["client"], method="clora", params={"mask_dir": str(lora_dir / "masks")})
+    assert not (lora_dir / "masks").exists()
 
 
 def test_bad_lora_file_shows_error_and_app_keeps_serving(world):

@@ -8,6 +8,7 @@ import torch
 
 from loraloom.composition import load_lora
 from loraloom.composition.errors import LoraloomError
+from loraloom.composition.files import WritePolicy
 from loraloom.composition.lora import LoRALayer
 from loraloom.composition.merging import column_merged_layer, merged_lora, save_lora_file, subject_and_style
 
@@ -73,7 +74,7 @@ def test_merged_file_loads_in_loraloom_and_diffusers(pair, tmp_path):
     coefs = {"unet": {p: (torch.rand(l.down.shape[1], generator=g) + 0.5, torch.rand(l.down.shape[1], generator=g) + 0.5)
                       for p, l in subj.layers["unet"].items() if p in sty.layers["unet"]}}
     merged = merged_lora("zipped", subj, sty, coefs, w_c=0.9, w_s=0.6)
-    path = save_lora_file(merged, tmp_path / "zipped.safetensors")
+    path = save_lora_file(merged, tmp_path / "zipped.safetensors", WritePolicy.at(tmp_path))
     loaded = load_lora(path)
     assert loaded.info.family == "sd1" and loaded.info.ranks["unet"] == [2, 6]
     for comp, mods in merged.layers.items():
@@ -154,7 +155,12 @@ def test_coefficient_file_and_saved_merge(pair, tmp_path):
     cp.load_lora(saved, "zipfile")
     plain = cp("a red star", loras=["zipfile"], method="merge", method_params={"lora_scale": 1.0}, **KW).latents
     torch.testing.assert_close(plain, first.latents, atol=1e-5, rtol=0)
+    # the saved file is now a resident LoRA: writing it again is refused before any work, and it is left as it was
+    before = saved.read_bytes()
+    with pytest.raises(LoraloomError, match="a model or LoRA file or folder of this run"):
+        cp("a red star", loras=["subj", "sty"], method="ziplora", method_params=params, **KW)
+    assert saved.read_bytes() == before
     with pytest.raises(LoraloomError, match="another pair or weights"):
-        cp("a red star", loras=[("subj", 0.5), "sty"], method="ziplora", method_params=params, **KW)
+        cp("a red star", loras=[("subj", 0.5), "sty"], method="ziplora", method_params={**params, "save_merged": ""}, **KW)
     with pytest.raises(LoraloomError, match="exactly two"):
         cp("a red star", loras=["subj"], method="ziplora", method_params=params, **KW)

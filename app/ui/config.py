@@ -78,6 +78,12 @@ class UIConfig:
         for d in self.model_dirs:
             if not Path(d).is_dir():
                 raise SpecError(f"model folder {d} does not exist (--model-dir)")
+        out = Path(self.output_dir).expanduser().resolve()
+        for d in [*self.lora_dirs, *self.model_roots]:
+            real = Path(d).expanduser().resolve()
+            if out == real or out.is_relative_to(real):
+                raise SpecError(f"the output folder {out} lies in the LoRA or model folder {real}, which loraloom never "
+                                "writes; pass --output-dir with a folder of its own")
         return self
 
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraloom.composition.methods import describe_params, get_method
+from loraloom.composition.methods.base import NO_PATH
 
 NUMBER_TYPES = {"int": int, "float": float}
 # Text parameters that name files or folders, when the dataclass does not say so with `path=` metadata.
 PATH_NAME = re.compile(r"(^save_|(^|_)(dir|path|file|folder|checkpoint|cache|coefficients)$)")
-PATH_TOKENS = ("", "off", "none")  # values such parameters use to mean "no file" (never taken as paths)
+PATH_TOKENS = NO_PATH  # values such parameters use to mean "no file" (never taken as paths)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ParamField:
     maximum: float | None = None
     choices: tuple | None = None
     path: bool = False  # the value names a file or folder the method reads or writes
+    writes: bool = False  # ... and the method may write it (confined to the output folder by the write policy)
 
     @property
     def elem_id(self) -> str:
@@ -93,17 +95,19 @@ def method_fields(method: str) -> list[ParamField]:
         is_path = bool(d["path"]) if "path" in d else (kind == "str" and bool(PATH_NAME.search(d["name"])))
         out.append(ParamField(method=method, name=d["name"], kind=kind, default=d["default"], help=d.get("help", ""),
                               optional=optional or d["default"] is None, minimum=d.get("min"), maximum=d.get("max"),
-                              choices=tuple(d["choices"]) if d.get("choices") else None, path=is_path))
+                              choices=tuple(d["choices"]) if d.get("choices") else None, path=is_path,
+                              writes=bool(d.get("writes"))))
     return out
 
 
-def path_values(method: str, params: dict) -> dict[str, str]:
-    """The file/folder parameters of `params` that name a path (not empty, not 'off', not the method's default)."""
+def path_values(method: str, params: dict) -> dict[str, tuple[str, bool]]:
+    """The file/folder parameters of `params` that name a path (not empty, not 'off', not the method's default):
+    {name: (value, whether the method may write it)}."""
     out = {}
     for f in method_fields(method):
         value = params.get(f.name)
         if f.path and isinstance(value, str) and value.strip().lower() not in PATH_TOKENS and value != f.default:
-            out[f.name] = value
+            out[f.name] = (value, f.writes)
     return out
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from loraloom.composition.errors import LoRAFileError, LoraloomError, SpecError
+from loraloom.composition.files import WritePolicy
+from loraloom.composition.frequency import cache_folder
 from loraloom.composition.library import scan_loras
 from loraloom.composition.lora import LoRAInfo, read_lora_info
 from loraloom.composition.lora_file import file_sha256
@@ -87,6 +89,9 @@ class GenerationService:
         self._hashes: dict[tuple, str] = {}
         self._clip = None
         self._cancel: threading.Event | None = None
+        # Everything the UI writes for a generation stays in the output folder; model and LoRA folders are never written.
+        self.write_policy = WritePolicy.at(config.output_dir, allowed=[cache_folder()],
+                                           protected=[*config.lora_dirs, *config.model_roots])
 
     # --- models ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
@@ -219,10 +224,12 @@ class GenerationService:
             raise SpecError("the same LoRA is chosen twice; pick each LoRA once.")
         params = dict(method_params or {})
         make_method(method, params)  # unknown method or parameter names fail here, with the known ones listed
-        for name, value in path_values(method, params).items():
-            # a file a method reads or writes: inside the folders (relative = inside the output folder), made absolute
-            params[name] = str(resolve_inside(value, [self.config.output_dir, *self.config.lora_dirs,
-                                                      *self.config.model_roots], f"{method}.{name}"))
+        for name, (value, writes) in path_values(method, params).items():
+            # a file the method may write: inside the output folder (write policy); one it only reads: inside any of
+            # the configured folders. Relative = inside the output folder; made absolute either way.
+            what = f"{method}.{name}"
+            params[name] = str(self.write_policy.resolve(value, what) if writes else
+                               resolve_inside(value, [self.config.output_dir, *self.config.lora_dirs, *self.config.model_roots], what))
         refs = complete_lora_refs([LoRARef(path=str(i.path), weight=float(w), name=i.name) for i, w in items])
         if int(seed) < 0:
             raise SpecError(f"seed must be 0 or more, got {seed}")
@@ -253,14 +260,14 @@ class GenerationService:
             try:
                 cp = self.cache.get(spec)
                 self._refresh_stale(cp)
-                out = generate_image(cp, spec, callback=on_step)
+                out = generate_image(cp, spec, self.config.output_dir, callback=on_step)
             finally:
                 self._cancel = None
         if cancel.is_set():
             raise Cancelled("stopped; nothing was saved")
         image = out.images[0]
         spec = dataclasses.replace(spec, height=image.height, width=image.width)
-        path = save_png(image, self.config.output_dir / spec.file_name(), spec)
+        path = save_png(image, spec.file_name(), spec, self.write_policy)
         return GenerationResult(path=path, image=image, spec=spec, seconds=out.seconds)
 
     def interrupt(self) -> None:

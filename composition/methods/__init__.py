@@ -1,6 +1,6 @@
 """Composition methods, registered by name. Importing this package registers the built-in ones."""
 
-from . import clora, cmlora, composite, hypernet, klora, merge, switch, ziplora  # noqa: F401  (registration)  # noqa: F401  (registration)  # noqa: F401  (registration)
+from . import clora, cmlora, composite, hypernet, klora, merge, switch, ziplora  # noqa: F401  (registration)
 from .base import (
     REGISTRY,
     ActiveLoRA,
@@ -12,6 +12,7 @@ from .base import (
     make_method,
     params_to_dict,
     register,
+    written_paths,
 )
 
 
@@ -31,4 +32,5 @@ __all__ = [
     "make_method",
     "params_to_dict",
     "register",
+    "written_paths",
 ]

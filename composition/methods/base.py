@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..conditioning import Conditioning
+from ..files import WritePolicy
 from ..lora import LoRA
 from ..routing import LoRARouter, Routing
 
@@ -59,6 +60,7 @@ class DenoiseContext(Protocol):
     height: int
     width: int
     scheduler: Any  # this run's diffusers scheduler (set timesteps; read-only for methods)
+    write_policy: WritePolicy  # where files a method writes may go: `composition.files.write_file(path, …, write_policy)`
 
     def encode(
         self, text_gates: Sequence[Mapping[str, float]], prompts: Sequence[str] | None = None
@@ -195,6 +197,20 @@ def describe_params(cls: type[Method]) -> list[dict]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         out.append({"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
                     "default": default, "help": f.metadata.get("help", ""), **{k: v for k, v in f.metadata.items() if k != "help"}})
+    return out
+
+
+NO_PATH = ("", "off", "none")  # values a path parameter uses to mean "no file" (never taken as paths)
+
+
+def written_paths(method: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """The parameters of `params` that name a file or folder the method may write (`param(..., writes=True)`),
+    set to a path: {name: path}. Callers check these against their write policy before any model loads."""
+    out = {}
+    for f in dataclasses.fields(get_method(method).Params):
+        value = params.get(f.name)
+        if f.metadata.get("writes") and isinstance(value, str) and value.strip().lower() not in NO_PATH:
+            out[f.name] = value
     return out
 
 

@@ -19,7 +19,6 @@ Where we differ from the reference code (`reference_mode=True` restores it):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from ..attention_masks import branch_masks, fuse_predictions, info_nce_loss, masks_to_image, token_embeddings
 from ..conditioning import Conditioning
+from ..files import WritePolicy, write_file
 from ..routing import Routing
 from .base import DenoiseContext, Method, Step, param, register
 from .guidance import classifier_free_guidance
@@ -59,7 +59,7 @@ class CLoRAParams:
     attention_resolution: int = param(0, "Cells across of the attention maps; 0: CLoRA's rule, W/32 for an 8x VAE "
                                          "(SD 1.x 512² -> 16, SDXL 1024² -> 32), at least 8 (toy world -> 8).", min=0)
     mask_dir: str = param("", "Folder to save each step's masks as PNG strips (base branch first, then each concept "
-                              "LoRA; white = the branch acts there). Empty: not saved.", path="dir")
+                              "LoRA; white = the branch acts there). Empty: not saved.", path="dir", writes=True)
     reference_mode: bool = param(False, "Reproduce the reference code: maps averaged over both CFG halves, a grad "
                                         "forward over every row, and fusion of the predictions made before the last "
                                         "latent update (stale).")
@@ -132,8 +132,7 @@ class CLoRA(Method):
         self.routing_pos = Routing.from_blocks([(1, b.gates) for b in self.branches])
         self.extras = {"branches": [b.name or "base" for b in self.branches], "concept_words": dict(zip(
             [l.name for l in concept_loras], words)), "masks": [], "loss": []}
-        if p.mask_dir:
-            Path(p.mask_dir).mkdir(parents=True, exist_ok=True)
+        self.mask_dir = ctx.write_policy.resolve(p.mask_dir, "clora.mask_dir") if p.mask_dir else None
 
     # --- schedule ----------------------------------------------------------------------------------------------
     def iterations(self, step: Step) -> int:
@@ -217,8 +216,17 @@ class CLoRA(Method):
             maps = self.branch_maps(maps, pos_only=False)
         masks = self.masks(maps)
         self.extras["masks"].append(masks.cpu())
-        if p.mask_dir:
-            masks_to_image(masks).save(os.path.join(p.mask_dir, f"clora_masks_step{step.index:03d}.png"))
+        if self.mask_dir is not None:
+            save_masks(masks_to_image(masks), self.mask_dir / f"clora_masks_step{step.index:03d}.png", step.index, ctx.write_policy)
         eps = eps.reshape(len(self.branches), 2, *latents.shape)
         return classifier_free_guidance(fuse_predictions(eps[:, 0], masks), fuse_predictions(eps[:, 1], masks),
                                         ctx.guidance_scale)
+
+
+def save_masks(image, path: Path, step: int, policy: WritePolicy) -> Path:
+    """One step's mask strip as a PNG (through the write policy), marked as loraloom's so a later run may replace it."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("loraloom", f"clora masks, step {step}")
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), policy, what="clora.mask_dir file")

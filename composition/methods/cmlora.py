@@ -121,7 +121,7 @@ class CMLoRAParams:
     profile_seeds: list = param([0, 1], "Seeds of the profiling images.")
     profile_prompt: str = param("{triggers}", "Prompt of the profiling images; {triggers}: the LoRA's trigger words.")
     profile_cache: str = param("", "JSON file caching the scores (key: LoRA file sha256, model, settings). Empty: "
-                                   "$LORALOOM_CACHE or ~/.cache/loraloom/frequency_profiles.json; 'off': no cache.", path="file")
+                                   "$LORALOOM_CACHE or ~/.cache/loraloom/frequency_profiles.json; 'off': no cache.", path="file", writes=True)
     reference_mode: bool = param(False, "Reproduce the reference code (pipeline_offline.py) with its bugs: category "
                                         "partition, no caching on the non-uniform schedule, fixed weights, no late "
                                         "refresh, one shared prompt encoding.")
@@ -174,7 +174,7 @@ class CMLoRA(Method):
         """ΔH per LoRA: high-frequency score of images made with it alone minus the same without it (docs/methods/cmlora.md#frequency-profile)."""
         p = self.params
         started = time.perf_counter()
-        cache = ProfileCache(None if p.profile_cache == "off" else (p.profile_cache or default_cache_path()))
+        cache = ProfileCache(None if p.profile_cache == "off" else (p.profile_cache or default_cache_path()), ctx.write_policy)
         model = model_fingerprint(ctx.unet_router.model)
         sched = ctx.scheduler
         common = {"h": p.high_frequency_h, "steps": p.profile_steps, "seeds": list(p.profile_seeds),

@@ -59,10 +59,12 @@ class MergedLoRAMethod(Method):
     def prepare(self, ctx: DenoiseContext) -> None:
         p = self.params
         subject, style = subject_and_style(list(ctx.loras), p.roles, self.title)
+        if p.save_merged:  # refused before any work when the path may not be written
+            ctx.write_policy.resolve(p.save_merged, f"{self.name}.save_merged")
         merged = self.build(ctx, subject, style)
         if p.save_merged:
-            save_lora_file(merged, p.save_merged)
-            log.info("%s: merged LoRA written to %s", self.name, p.save_merged)
+            written = save_lora_file(merged, p.save_merged, ctx.write_policy)
+            log.info("%s: merged LoRA written to %s", self.name, written)
         ctx.add_lora(merged)
         gates = {merged.name: p.lora_scale}
         self.cond = cfg_pair(ctx.encode([gates])[0])
@@ -132,7 +134,7 @@ class MergedLoRAParams:
     """Parameters every merged-LoRA method shares (listed first)."""
 
     save_merged: str = param("", "Also write the merged LoRA to this .safetensors path (diffusers layout; loads in "
-                                 "loraloom and diffusers' load_lora_weights).", path="file")
+                                 "loraloom and diffusers' load_lora_weights).", path="file", writes=True)
     lora_scale: float = param(1.0, "Scale of the merged LoRA (the coefficients replace a merge scale; paper 1).")
     roles: str = param("category", "Which LoRA is the subject: 'category' (character/clothing/object vs "
                                     "style/background; given order when undecided) or 'given' (first = subject).",
@@ -160,7 +162,7 @@ class ZipLoRAParams(MergedLoRAParams):
     style_prompt: str = param("", "The style LoRA's own prompt, as subject_prompt.")
     seed: int = param(0, "Seed of the reference images, noise and timesteps.")
     coefficients: str = param("", "Coefficient file (.safetensors): loaded if it exists and matches the pair, else "
-                                  "written after optimising. Empty: optimise every generation, keep nothing.", path="file")
+                                  "written after optimising. Empty: optimise every generation, keep nothing.", path="file", writes=True)
     progress: bool = param(True, "Show a progress bar for the optimisation.")
 
 
@@ -176,8 +178,10 @@ class ZipLoRA(MergedLoRAMethod):
         pair_key = {"subject": subject.name, "style": style.name, "subject_sha256": lora_fingerprint(subject.lora),
                     "style_sha256": lora_fingerprint(style.lora), "w_c": repr(subject.weight), "w_s": repr(style.weight)}
         coefs = None
-        if p.coefficients and Path(p.coefficients).exists():
-            coefs, meta = load_coefficients(p.coefficients)
+        if p.coefficients and not self.coefficient_file(ctx).exists():  # refused before the optimisation, not after
+            ctx.write_policy.resolve(p.coefficients, f"{self.name}.coefficients")
+        if p.coefficients and self.coefficient_file(ctx).exists():
+            coefs, meta = load_coefficients(self.coefficient_file(ctx))
             stale = [k for k in ("subject_sha256", "style_sha256", "w_c", "w_s") if meta.get(k) != pair_key[k]]
             if stale:
                 raise LoraloomError(f"{p.coefficients}: these coefficients were optimised for another pair or weights "
@@ -191,9 +195,15 @@ class ZipLoRA(MergedLoRAMethod):
             self.build_extras = {"optimised": True, "loss_first": history[0]["loss"] if history else None,
                                  "loss_last": history[-1]["loss"] if history else None, "history": history}
             if p.coefficients:
-                save_coefficients(p.coefficients, coefs, {**pair_key, "steps": str(p.steps), "lr": str(p.lr), "lam": str(p.lam)})
+                save_coefficients(p.coefficients, coefs, {**pair_key, "steps": str(p.steps), "lr": str(p.lr), "lam": str(p.lam)},
+                                  ctx.write_policy)
         return merged_lora(f"ziplora:{subject.name}+{style.name}", subject.lora, style.lora, coefs, subject.weight, style.weight,
                            description=f"ZipLoRA merge of {subject.name} (subject) and {style.name} (style)")
+
+    def coefficient_file(self, ctx: DenoiseContext) -> Path:
+        """Where `coefficients` points: an absolute path as given, a relative one in the run's output folder."""
+        path = Path(self.params.coefficients).expanduser()
+        return path if path.is_absolute() else ctx.write_policy.root / path
 
     def optimise(self, ctx: DenoiseContext, subject: ActiveLoRA, style: ActiveLoRA):
         p = self.params

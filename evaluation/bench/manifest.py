@@ -16,9 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from loraloom.composition.errors import SpecError
+from loraloom.composition.files import read_yaml_file
 from loraloom.composition.metadata import CATEGORIES
 from loraloom.pipelines.defaults import DEFAULTS
 
@@ -235,15 +234,10 @@ def _resolve_path(value: str | None, base: Path) -> Path | None:
 
 def _read_manifest_file(path: Path) -> tuple[bytes, object]:
     """The file's bytes and what YAML (a superset of JSON) makes of them."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such manifest file") from None
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML/JSON ({err})") from None
-    return raw, data
+    if not path.exists():
+        raise SpecError(f"{path}: no such manifest file")
+    data = read_yaml_file(path, "manifest", max_bytes=64 << 20)
+    return path.read_bytes(), data
 
 
 def _check_top_level(path: Path, data) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from loraloom.composition.errors import LoraloomError, SpecError
+from loraloom.composition.files import remove_stale_temps
 from loraloom.composition.lora_file import file_sha256
 from loraloom.pipelines.batch import PipelineCache, generate_image
 from loraloom.pipelines.spec import GenerationSpec, save_png
@@ -161,11 +162,12 @@ class BenchPipelines:
         return cp
 
 
-def generate(cp, item: WorkItem):
-    """One image: the spec's own seed, or the reference stream fast-forwarded to the item's position."""
+def generate(cp, item: WorkItem, out: Path):
+    """One image: the spec's own seed, or the reference stream fast-forwarded to the item's position; files the
+    method writes stay in the run's folder `out`."""
     spec = item.spec
     if item.reference_position is None:
-        return generate_image(cp, spec)
+        return generate_image(cp, spec, out)
     height, width = spec.height or cp.default_size, spec.width or cp.default_size
     vsf = cp.pipe.vae_scale_factor
     shape = (1, cp.pipe.unet.config.in_channels, height // vsf, width // vsf)
@@ -173,7 +175,7 @@ def generate(cp, item: WorkItem):
     return cp(spec.prompt, negative_prompt=spec.negative_prompt, loras=[(r.adapter_name, r.weight) for r in spec.loras],
               method=spec.method, method_params=spec.method_params, num_inference_steps=spec.steps,
               guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, generator=g,
-              scheduler=spec.scheduler, progress_bar=False)
+              scheduler=spec.scheduler, progress_bar=False, output_dir=out)
 
 
 def prompt_tokens(cp, prompt: str) -> int:
@@ -192,9 +194,8 @@ def item_row(item: WorkItem, **fields) -> dict:
 def _clean_temp_files(out: Path) -> int:
     """Half-written PNGs of a killed run (save_png's temp files); only called while no process is writing."""
     n = 0
-    for tmp in (out / "images").glob("*/.tmp-*.png"):
-        tmp.unlink(missing_ok=True)
-        n += 1
+    for folder in (out / "images").glob("*"):
+        n += len(remove_stale_temps(folder))
     return n
 
 
@@ -294,9 +295,10 @@ def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[
             t0 = time.perf_counter()
             try:
                 cp = pipes.with_loras(it)
-                result = generate(cp, it)
+                result = generate(cp, it, Path(opts.out))
                 image = result.images[0]
-                path = save_png(image, Path(opts.out) / it.png, dataclasses.replace(it.spec, height=image.height, width=image.width))
+                path = save_png(image, Path(opts.out) / it.png, dataclasses.replace(it.spec, height=image.height, width=image.width),
+                                cp.write_policy(opts.out))
                 store.record_item(item_row(it, status="done", png=it.png, png_sha256=file_sha256(path), width=image.width,
                                            height=image.height, seconds=round(result.seconds, 4), unet_calls=result.unet_calls,
                                            unet_rows=result.unet_rows, error=None, run_id=summary.run_id,
