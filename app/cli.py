@@ -17,6 +17,7 @@ from loraloom.composition.errors import LoraloomError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraloom", description="Compose several LoRAs in one diffusion generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     import loraloom.app as app
 
@@ -36,12 +37,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except LoraloomError as err:
-        print(f"loraloom: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("loraloom: interrupted; everything written so far is kept.", file=sys.stderr)
         return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        code, line = error_line(err)
+        print(f"loraloom: error: {line}", file=sys.stderr)
+        return code
+
+
+def error_line(err: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an error: 2 for what the user can fix (loraloom's own errors, files and paths,
+    memory), 1 for anything unexpected (a bug: `--debug` shows where)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, LoraloomError):
+        return 2, text
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        return 2, f"{where}{err.strerror or text}. Fix: check the path and its permissions."
+    if isinstance(err, MemoryError):
+        return 2, "out of memory. Fix: a smaller size, fewer LoRAs per batch, or float16 on a GPU."
+    return 1, f"unexpected {type(err).__name__}: {text or 'no message'}. Run again with --debug for the traceback, and please report it."
 
 
 if __name__ == "__main__":

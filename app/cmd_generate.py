@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from loraloom.composition.errors import SpecError
@@ -31,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
+    p.add_argument("--allow-pickle", action="store_true", help="also load .ckpt/.pt/.bin LoRAs (torch.load weights_only=True)")
+    p.add_argument("--max-pixels", type=int, help="largest height x width a spec may ask for (default 2048x2048)")
     p.add_argument("--model-config", help="config folder/hub id for a single-file checkpoint")
     p.add_argument("--force", action="store_true", help="regenerate images that already exist")
     p.add_argument("--dry-run", action="store_true", help="list the images the spec describes and stop")
@@ -43,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.spec) == bool(args.from_png):
         raise SpecError("give a spec file or --from-png IMG (one of them)")
-    cache = PipelineCache(device=args.device, local_files_only=args.local_files_only, model_config=args.model_config)
+    if args.max_pixels is not None:
+        os.environ["LORALOOM_MAX_PIXELS"] = str(args.max_pixels)  # read where specs are checked
+    cache = PipelineCache(device=args.device, local_files_only=args.local_files_only, model_config=args.model_config,
+                          allow_pickle=args.allow_pickle)
     if args.from_png:
         spec = read_png_spec(args.from_png)
         out_dir = Path(args.out or "outputs/reproduced")
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         batch.local_files_only = True
         cache.local_files_only = True
     cache.model_config = cache.model_config or batch.model_config
-    specs = expand(batch)
+    specs = expand(batch, allow_pickle=args.allow_pickle)
     out_dir = Path(batch.out or Path("outputs") / Path(args.spec).stem)
     if args.dry_run:
         for s in specs:

@@ -137,7 +137,7 @@ def batch_from_dict(data: dict, base: Path = Path("."), source: Path | None = No
     )
 
 
-def complete_lora_refs(refs: Iterable[LoRARef]) -> list[LoRARef]:
+def complete_lora_refs(refs: Iterable[LoRARef], allow_pickle: bool = False) -> list[LoRARef]:
     """Fill category/triggers from the LoRA's sidecar or header when the spec leaves them out; add file hashes."""
     out = []
     for ref in refs:
@@ -145,7 +145,7 @@ def complete_lora_refs(refs: Iterable[LoRARef]) -> list[LoRARef]:
         if not path.exists():
             raise LoRAFileError(path, "no such LoRA file.", "check the path in the spec (relative paths start at the spec's folder).")
         if not ref.triggers or not ref.category:
-            info = read_lora_info(path)
+            info = read_lora_info(path, allow_pickle=allow_pickle)
             ref.triggers = ref.triggers or list(info.triggers)
             ref.category = ref.category or info.category
         ref.sha256 = ref.sha256 or file_sha256(path)
@@ -159,9 +159,9 @@ def expand_prompt(prompt: str, loras: list[LoRARef]) -> str:
     return prompt.replace("{triggers}", triggers)
 
 
-def expand(batch: BatchSpec) -> list[GenerationSpec]:
+def expand(batch: BatchSpec, allow_pickle: bool = False) -> list[GenerationSpec]:
     """One GenerationSpec per (prompt, method, seed)."""
-    loras = complete_lora_refs(batch.loras)
+    loras = complete_lora_refs(batch.loras, allow_pickle)
     names = [r.adapter_name for r in loras]
     if len(set(names)) != len(names):
         raise SpecError(f"two LoRAs share an adapter name {names}; give them distinct 'name' fields")
@@ -176,10 +176,12 @@ def expand(batch: BatchSpec) -> list[GenerationSpec]:
 class PipelineCache:
     """Keeps one ComposedPipeline per base model and loads LoRAs into it on demand."""
 
-    def __init__(self, device: str = "cpu", local_files_only: bool = False, model_config: str | None = None):
+    def __init__(self, device: str = "cpu", local_files_only: bool = False, model_config: str | None = None,
+                 allow_pickle: bool = False):
         self.device = device
         self.local_files_only = local_files_only
         self.model_config = model_config
+        self.allow_pickle = allow_pickle
         self._key = None
         self.pipeline: ComposedPipeline | None = None
         self._files: dict[str, str] = {}
@@ -203,7 +205,7 @@ class PipelineCache:
             if self._files.get(name) != ref.path:
                 if name in self._files:
                     self.pipeline.remove_lora(name)
-                self.pipeline.load_lora(ref.path, name)
+                self.pipeline.load_lora(ref.path, name, allow_pickle=self.allow_pickle)
                 self._files[name] = ref.path
         return self.pipeline
 

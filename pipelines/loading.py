@@ -11,6 +11,7 @@ import torch
 
 from loraloom.composition.errors import LoraloomError
 
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 
 
@@ -28,12 +29,10 @@ def pipeline_family(pipe) -> str:
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     try:
-        return table[str(dtype)]
+        return getattr(torch, DTYPES[str(dtype)])
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}") from None
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
 
 
 # Every original-layout SD 1.x/2.x/SDXL checkpoint keeps its UNet under this prefix (diffusers reads nothing else).

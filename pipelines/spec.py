@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,9 +20,12 @@ from PIL import Image, PngImagePlugin
 
 from loraloom.composition.errors import SpecError
 from loraloom.composition.files import WritePolicy, write_file
+from loraloom.composition.metadata import CATEGORIES, FAMILY_NAMES
 from loraloom.composition.methods import make_method
 
 from .defaults import DEFAULTS
+from .loading import DTYPES
+from .schedulers import scheduler_class
 
 SPEC_CHUNK = "loraloom"
 A1111_CHUNK = "parameters"
@@ -43,6 +47,47 @@ def _version() -> str:
         return "0+unknown"
 
 
+MAX_STEPS = 1000  # the noise schedules of SD 1.x/2.x/XL have 1000 training timesteps
+MAX_SIDE = 8192
+
+
+def max_pixels() -> int:
+    """The largest image (height x width) a spec may ask for: $LORALOOM_MAX_PIXELS, default 2048 x 2048
+    (`loraloom generate --max-pixels` sets it). A guard against a typo allocating tens of gigabytes."""
+    try:
+        return int(os.environ.get("LORALOOM_MAX_PIXELS", 2048 * 2048))
+    except ValueError:
+        raise SpecError(f"LORALOOM_MAX_PIXELS={os.environ['LORALOOM_MAX_PIXELS']!r} is not a whole number") from None
+
+
+def checked_number(name: str, value, kind: type, low: float, high: float):
+    """`value` as `kind` if it is a finite number in [low, high]; `SpecError` naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
+    if kind is int and value != int(value):
+        raise SpecError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise SpecError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    return kind(value)
+
+
+def checked_size(height, width) -> tuple[int | None, int | None]:
+    """Height and width: each None (the model's own) or a positive multiple of 8 up to `MAX_SIDE`, and together at
+    most `max_pixels()` (a missing side counts as 1024, the largest model default)."""
+    sides = []
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            value = checked_number(name, value, int, 8, MAX_SIDE)
+            if value % 8:
+                raise SpecError(f"{name} must be a multiple of 8, got {value}")
+        sides.append(value)
+    pixels = (sides[0] or 1024) * (sides[1] or 1024)
+    if pixels > max_pixels():
+        raise SpecError(f"{sides[0] or 'model default'} x {sides[1] or 'model default'} is {pixels} pixels, more than the "
+                        f"limit of {max_pixels()}. Fix: a smaller size, or raise the limit (--max-pixels / $LORALOOM_MAX_PIXELS).")
+    return sides[0], sides[1]
+
+
 @dataclass
 class LoRARef:
     """A LoRA as a spec names it: file, user weight, and what the user says it is."""
@@ -53,6 +98,19 @@ class LoRARef:
     category: str | None = None
     triggers: list[str] = field(default_factory=list)
     sha256: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise SpecError(f"a LoRA entry needs a path (text), got {self.path!r}")
+        self.weight = checked_number(f"LoRA {Path(self.path).name} weight", self.weight, float, -100.0, 100.0)
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise SpecError(f"LoRA {Path(self.path).name}: name must be non-empty text, got {self.name!r}")
+        if self.category is not None and self.category not in CATEGORIES:
+            raise SpecError(f"LoRA {Path(self.path).name}: category {self.category!r} is not one of {', '.join(CATEGORIES)}")
+        if isinstance(self.triggers, str):
+            self.triggers = [t.strip() for t in self.triggers.split(",") if t.strip()]
+        if not isinstance(self.triggers, list) or not all(isinstance(t, str) for t in self.triggers):
+            raise SpecError(f"LoRA {Path(self.path).name}: triggers must be a list of words, got {self.triggers!r}")
 
     @property
     def adapter_name(self) -> str:
@@ -84,22 +142,23 @@ class GenerationSpec:
         self._check()
 
     def _check(self) -> None:
-        """Refuse what cannot be generated, with the field named, before any model is loaded."""
-        def number(name, kind, low, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise SpecError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            if value < low:
-                raise SpecError(f"{name} must be {low} or more, got {value!r}")
-            setattr(self, name, kind(value))
-
-        number("steps", int, 1)
-        number("guidance_scale", float, 0.0)
-        number("height", int, 1, allow_none=True)
-        number("width", int, 1, allow_none=True)
-        number("seed", int, 0)
+        """Refuse what cannot be generated, with the field named, before any model is loaded (`SpecError`)."""
+        for name in ("model", "prompt", "negative_prompt", "method", "dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise SpecError(f"{name} must be text, got {getattr(self, name)!r}")
+        if not self.model.strip():
+            raise SpecError("model is empty; name a diffusers folder, hub id, single .safetensors file or tiny:sd1")
+        self.steps = checked_number("steps", self.steps, int, 1, MAX_STEPS)
+        self.guidance_scale = checked_number("guidance_scale", self.guidance_scale, float, 0.0, 100.0)
+        self.seed = checked_number("seed", self.seed, int, 0, 2**63 - 1)
+        self.height, self.width = checked_size(self.height, self.width)
+        scheduler_class(self.scheduler)
+        if self.dtype not in DTYPES:
+            raise SpecError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.family is not None and self.family not in FAMILY_NAMES:
+            raise SpecError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)} (or leave it out)")
+        if not isinstance(self.loras, list) or not all(isinstance(r, LoRARef) for r in self.loras):
+            raise SpecError("loras must be a list of LoRA entries")
         if not isinstance(self.method_params, Mapping):
             raise SpecError(f"method_params must map parameter names to values, got {self.method_params!r}")
         try:
@@ -182,11 +241,17 @@ def save_png(image: Image.Image, path: str | os.PathLike, spec: GenerationSpec, 
 def read_png_spec(path: str | os.PathLike) -> GenerationSpec:
     """The spec a loraloom PNG carries; a clear error for PNGs from elsewhere."""
     path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: {'no such file' if not path.exists() else 'is not a regular file'}; give a loraloom PNG.")
     try:
         with Image.open(path) as im:
-            text = im.text.get(SPEC_CHUNK) if hasattr(im, "text") else None
-    except (OSError, SyntaxError) as err:
-        raise SpecError(f"{path}: cannot be read as an image ({err})") from None
+            # The spec chunk comes before the pixels (loraloom writes it so): read without decoding the image,
+            # so a decompression bomb is never expanded; fall back to trailing chunks only for a sane size.
+            text = im.info.get(SPEC_CHUNK)
+            if text is None and im.width * im.height <= (Image.MAX_IMAGE_PIXELS or 0):
+                text = getattr(im, "text", {}).get(SPEC_CHUNK)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise SpecError(f"{path}: cannot be read as an image ({' '.join(str(err).split())})") from None
     if not text:
         raise SpecError(f"{path}: has no '{SPEC_CHUNK}' metadata; it was not made by loraloom (or the metadata was stripped).")
     try:

@@ -56,9 +56,16 @@ def test_cli_overrides(tmp_path, lora_files):
     ({"methods": ["composite"], "method_params": {"composite": {"max_btch": 2}}}, "no parameter.*max_btch"),
     ({"methods": ["merge"], "method_params": {"composte": {"max_batch": 2}}}, "unknown method 'composte'"),
     ({"methods": ["merge"], "method_params": {"composite": {"max_btch": 2}}}, "no parameter.*max_btch"),
-    ({"steps": 0}, "steps must be 1 or more"),
+    ({"steps": 0}, "steps must be between 1 and 1000"),
     ({"guidance_scale": "high"}, "guidance_scale must be a number"),
-    ({"height": 64.5}, "height must be an integer"),
+    ({"height": 64.5}, "height must be a whole number"),
+    ({"height": 100000}, "height must be between 8 and 8192"),
+    ({"height": 4096, "width": 4096}, "more than the limit"),
+    ({"height": 100}, "height must be a multiple of 8"),
+    ({"scheduler": "FlowMatchEulerDiscreteScheduler"}, "does not sample Stable Diffusion"),
+    ({"scheduler": "warp-drive"}, "unknown scheduler"),
+    ({"loras": [{"path": "x.safetensors", "weight": "heavy"}]}, "weight must be a number"),
+    ({"dtype": "float8"}, "dtype 'float8' is not one of"),
 ])
 def test_bad_spec_errors(tmp_path, lora_files, bad, msg, monkeypatch):
     """Refused when the spec is read, before any model loads."""
