@@ -13,7 +13,14 @@ import torch
 from loraloom.composition.conditioning import Conditioning
 from loraloom.composition.frequency import high_frequency_score, partition_by_score, radial_profile
 from loraloom.composition.methods import Method, Step, make_method
-from loraloom.composition.methods.cmlora import dominant_ratio, lora_weights, refresh_steps
+from loraloom.composition.methods.cmlora import (
+    LATE_PHASE_START,
+    dominant_ratio,
+    is_late,
+    last_early_step,
+    lora_weights,
+    refresh_steps,
+)
 from loraloom.composition.methods.guidance import composite_guidance
 from loraloom.composition.routing import Routing
 from loraloom.pipelines import Run
@@ -32,8 +39,8 @@ def test_refresh_steps_non_uniform_scaled_to_any_length():
     assert refresh_steps(1) == [0] and refresh_steps(3) == [0, 1, 2] and refresh_steps(4) == [0, 1, 3]
 
 
-def _plan(steps, k, h, **params):
-    """Drive CMLoRA's per-step plan without a model; returns [(dominant, full LoRAs)] per step."""
+def _drive(steps, k, h, **params):
+    """Drive CMLoRA's per-step plan without a model; returns [(dominant, full LoRAs, weights)] per step."""
     m = make_method("cmlora", {"order": "given", **params})
     m.k, m.h, m.order = k, h, list(range(k))
     m.cache, m.refresh, m.refreshes = [None] * k, None, 0
@@ -43,8 +50,81 @@ def _plan(steps, k, h, **params):
         assert sum(w) == pytest.approx(k) and w[d] >= max(w)
         for j in full:
             m.cache[j] = "cached"
-        out.append((d, full))
+        out.append((d, full, w))
     return out
+
+
+def _plan(steps, k, h, **params):
+    """[(dominant, full LoRAs)] per step."""
+    return [(d, full) for d, full, _ in _drive(steps, k, h, **params)]
+
+
+def reference_offline(k: int, h: int, cache_interval: int, steps: int = 220) -> list[tuple[int, list[int], list[float]]]:
+    """The reference's per-step choices, transcribed literally from pipeline_offline.py as docs/methods/cmlora.md
+    (#reference-code, #refresh-schedule) describes it — its absolute `i <= 120`, its `int(0.375 * T)` boundaries, its
+    slice-copy no-op and its weights computed once; independent of loraloom's code. LoRAs 0..h-1 are H
+    (`real_list`), h..k-1 the background (`abs_list`). Returns [(dominant, LoRAs running the full UNet, weights)]."""
+    dom_lora_coeff = k - 0.5
+    nondom_lora_weight = k / (dom_lora_coeff + k - 1)
+    dom_lora_weight = nondom_lora_weight * dom_lora_coeff
+    prv_features_list = [None] * k
+    if cache_interval == 0:
+        interval_seq = (list(range(0, int(0.375 * steps), 2)) + list(range(int(0.375 * steps), int(0.875 * steps), 3))
+                        + list(range(int(0.875 * steps), steps, 2)))
+    elif cache_interval == 1:
+        interval_seq = list(range(steps))
+    else:
+        interval_seq = list(range(0, steps, cache_interval))
+    real, abs_list = list(range(h)), list(range(h, k))
+    indicator = 0
+    out = []
+    for i in range(steps):
+        if i in interval_seq:
+            dom_lora_coeff -= 0.5 ** indicator  # never used again: the weights above are not recomputed
+            if len(abs_list) == 0:
+                prv_features_list[indicator % len(real)] = None
+                indicator += 1
+            elif i <= 120:
+                prv_features_list[indicator % len(real)] = None
+                indicator += 1
+            else:
+                prv_features_list[1:][indicator % len(real)] = None  # assigns into a copy: nothing happens
+                indicator += 1
+        full, weights = [], []
+        for itr in range(k):
+            if not (cache_interval > 1 and prv_features_list[itr] is not None):  # quick_replicate on a cache: shallow
+                full.append(itr)
+                prv_features_list[itr] = "features"
+            if len(abs_list) == 0 or i <= 120:
+                dominant = (indicator - 1) % len(real) == itr
+            else:
+                dominant = ((indicator - 1) % len(real)) + 1 == itr
+            weights.append(dom_lora_weight if dominant else nondom_lora_weight)
+        out.append((weights.index(dom_lora_weight), full, weights))
+    return out
+
+
+@pytest.mark.parametrize("cache_interval", [0, 1, 2, 3])
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_reference_mode_equals_the_reference_at_220_steps(k, background, cache_interval):
+    """Every step of T = 220 (the code's own step count): dominant LoRA, who runs the full UNet, and the weights."""
+    h = k - 1 if background else k
+    got = _drive(220, k, h, reference_mode=True, cache_interval=cache_interval)
+    want = reference_offline(k, h, cache_interval)
+    for i, ((d, full, w), (d_ref, full_ref, w_ref)) in enumerate(zip(got, want)):
+        assert (i, d, full) == (i, d_ref, full_ref)
+        assert w == pytest.approx(w_ref, rel=1e-15, abs=0)
+    if background and cache_interval:  # 120 is a refresh step, still early: the newly dominant LoRA recomputes
+        assert got[120][0] < h and got[120][1] == ([got[120][0]] if cache_interval >= 2 else list(range(k)))
+
+
+def test_late_phase_boundary_is_an_integer_step():
+    """120/220 * 220 is 119.99999999999999 in floating point: compared as floats, step 120 was late."""
+    assert 120 > LATE_PHASE_START * 220  # the old comparison's error
+    assert last_early_step(220) == 120 and not is_late(120, 220) and is_late(121, 220)
+    assert last_early_step(20) == 10 and last_early_step(25) == 13 and last_early_step(50) == 27
+    assert [last_early_step(t, 0.5) for t in (1, 2, 3, 10)] == [0, 1, 1, 5]
 
 
 @pytest.mark.parametrize("steps,k,h,dominant", [
@@ -61,7 +141,8 @@ def test_dominant_rotation_and_full_passes_paper(steps, k, h, dominant):
     for i, (d, full) in enumerate(plan):
         assert full == (list(range(k)) if i in refresh else [d])  # refresh: all; between: the dominant LoRA only
     assert all(full == list(range(k)) for _, full in _plan(steps, k, h, cache_interval=1))
-    rotating = _plan(steps, k, h)  # the default policy: only the newly dominant LoRA refreshes
+    assert _plan(steps, k, h) == plan  # the default policy is "all"
+    rotating = _plan(steps, k, h, refresh_policy="dominant")  # only the newly dominant LoRA refreshes
     assert [d for d, _ in rotating] == dominant
     assert rotating[0][1] == list(range(k)) and all(full == [d] for d, full in rotating[1:])
 
@@ -86,6 +167,29 @@ def test_weights_and_decay():
     assert dominant_ratio(4, 60, True) == pytest.approx(1.5)
     assert [dominant_ratio(2, n, True) for n in (0, 1, 5)] == [1.5, 1.0, 1.0]  # clamped: never below the others
     assert dominant_ratio(3, 9, False) == 2.5
+    assert [dominant_ratio(3, n, True) for n in (0, 1, 2, 3)] == [2.5, 1.5, 1.0, 1.0]  # uniform from the 3rd refresh
+    assert dominant_ratio(5, 60, True) == pytest.approx(2.5)
+
+
+def test_defaults_keep_the_dominant_lora_and_refresh_every_cache():
+    """docs/methods/cmlora.md#defaults: no decay (c_dom = k - 0.5 at every step, as the code computes it) and every
+    LoRA refreshed at a refresh step: at T = 20, k = 4 a LoRA never reuses features older than 2 steps; with
+    'dominant', 9 (all four in H) or 15 (one in L: its cache is step 0's until it is dominant late)."""
+    p = make_method("cmlora").params
+    assert p.dominant_decay is False and p.refresh_policy == "all"
+    for k in (2, 3, 4, 5):
+        ws = [w for _, _, w in _drive(20, k, k)]
+        assert all(max(w) / min(w) == pytest.approx(k - 0.5) for w in ws)
+
+    def oldest_cache(h, policy):
+        age, last = 0, [0] * 4
+        for i, (_, full) in enumerate(_plan(20, 4, h, refresh_policy=policy)):
+            last = [i if j in full else t for j, t in enumerate(last)]
+            age = max(age, i - min(last))
+        return age
+
+    assert oldest_cache(4, "all") == oldest_cache(3, "all") == 2
+    assert oldest_cache(4, "dominant") == 9 and oldest_cache(3, "dominant") == 15
 
 
 # --- the shallow pass -------------------------------------------------------------------------------------------------
@@ -136,20 +240,23 @@ def test_cached_steps_skip_unet_work(loaded, monkeypatch):
     assert noise.unet_rows == 24 and noise.unet_calls == 6
     assert feat.extras["dominant"] == ["char", "char", "style", "style", "style", "bg"]
     default = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given"}, **KW)
-    # default policy: all three full on step 0 (empty caches), then only the dominant one: (3 + 5) x 2 full rows
-    assert default.unet_rows == 16 and default.extras["cached_rows"] == 20
+    assert default.unet_rows == 24 and torch.equal(default.latents, feat.latents)  # "all" is the default
+    dominant = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given", "refresh_policy": "dominant"}, **KW)
+    # all three full on step 0 (empty caches), then only the dominant one: (3 + 5) x 2 full rows
+    assert dominant.unet_rows == 16 and dominant.extras["cached_rows"] == 20
     uncached = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given", "cache_interval": 1}, **KW)
     assert 0 < (feat.latents - uncached.latents).abs().max() < (uncached.latents - comp.latents).abs().max() * 10
 
 
 class _UncachedWeighted(Method):
-    """The uncached computation by hand: every LoRA fully every step, dominant = step index mod k, decaying weights."""
+    """The uncached computation by hand: every LoRA fully every step, dominant = step index mod k, weights with
+    c_dom = k - 0.5 (or decaying with `decay`)."""
 
     name = "uncached-test"
 
     @dataclass
     class Params:
-        pass
+        decay: bool = False
 
     def prepare(self, ctx):
         self.gates = [{l.name: l.weight} for l in ctx.loras]
@@ -160,13 +267,15 @@ class _UncachedWeighted(Method):
         k = len(self.gates)
         eps = ctx.predict(latents.repeat(2 * k, 1, 1, 1), step, self.cond, Routing.from_blocks([(2, g) for g in self.gates]))
         eps = eps.reshape(k, 2, *latents.shape)
-        w = lora_weights(k, step.index % k, dominant_ratio(k, step.index, True))
+        w = lora_weights(k, step.index % k, dominant_ratio(k, step.index, self.params.decay))
         return composite_guidance(eps[:, 0], eps[:, 1], ctx.guidance_scale, w)
 
 
-def test_interval_one_equals_the_uncached_computation(loaded):
-    got = loaded("x", loras=LORAS, method="cmlora", method_params={"order": "given", "cache_interval": 1}, **KW)
-    ref = loaded("x", loras=LORAS, method=_UncachedWeighted(), **KW)
+@pytest.mark.parametrize("decay", [False, True])
+def test_interval_one_equals_the_uncached_computation(loaded, decay):
+    params = {"order": "given", "cache_interval": 1, "dominant_decay": decay}
+    got = loaded("x", loras=LORAS, method="cmlora", method_params=params, **KW)
+    ref = loaded("x", loras=LORAS, method=_UncachedWeighted(decay=decay), **KW)
     torch.testing.assert_close(got.latents, ref.latents, atol=1e-5, rtol=1e-5)
     assert got.unet_rows == ref.unet_rows == 36
 

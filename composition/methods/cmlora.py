@@ -8,24 +8,32 @@ work between refresh steps, on a non-uniform schedule (refresh every 2nd step on
 3rd step up to 87.5 %, every 2nd to the end).
 
 Default (paper-intent) mode, per step:
-  - refresh step (in R): the dominant LoRA rotates; the newly dominant LoRA runs the full UNet and refreshes its
-    cache (`refresh_policy="dominant"`, the default: the reference code invalidates exactly that one cache per
-    refresh, docs/methods/cmlora.md#reference-code; the paper's text does not say more). `refresh_policy="all"`: every LoRA refreshes at every
-    refresh step — fresher caches, but at k = 4 at least ~0.56 of Composite's cost, see docs;
+  - refresh step (in R): the dominant LoRA rotates; every LoRA runs the full UNet and refreshes its cache
+    (`refresh_policy="all"`, the default: the paper chose the 2/3/2 intervals from how long cached features stay
+    similar, so no cache should be older than that). `refresh_policy="dominant"`: only the newly dominant LoRA
+    refreshes, as the reference code invalidates exactly one cache per refresh (docs/methods/cmlora.md#reference-code)
+    — cheaper, but the other caches age by up to |H| refresh intervals (15 steps at T = 20, k = 4);
   - other steps: the dominant LoRA runs the full UNet; the others run a DeepCache-style shallow pass on their own
     cached deep features (`cache_mode="features"`) or reuse their cached noise prediction (`cache_mode="noise"`);
-  - eps = (1/k) sum_j w_j [eps_j(n) + s (eps_j(c) - eps_j(n))], w_dom = c_dom * w_non, weights summing to k, the
-    ratio c_dom starting at k - 0.5 and decaying at each refresh (never below 1).
+  - eps = (1/k) sum_j w_j [eps_j(n) + s (eps_j(c) - eps_j(n))], w_dom = c_dom * w_non, weights summing to k, with
+    c_dom = k - 0.5 at every step (as the reference code computes it). `dominant_decay=True` applies the code's
+    dead decay rule, clamped at 1 — which makes the weights uniform from the 2nd refresh for k = 2 and the 3rd for
+    k = 3 (docs/methods/cmlora.md#weights).
+  - the late phase (L LoRAs join the rotation) starts after step floor(late_phase_start * T), an integer computed
+    without floating-point error: step 120 at T = 220 is still early, as the reference's `i <= 120`.
 
 `reference_mode=True` reproduces the reference code (`pipeline_offline.py`, docs/methods/cmlora.md#reference-code), bugs included: partition by
 category (background = L), caching only for uniform intervals >= 2 (the non-uniform schedule and interval 1 never
 use the cache), only the newly dominant LoRA recomputed at a refresh and the dominant LoRA shallow like the others
 otherwise, fixed weights (the decay is dead code), the late-phase refresh a no-op (a slice-copy bug), one prompt
-encoding with every LoRA in the text encoder. Its absolute "step 120" is rescaled to 120/220 of the run.
+encoding with every LoRA in the text encoder. Its absolute "step 120" becomes the last early step floor(120/220 * T)
+— exactly 120 at T = 220, where its schedule, dominant LoRA, full passes and weights equal the code's at every step
+(tests/test_cmlora.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -49,12 +57,19 @@ LATE_PHASE_START = 120 / 220  # the reference's "step <= 120" of 220 steps, as a
 
 
 # --- schedules (pure) ----------------------------------------------------------------------------------------------
+def boundary_step(share: float, count: int) -> int:
+    """The integer step at `share` of a run of `count` steps: floor(share * count), where a product within 1e-9 of an
+    integer counts as that integer. 120/220 * 220 is 119.99999999999999 in floating point; this gives 120, the
+    reference's step (docs/methods/cmlora.md#refresh-schedule)."""
+    return math.floor(share * count + 1e-9)
+
+
 def refresh_steps(count: int, cache_interval: int = 0, intervals=(2, 3, 2), boundaries=(0.375, 0.875)) -> list[int]:
     """Steps at which caches refresh and the dominant LoRA rotates (docs/methods/cmlora.md#refresh-schedule).
 
     cache_interval 0: non-uniform, every intervals[0]-th step on [0, b1), intervals[1]-th on [b1, b2),
-    intervals[2]-th on [b2, T), with b = int(boundary * T) (T = 220: 0, 2, …, 80, 82, 85, …, 190, 192, …, 218, 92 steps);
-    1: every step; c >= 2: every c-th step from 0.
+    intervals[2]-th on [b2, T), with b = boundary_step(boundary, T) (T = 220: 0, 2, …, 80, 82, 85, …, 190, 192, …, 218,
+    92 steps); 1: every step; c >= 2: every c-th step from 0.
     """
     if count < 1:
         return []
@@ -66,19 +81,26 @@ def refresh_steps(count: int, cache_interval: int = 0, intervals=(2, 3, 2), boun
         raise ValueError(f"cache_interval must be >= 0, got {cache_interval}")
     if len(intervals) != 3 or min(intervals) < 1 or len(boundaries) != 2 or not 0 <= boundaries[0] <= boundaries[1] <= 1:
         raise ValueError(f"need three intervals >= 1 and two boundaries 0 <= b1 <= b2 <= 1, got {intervals}, {boundaries}")
-    b1, b2 = int(boundaries[0] * count), int(boundaries[1] * count)
+    b1, b2 = boundary_step(boundaries[0], count), boundary_step(boundaries[1], count)
     return sorted(set(range(0, b1, intervals[0])) | set(range(b1, b2, intervals[1])) | set(range(b2, count, intervals[2])))
 
 
+def last_early_step(count: int, late_phase_start: float = LATE_PHASE_START) -> int:
+    """The last step of the early phase: boundary_step(late_phase_start, T) (T = 220: 120, the reference's i <= 120)."""
+    return boundary_step(late_phase_start, count)
+
+
 def is_late(index: int, count: int, late_phase_start: float = LATE_PHASE_START) -> bool:
-    """The late phase: step index > late_phase_start * T (the reference's i > 120 at T = 220)."""
-    return index > late_phase_start * count
+    """The late phase: step index > last_early_step(T) (the reference's i > 120 at T = 220), compared in integers."""
+    return index > last_early_step(count, late_phase_start)
 
 
 def dominant_ratio(k: int, refreshes_before: int, decay: bool) -> float:
-    """c_dom = w_dom / w_non: k - 0.5 at the first refresh (docs/methods/cmlora.md#weights); with `decay` the code's intended rule, minus
-    0.5^j at the j-th refresh (so k - 0.5 - 2(1 - 0.5^n) after n), clamped at 1 so the dominant LoRA never weighs
-    less than the others (the literal rule goes below 1 for k <= 3 and negative for k = 2, docs/methods/cmlora.md#weights)."""
+    """c_dom = w_dom / w_non (docs/methods/cmlora.md#weights). Without `decay` (the default, and what the reference
+    code computes): k - 0.5 throughout. With `decay`: the code's dead rule, minus 0.5^j at the j-th refresh (so
+    k - 0.5 - 2(1 - 0.5^n) after n), clamped at 1 so the dominant LoRA never weighs less than the others (the literal
+    rule goes below 1 for k <= 3 and negative for k = 2). The clamp makes the weights uniform — Composite's — from the
+    2nd refresh at k = 2 and the 3rd at k = 3; at k = 4 c_dom tends to 1.5, at k = 5 to 2.5."""
     c = k - 0.5
     if decay:
         c = max(1.0, c - 2.0 * (1.0 - 0.5 ** max(refreshes_before, 0)))
@@ -107,15 +129,19 @@ class CMLoRAParams:
                                     "'frequency' (measured high-frequency score, cached per LoRA file), 'category' "
                                     "(the reference: background = L, set order), 'given' (all H, given order).",
                        choices=["frequency", "category", "given"])
-    refresh_policy: str = param("dominant", "Who refreshes at a refresh step: 'dominant' (default: only the newly "
-                                            "dominant LoRA, as the reference code invalidates one cache per refresh; "
-                                            "each cache is renewed while its LoRA is dominant) or 'all' (every LoRA "
-                                            "runs the full UNet at every refresh step: fresher caches, costlier).",
+    refresh_policy: str = param("all", "Who runs the full UNet at a refresh step: 'all' (default, the paper's reading: "
+                                       "every LoRA refreshes its cache at every refresh step, so no cache is older than "
+                                       "the 2/3/2-step interval chosen from feature similarity) or 'dominant' (only the "
+                                       "newly dominant LoRA, as the reference code invalidates one cache per refresh: "
+                                       "cheaper, but the other caches age by up to |H| refresh intervals).",
                                 choices=["all", "dominant"])
     late_phase_start: float = param(LATE_PHASE_START, "Share of the run after which L LoRAs join the dominant "
-                                                      "rotation (the code's step 120 of 220).", min=0.0, max=1.0)
-    dominant_decay: bool = param(True, "Let the dominant weight decay towards the others' at each refresh (paper); "
-                                       "the code computes it once.")
+                                                      "rotation: the last early step is floor(share x T) (the code's "
+                                                      "step 120 of 220).", min=0.0, max=1.0)
+    dominant_decay: bool = param(False, "Let the dominant weight decay by 0.5^j at the j-th refresh, clamped at the "
+                                        "others' weight (the code's rule, which it never applies). Off by default: "
+                                        "with the clamp the weights become uniform (Composite's) from the 2nd refresh "
+                                        "for 2 LoRAs and the 3rd for 3.")
     high_frequency_h: float = param(0.2, "h: radii >= h * max radius count as high frequency (CMLoRA: 0.2).", min=0.0, max=0.99)
     profile_steps: int = param(20, "Steps of each profiling image (one per seed, each LoRA alone and the base model).", min=1)
     profile_seeds: list = param([0, 1], "Seeds of the profiling images.")
