@@ -18,9 +18,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="where to write the score files (default: DIR)")
     p.add_argument("--recursive", action="store_true", help="also score PNGs in subfolders")
     g = p.add_argument_group("CLIPScore")
-    g.add_argument("--clip", default="openai/clip-vit-base-patch16",
+    g.add_argument("--clip", default=None,
                    help="CLIP model: a local transformers folder, a hub id already in the local cache, "
-                        "'open_clip:ARCH@TAG' or 'open_clip:ARCH@/path/checkpoint' (default: %(default)s)")
+                        "'open_clip:ARCH@TAG' or 'open_clip:ARCH@/path/checkpoint' (default: the toy world's own CLIP "
+                        "when every image comes from the shipped toy world, else openai/clip-vit-base-patch16)")
     g.add_argument("--no-clip", action="store_true", help="skip CLIPScore")
     g.add_argument("--clip-scale", type=float, default=100.0,
                    help="w in w*max(cos,0): 100 (torchmetrics, ComposLoRA; default) or 2.5 (Hessel et al.)")
@@ -30,7 +31,10 @@ def register(subparsers) -> None:
                    help="texts over the CLIP context: cut with a warning and a flag (default), or stop")
     g.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
-    g.add_argument("--allow-download", action="store_true", help="let transformers fetch hub ids that are not cached")
+    g.add_argument("--allow-download", action="store_true",
+                   help="let loraloom download models that are not in the local caches (--clip hub ids and open_clip "
+                        "tags, the --judge transformers model); without it lookups are local only and a missing "
+                        "model fails at once")
     j = p.add_argument_group("MLLM judge")
     j.add_argument("--judge", choices=("openai", "transformers"),
                    help="openai: any OpenAI-compatible chat API with images (OpenAI, vLLM, Ollama); "
@@ -76,6 +80,25 @@ def build_judge(args):
                                 image_max_side=args.image_max_side, local_files_only=not args.allow_download)
 
 
+def choose_clip(clip: str | None, images) -> str:
+    """--clip when given; else the toy world's own CLIP when every image comes from the shipped toy world (said on
+    stdout), else the default CLIP. The rule is `loraloom.evaluation.scoring.is_toyworld_model`."""
+    from loraloom.evaluation.clipscore import DEFAULT_CLIP
+    from loraloom.evaluation.scoring import toyworld_clip_for
+
+    if clip is not None:
+        return clip
+    toy_clip, toy = toyworld_clip_for(images)
+    if toy_clip is not None:
+        print(f"CLIP: the toy world's own CLIP ({toy_clip}), as every image comes from the shipped toy world "
+              "(--clip picks another)")
+        return str(toy_clip)
+    if toy:
+        print(f"CLIP: {DEFAULT_CLIP}: {toy} of {len(images)} images come from the toy world and the others do not; "
+              "one CLIP scores the whole folder (--clip picks another)", file=sys.stderr)
+    return DEFAULT_CLIP
+
+
 def _fmt(x, digits=2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -85,21 +108,28 @@ def run(args) -> int:
     from loraloom.evaluation.clipscore import CLIPScorer
     from loraloom.evaluation.errors import EvaluationError
     from loraloom.evaluation.protocols import ComposLoRAPairwise
-    from loraloom.evaluation.scoring import JUDGE_CACHE, evaluate_folder, format_table
+    from loraloom.evaluation.scoring import JUDGE_CACHE, evaluate_folder, format_table, no_images_error, scan_folder
 
     if args.judge and not args.pairwise:
         raise EvaluationError("--judge is used by --pairwise; add --pairwise")
     if args.pairwise and not args.judge:
         raise EvaluationError("--pairwise needs a judge: --judge openai|transformers --judge-model …")
-    if not os.path.isdir(args.dir):
-        raise EvaluationError(f"{args.dir}: not a folder")
+    if args.pairwise and args.judge == "openai":
+        from loraloom.evaluation.judges.openai_chat import check_base_url
+
+        check_base_url(args.base_url)
+    # a bad folder, unreadable PNGs or no loraloom PNG at all fail here, before any model loads
+    scanned = scan_folder(args.dir, recursive=args.recursive)
+    if not scanned[0]:
+        raise no_images_error(args.dir, scanned[1])
     if not args.verbose:  # transformers' "Loading weights" bars say nothing useful here
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     scorer = None
     if not args.no_clip:
-        scorer = CLIPScorer.load(args.clip, device=args.device, local_files_only=not args.allow_download,
+        clip = choose_clip(args.clip, scanned[0])
+        scorer = CLIPScorer.load(clip, device=args.device, local_files_only=not args.allow_download,
                                  scale=args.clip_scale, batch_size=args.batch_size, long_text=args.long_text)
     protocol = judge = None
     if args.pairwise:
@@ -112,7 +142,7 @@ def run(args) -> int:
 
     report = evaluate_folder(args.dir, scorer=scorer, text_mode=args.clip_text, protocol=protocol, baseline=args.baseline,
                              out_dir=args.out, recursive=args.recursive, progress=progress,
-                             workers=args.workers if args.judge == "openai" else 1)
+                             workers=args.workers if args.judge == "openai" else 1, scanned=scanned)
     if report.skipped:
         print(f"skipped {len(report.skipped)} PNG(s) without a loraloom spec", file=sys.stderr)
     if scorer is not None:

@@ -18,7 +18,11 @@ last), a warning is logged and the result says `truncated=True`; with `long_text
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,89 @@ TORCHMETRICS_SCALE = 100.0
 HESSEL_SCALE = 2.5
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"  # ComposLoRA's backbone (torchmetrics, ViT-B/16)
 LONG_TEXT_MODES = ("truncate", "error")
+CLIP_FIX = ("pass --clip with a local CLIP folder (e.g. assets/toyworld/clip), or --allow-download to fetch it once "
+            "(library: local_files_only=False)")
+
+# --- local files only -------------------------------------------------------------------------------------------
+# loraloom never downloads by default. `local_files_only=True` alone is not enough: transformers still sends HEAD
+# requests for some side files (adapter_config.json) and huggingface_hub retries a failed one 5 times with backoff
+# (about 30 s offline before the "not cached" error). So every model load that must stay local runs inside
+# `hub_offline()`, and a hub id is looked up in the local cache before anything is loaded (`locate_model`).
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_offline_lock = threading.Lock()
+_offline_depth = 0
+_offline_saved: tuple = ()
+
+
+def hub_cache_dir() -> str:
+    """The local Hugging Face hub cache transformers and open_clip read (HF_HUB_CACHE / HF_HOME)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+@contextmanager
+def hub_offline(offline: bool = True) -> Iterator[None]:
+    """Within it, huggingface_hub (hence transformers and open_clip) is in offline mode: a file is read from the
+    local cache or its lookup fails at once, no request, no retry. `offline=False` changes nothing. Nested and
+    threaded uses are counted: the previous mode comes back when the last one leaves."""
+    global _offline_depth, _offline_saved
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    with _offline_lock:
+        if _offline_depth == 0:
+            _offline_saved = (constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"))
+            constants.HF_HUB_OFFLINE = True
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        _offline_depth += 1
+    try:
+        yield
+    finally:
+        with _offline_lock:
+            _offline_depth -= 1
+            if _offline_depth == 0:
+                constants.HF_HUB_OFFLINE, env = _offline_saved
+                if env is None:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = env
+
+
+def _one_line(err: BaseException | str) -> str:
+    return " ".join(str(err).split())
+
+
+def hub_file_cached(repo_id: str, filename: str, cache_dir: str | None = None) -> bool:
+    """Whether `filename` of hub model `repo_id` is in the local cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def locate_model(path_or_id: str | os.PathLike, what: str, fix: str, local_files_only: bool = True) -> str:
+    """Check, before anything loads, that a transformers model can be had: an existing folder, or a hub id (in the
+    local cache unless `local_files_only` is False). Returns "folder" or "hub id"; raises one `EvaluationError`
+    line naming what was looked for, where, and `fix` otherwise."""
+    name = str(path_or_id)
+    path = Path(name)
+    if path.is_dir():
+        return "folder"
+    if path.exists():
+        raise EvaluationError(f"{what} {name!r} is a file; a transformers model is a folder (config.json and weights). "
+                              f"Fix: pass the folder that holds it, or {fix}.")
+    if not _HUB_ID.match(name) or ".." in name:
+        raise EvaluationError(f"{what} {name!r}: no such folder. Fix: check the path, or {fix}.")
+    if local_files_only and not hub_file_cached(name, "config.json"):
+        raise EvaluationError(f"{what} {name!r}: no folder of that name here, and not in the local Hugging Face cache "
+                              f"({hub_cache_dir()}); loraloom does not download unless asked. Fix: {fix}.")
+    return "hub id"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -61,6 +148,42 @@ class TextImageScore:
     truncated: bool  # the text was longer than the model's context and was cut
 
 
+def open_clip_missing(model_name: str, pretrained: str | None, cache_dir: str | None = None) -> str | None:
+    """What open_clip would have to download for `model_name` + `pretrained`, and where it looked; None when it
+    has everything locally (a checkpoint file, a local-dir model, weights in the hub cache or open_clip's cache)."""
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
+    if model_name.startswith("local-dir:"):
+        return None
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:"):]
+        if hub_file_cached(repo, "open_clip_config.json", cache_dir):
+            return None
+        return f"hub model {repo!r} is not in the local Hugging Face cache ({cache_dir or hub_cache_dir()})"
+    if not pretrained or os.path.isfile(os.path.expanduser(pretrained)):
+        return None
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        if os.sep in pretrained or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            return f"no checkpoint file {pretrained!r}"
+        return None  # an unknown tag: open_clip says so itself, without the network
+    if "file" in cfg:
+        return None
+    if cfg.get("hf_hub") and oc_pretrained.has_hf_hub():
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+        names = [filename, *oc_pretrained._get_safe_alternatives(filename)]
+        if any(hub_file_cached(repo, f, cache_dir) for f in names):
+            return None
+        return (f"its weights (hub {repo!r}, {' or '.join(names)}) are not in the local Hugging Face cache "
+                f"({cache_dir or hub_cache_dir()})")
+    if cfg.get("url"):
+        target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        return None if os.path.isfile(target) else f"its weights are not in open_clip's cache ({target})"
+    return None
+
+
 class OpenCLIPEmbedder:
     """open_clip model: `model_name` is an open_clip architecture ("ViT-B-16"), "hf-hub:org/repo" or
     "local-dir:/path"; `pretrained` is a tag ("openai", "laion2b_s34b_b88k") or a local checkpoint file, or None
@@ -69,7 +192,7 @@ class OpenCLIPEmbedder:
     backend = "open_clip"
 
     def __init__(self, model_name: str, pretrained: str | None = None, device: str | torch.device = "auto",
-                 precision: str = "fp32", cache_dir: str | None = None):
+                 precision: str = "fp32", cache_dir: str | None = None, local_files_only: bool = True, fix: str = CLIP_FIX):
         try:
             import open_clip
         except ImportError as err:
@@ -78,12 +201,18 @@ class OpenCLIPEmbedder:
         self.name = model_name if not pretrained else f"{model_name}@{pretrained}"
         if pretrained is None and ":" not in model_name:
             log.warning("open_clip %s has random weights (pretrained=None): its scores mean nothing", model_name)
+        if local_files_only:
+            missing = open_clip_missing(model_name, pretrained, cache_dir)
+            if missing:
+                raise EvaluationError(f"open_clip {self.name!r}: {missing}; loraloom does not download unless asked. "
+                                      f"Fix: {fix}.")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, device=self.device, precision=precision, cache_dir=cache_dir)
-            tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+            with hub_offline(local_files_only):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained, device=self.device, precision=precision, cache_dir=cache_dir)
+                tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         except (RuntimeError, OSError, ValueError) as err:
-            raise EvaluationError(f"open_clip model {self.name!r} cannot be loaded: {err}. "
+            raise EvaluationError(f"open_clip model {self.name!r} cannot be loaded: {_one_line(err)}. "
                                   "Fix: check the name against open_clip.list_models() and the tag or file path.") from None
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
@@ -117,21 +246,20 @@ class TransformersCLIPEmbedder:
     backend = "transformers"
 
     def __init__(self, path_or_id: str | Path, device: str | torch.device = "auto", local_files_only: bool = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, fix: str = CLIP_FIX):
+        where = locate_model(path_or_id, "CLIP", fix, local_files_only)
         from transformers import AutoModel, AutoProcessor
 
         self.device = resolve_device(device)
         self.name = str(path_or_id)
-        where = "folder" if Path(path_or_id).exists() else "hub id"
         try:
-            model = AutoModel.from_pretrained(path_or_id, local_files_only=local_files_only, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
-        except (OSError, ValueError) as err:
-            hint = (f"it is not in the local Hugging Face cache; download it once (hf download {path_or_id}) "
-                    "or pass a local folder (the toy world ships one: assets/toyworld/clip)"
-                    if where == "hub id" and local_files_only
-                    else "the folder must hold a CLIP model and its processor (save_pretrained of both)")
-            raise EvaluationError(f"CLIP {where} {str(path_or_id)!r} cannot be loaded ({err}). Fix: {hint}.") from None
+            with hub_offline(local_files_only):
+                model = AutoModel.from_pretrained(path_or_id, local_files_only=local_files_only, dtype=dtype)
+                processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
+        except Exception as err:  # OSError, ValueError, a corrupt weights file …: one line, never a traceback
+            hint = ("the folder must hold a CLIP model and its processor (save_pretrained of both)" if where == "folder"
+                    else f"check the hub id, or {fix}")
+            raise EvaluationError(f"CLIP {where} {self.name!r} cannot be loaded ({_one_line(err)}). Fix: {hint}.") from None
         self._setup(model, processor)
 
     @classmethod
@@ -179,7 +307,7 @@ def load_clip_embedder(spec: str, device: str | torch.device = "auto", local_fil
         if not pretrained and not name.startswith(("hf-hub:", "local-dir:")):
             raise EvaluationError(f"CLIP spec {spec!r} names no weights. Fix: add @TAG or @/path/to/checkpoint "
                                   "(e.g. open_clip:ViT-B-16@openai).")
-        return OpenCLIPEmbedder(name, pretrained or None, device=device)
+        return OpenCLIPEmbedder(name, pretrained or None, device=device, local_files_only=local_files_only)
     if spec.startswith("transformers:"):
         spec = spec[len("transformers:"):]
     return TransformersCLIPEmbedder(spec, device=device, local_files_only=local_files_only)
@@ -205,9 +333,11 @@ class CLIPScorer:
         return cls(load_clip_embedder(spec, device=device, local_files_only=local_files_only), **kw)
 
     @classmethod
-    def from_open_clip(cls, model_name: str, pretrained: str | None, device: str | torch.device = "auto", **kw):
-        """open_clip architecture + pretrained tag or checkpoint file (None: random weights, for speed tests only)."""
-        return cls(OpenCLIPEmbedder(model_name, pretrained, device=device), **kw)
+    def from_open_clip(cls, model_name: str, pretrained: str | None, device: str | torch.device = "auto",
+                       local_files_only: bool = True, **kw):
+        """open_clip architecture + pretrained tag or checkpoint file (None: random weights, for speed tests only);
+        weights from the local caches only unless `local_files_only=False`."""
+        return cls(OpenCLIPEmbedder(model_name, pretrained, device=device, local_files_only=local_files_only), **kw)
 
     @classmethod
     def from_transformers(cls, path_or_id: str | Path, device: str | torch.device = "auto", local_files_only: bool = True, **kw):

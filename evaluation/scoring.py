@@ -8,6 +8,7 @@ of one set and one seed made by different methods are compared with each other.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
+from loraloom.composition.lora_file import file_sha256
 from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.parsing import PAIRWISE_DIMENSIONS
 from loraloom.evaluation.protocols import OUTCOMES, ComposLoRAPairwise, Element, PairwiseResult, win_tie_lose
@@ -76,23 +78,108 @@ def clip_text(spec: GenerationSpec, mode: str = "triggers") -> str | None:
     return ", ".join(words) if words else None
 
 
+TOYWORLD_IDENTITY = "unet/diffusion_pytorch_model.safetensors"  # the file whose bytes say "this is the shipped toy world"
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def is_toyworld_model(model: str) -> bool:
+    """Whether a spec's `model` is the toy world loraloom ships (docs/evaluation.md, "The toy world's CLIP"):
+
+    - it is the shipped model folder (`loraloom.evaluation.toyworld.MODEL`) of this installation; or
+    - its path, with / or \\ separators, ends in `toyworld/model` and either no such folder exists here (a path
+      written on another machine or by another installation) or the folder here holds the shipped model's UNet
+      weights byte for byte (`TOYWORLD_IDENTITY`, compared by sha256), so a folder that is merely named so is not
+      taken for it."""
+    from loraloom.evaluation import toyworld
+
+    shipped, here = Path(toyworld.MODEL), Path(model)
+    try:
+        if here.is_dir() and here.resolve() == shipped.resolve():
+            return True
+    except OSError:
+        pass
+    parts = [p for p in model.replace("\\", "/").split("/") if p]
+    if parts[-2:] != ["toyworld", "model"]:
+        return False
+    if not here.exists():
+        return True
+    mine = _sha256(str(here / TOYWORLD_IDENTITY))
+    return mine is not None and mine == _sha256(str(shipped / TOYWORLD_IDENTITY))
+
+
+def toyworld_clip_for(images: Sequence[GeneratedImage]) -> tuple[Path | None, int]:
+    """The toy world's CLIP folder when every image was made by the shipped toy world (else None), and how many
+    of the images were: one CLIP scores a whole folder, so a mixed folder keeps the default CLIP."""
+    from loraloom.evaluation import toyworld
+
+    toy = sum(is_toyworld_model(img.spec.model) for img in images)
+    return (Path(toyworld.CLIP) if images and toy == len(images) else None), toy
+
+
 def elements_of(spec: GenerationSpec) -> list[Element]:
     return [Element(name=lora.adapter_name, category=lora.category, triggers=tuple(lora.triggers)) for lora in spec.loras]
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why the image file cannot be read and decoded in full, or None when it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Image.DecompressionBombError as err:
+        return " ".join(str(err).split())
+    except (OSError, SyntaxError, ValueError) as err:
+        return " ".join((getattr(err, "strerror", None) or str(err) or type(err).__name__).split())
+    return None
+
+
 def scan_folder(folder: str | os.PathLike, recursive: bool = False) -> tuple[list[GeneratedImage], list[tuple[Path, str]]]:
-    """The loraloom PNGs in `folder` (sorted by name) and the files skipped, with why."""
+    """The loraloom PNGs in `folder` (sorted by name) and the files skipped, with why. A readable PNG without a
+    loraloom spec is skipped; a PNG that cannot be read or decoded raises `EvaluationError` (naming every such
+    file), before any model loads: scoring a folder without some of its images would be a different number."""
     folder = Path(folder)
+    if not folder.exists():
+        raise EvaluationError(f"{folder}: not a folder: nothing of that name exists. Fix: pass the folder the images "
+                              "were written to (the `out` of loraloom generate).")
     if not folder.is_dir():
-        raise EvaluationError(f"{folder}: not a folder")
-    paths = sorted(folder.rglob("*.png") if recursive else folder.glob("*.png"))
-    found, skipped = [], []
+        raise EvaluationError(f"{folder}: not a folder: it is a file. Fix: pass the folder that holds the PNGs "
+                              f"({folder.parent}).")
+    try:
+        paths = sorted(folder.rglob("*.png") if recursive else folder.glob("*.png"))
+    except OSError as err:
+        raise EvaluationError(f"{folder}: cannot be listed ({err.strerror or err}). Fix: check its permissions.") from None
+    found, skipped, broken = [], [], []
     for path in paths:
+        if not path.is_file():
+            skipped.append((path, f"{path}: not a regular file"))
+            continue
+        why = _unreadable(path)
+        if why is not None:
+            broken.append(f"{_relative(path, folder)} ({why})")
+            continue
         try:
             found.append(GeneratedImage(path=path, spec=read_png_spec(path)))
-        except Exception as err:  # SpecError and unreadable files: reported, never fatal for the folder
+        except Exception as err:  # SpecError: no loraloom spec, or a spec that is not valid: reported, not fatal
             skipped.append((path, str(err)))
+    if broken:
+        shown = "; ".join(broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise EvaluationError(f"{len(broken)} PNG(s) in {folder} cannot be read: {shown}. Fix: regenerate or remove "
+                              "them (or fix their permissions), then run again.")
     return found, skipped
+
+
+def no_images_error(folder: str | os.PathLike, skipped: Sequence[tuple[Path, str]]) -> EvaluationError:
+    other = f" ({len(skipped)} other PNGs skipped: {' '.join(skipped[0][1].split())})" if skipped else ""
+    return EvaluationError(f"{folder}: no loraloom PNGs to evaluate{other}. Fix: pass the folder loraloom generate "
+                           "wrote (--recursive for subfolders).")
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -273,17 +360,23 @@ class FolderReport:
 def evaluate_folder(folder: str | os.PathLike, scorer=None, text_mode: str = "triggers",
                     protocol: ComposLoRAPairwise | None = None, baseline: str | None = None,
                     out_dir: str | os.PathLike | None = None, recursive: bool = False,
-                    progress: Progress | None = None, workers: int = 1) -> FolderReport:
+                    progress: Progress | None = None, workers: int = 1,
+                    scanned: tuple[list[GeneratedImage], list[tuple[Path, str]]] | None = None) -> FolderReport:
     """Score every loraloom PNG in `folder` and write `loraloom_scores.{csv,jsonl}` (and, with a pairwise
-    `protocol`, `loraloom_pairwise.{csv,jsonl}`) into `out_dir` (default: the folder itself)."""
+    `protocol`, `loraloom_pairwise.{csv,jsonl}`) into `out_dir` (default: the folder itself). `scanned`: what
+    `scan_folder(folder, recursive)` returned, when the caller has read the folder already."""
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir else folder
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images, skipped = scan_folder(folder, recursive=recursive)
+    images, skipped = scanned if scanned is not None else scan_folder(folder, recursive=recursive)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EvaluationError(f"{out_dir}: cannot be made a folder for the score files ({err.strerror or err}). "
+                              "Fix: pass --out with a folder you can write to.") from None
     for _path, why in skipped:
         log.warning("skipped %s", why)
     if not images:
-        raise EvaluationError(f"{folder}: no loraloom PNGs to evaluate" + (f" ({len(skipped)} other PNGs skipped)" if skipped else ""))
+        raise no_images_error(folder, skipped)
     rows = clip_rows(images, scorer, text_mode, root=folder)
     clip_info = scorer.describe() if scorer is not None else None
     report = FolderReport(images=images, skipped=skipped, rows=rows, methods=method_summary(rows))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loraloom.evaluation.clipscore import CLIPScorer, resolve_device
+from loraloom.evaluation.clipscore import CLIPScorer, hub_offline, locate_model, resolve_device
 from loraloom.evaluation.errors import EvaluationError
 from loraloom.evaluation.images import ImageLike, load_rgb
 
@@ -63,13 +63,16 @@ class DinoEncoder:
 
     def __init__(self, path_or_id: str | Path, device: str | torch.device = "auto", local_files_only: bool = True,
                  preprocess: DinoPreprocess = DinoPreprocess(), batch_size: int = 16):
+        fix = "pass a local folder with a Dinov2Model or DINO ViTModel, or local_files_only=False to fetch it once"
+        where = locate_model(path_or_id, "DINO model", fix, local_files_only)
         from transformers import AutoModel
 
         try:
-            model = AutoModel.from_pretrained(path_or_id, local_files_only=local_files_only)
-        except (OSError, ValueError) as err:
-            raise EvaluationError(f"DINO model {str(path_or_id)!r} cannot be loaded ({err}). Fix: pass a local folder "
-                                  "with a Dinov2Model or DINO ViTModel, or a hub id already in the local cache.") from None
+            with hub_offline(local_files_only):
+                model = AutoModel.from_pretrained(path_or_id, local_files_only=local_files_only)
+        except Exception as err:  # OSError, ValueError, a corrupt weights file …: one line, never a traceback
+            raise EvaluationError(f"DINO {where} {str(path_or_id)!r} cannot be loaded ({' '.join(str(err).split())}). "
+                                  f"Fix: {fix}.") from None
         self._setup(model, str(path_or_id), device, preprocess, batch_size)
 
     @classmethod

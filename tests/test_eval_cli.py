@@ -98,3 +98,57 @@ def test_eval_prompt_text_scale_and_errors(folder, clip_dir, capsys, tmp_path):
     empty.mkdir()
     assert main(["eval", str(empty), "--no-clip"]) == 2
     assert "no loraloom PNGs" in capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    """The one `loraloom: error: … Fix: …` line a failed command printed last, never a traceback."""
+    assert "Traceback" not in err
+    errors = [l for l in err.splitlines() if l.startswith("loraloom: error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Fix: " in errors[0], err
+    return errors[0]
+
+
+def test_missing_folder_and_file_instead_of_folder(tmp_path, folder, capsys):
+    assert main(["eval", str(tmp_path / "nothing-here")]) == 2
+    assert "nothing-here: not a folder: nothing of that name exists" in error_line(capsys.readouterr().err)
+    png = next(folder.glob("merge_*.png"))
+    assert main(["eval", str(png)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "it is a file" in line and f"Fix: pass the folder that holds the PNGs ({folder})" in line
+    out_file = tmp_path / "scores.txt"
+    out_file.write_text("")
+    assert main(["eval", str(folder), "--no-clip", "--out", str(out_file)]) == 2
+    assert "--out" in error_line(capsys.readouterr().err)
+
+
+def test_unreadable_png_is_named_before_any_model_loads(folder, capsys):
+    from loraloom.pipelines.spec import read_png_spec
+
+    broken = sorted(folder.glob("switch_*.png"))[:2]
+    data = broken[0].read_bytes()
+    broken[0].write_bytes(data[:data.index(b"IDAT") + 12])  # cut inside the pixels: its spec (before them) still reads
+    assert read_png_spec(broken[0]).method == "switch"
+    broken[1].write_bytes(broken[1].read_bytes()[:30])  # cut inside the header
+    # no --clip: the default CLIP is not cached here, so reaching the model would be a different error
+    assert main(["eval", str(folder), "--device", "cpu"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"loraloom: error: 2 PNG(s) in {folder} cannot be read: ")
+    assert all(p.name in line for p in broken) and "Fix: regenerate or remove them" in line
+    assert not (folder / "loraloom_scores.csv").exists()
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://example.org/v1", "http://", "http://[::1", "http://exa mple.org/v1"])
+def test_bad_judge_url_is_one_line(folder, url, capsys):
+    argv = ["eval", str(folder), "--no-clip", "--pairwise", "--judge", "openai", "--judge-model", "m", "--base-url", url]
+    assert main(argv) == 2
+    line = error_line(capsys.readouterr().err)
+    assert repr(url) in line and "Fix: pass --base-url like" in line
+    assert not (folder / "loraloom_pairwise.csv").exists()
+
+
+def test_judge_url_checked_by_the_library_too():
+    from loraloom.evaluation.errors import EvaluationError
+    from loraloom.evaluation.judges.openai_chat import OpenAIChatJudge
+
+    with pytest.raises(EvaluationError, match="not an http"):
+        OpenAIChatJudge("m", base_url="api.openai.com/v1")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from loraloom.evaluation.clipscore import resolve_device
+from loraloom.evaluation.clipscore import hub_offline, locate_model, resolve_device
 from loraloom.evaluation.errors import EvaluationError, JudgeError
 from loraloom.evaluation.judges.base import JudgeRequest
 
@@ -25,17 +25,21 @@ class TransformersVLMJudge:
     def __init__(self, path_or_id: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float | None = None, seed: int = 0,
                  image_max_side: int | None = None, local_files_only: bool = True):
+        fix = ("pass --judge-model with a local folder holding the model and its processor, or --allow-download to "
+               "fetch it once (library: local_files_only=False)")
+        where = locate_model(path_or_id, "vision-language model", fix, local_files_only)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.model = str(path_or_id)
         self.device = resolve_device(device)
         try:
-            self.processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
-            self.vlm = AutoModelForImageTextToText.from_pretrained(path_or_id, local_files_only=local_files_only,
-                                                                   dtype=dtype).to(self.device).eval()
-        except (OSError, ValueError) as err:
-            raise EvaluationError(f"vision-language model {self.model!r} cannot be loaded ({err}). Fix: pass a local "
-                                  "folder with the model and its processor, or a hub id already in the local cache.") from None
+            with hub_offline(local_files_only):
+                self.processor = AutoProcessor.from_pretrained(path_or_id, local_files_only=local_files_only)
+                self.vlm = AutoModelForImageTextToText.from_pretrained(path_or_id, local_files_only=local_files_only,
+                                                                       dtype=dtype).to(self.device).eval()
+        except Exception as err:  # OSError, ValueError, a corrupt weights file …: one line, never a traceback
+            raise EvaluationError(f"vision-language model ({where}) {self.model!r} cannot be loaded "
+                                  f"({' '.join(str(err).split())}). Fix: {fix}.") from None
         if getattr(self.processor, "chat_template", None) is None:
             raise EvaluationError(f"{self.model}: its processor has no chat template; judges need one")
         self.max_new_tokens, self.do_sample, self.temperature, self.seed = max_new_tokens, do_sample, temperature, seed

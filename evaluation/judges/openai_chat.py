@@ -34,6 +34,18 @@ class _Retry(Exception):
     retry_after: float | None = None
 
 
+def check_base_url(url: str) -> None:
+    """An http(s) URL with a host, or one `EvaluationError` line with the fix (before any request is sent)."""
+    example = ("Fix: pass --base-url like https://api.openai.com/v1, http://localhost:8000/v1 (vLLM) or "
+               "http://localhost:11434/v1 (Ollama).")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as err:
+        raise EvaluationError(f"judge base URL {url!r} is not a URL ({' '.join(str(err).split())}). {example}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host or any(c.isspace() for c in url):
+        raise EvaluationError(f"judge base URL {url!r} is not an http(s) URL with a host. {example}")
+
+
 class OpenAIChatJudge:
     backend = "openai"
 
@@ -44,6 +56,7 @@ class OpenAIChatJudge:
                  sleep: Callable[[float], None] = time.sleep):
         if max_retries < 0 or timeout <= 0:
             raise EvaluationError(f"judge needs max_retries >= 0 and timeout > 0 (got {max_retries}, {timeout})")
+        check_base_url(base_url)
         self.model, self.base_url = model, base_url.rstrip("/")
         self.api_key_env = api_key_env
         self.__key = os.environ.get(api_key_env, "") if api_key_env else ""
