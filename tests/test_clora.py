@@ -101,6 +101,77 @@ def test_branches_tokens_and_schedule(loaded):
         make_method("clora", {"prompts": ["ohwx", "ohwx"]}).prepare(run)
 
 
+@pytest.fixture
+def cat_dog(tiny_sd, tmp_path):
+    """The reference notebook's setup: a cat LoRA and a dog LoRA both trained on the trigger 's' (the notebook's
+    'sks'). With the tiny byte-level tokenizer each one-letter word is one token, so 'a s c n a d' ('a sks cat and a
+    dog') puts s, c at positions 2, 3 and d at 6 (BOS = 0), the notebook's cat [2, 3] / dog [6] layout."""
+    from loraloom.pipelines.tiny import write_random_lora
+
+    for name, seed in (("cat", 1), ("dog", 2)):
+        tiny_sd.load_lora(write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=seed, triggers=("s",),
+                                            category="character", std=0.15), name)
+    return tiny_sd
+
+
+NOTEBOOK = {"base_prompt": "a c n a d", "prompts": ["a s c n a d", "a c n a s d"]}  # a cat and a dog / a sks cat and a dog / a cat and a sks dog
+
+
+def _labels(m):
+    """(branch, token position, concept) of every embedding of the loss."""
+    return [(j, m.columns[j][c], g) for j, c, g in m.embedding_index]
+
+
+def test_shared_trigger_is_labelled_by_its_own_branch(cat_dog):
+    """Both LoRAs' concept words contain 's': in the cat branch it is the cat, in the dog branch the dog, in the base
+    branch nobody. (Matching every concept's words in every prompt labelled the cat branch's 's' dog as well.)"""
+    run = _run(cat_dog, ["cat", "dog"], "a c n a d")
+    m = make_method("clora", {**NOTEBOOK, "concepts": ["s, c", "s, d"]})
+    m.prepare(run)
+    assert m.positions == [[[2], [5]], [[2, 3], [6]], [[2], [5, 6]]]  # base, cat branch, dog branch
+    assert _labels(m) == [(0, 2, 0), (0, 5, 1), (1, 2, 0), (1, 3, 0), (1, 6, 1), (2, 2, 0), (2, 5, 1), (2, 6, 1)]
+    assert m.extras["concept_positions"] == {"cat": {"base": [2], "cat": [2, 3], "dog": [2]},
+                                             "dog": {"base": [5], "cat": [6], "dog": [5, 6]}}
+    # per branch, as the reference's token lists (positions) or as words: the same labels
+    per_branch = [{"base": [2], "cat": [2, 3], "dog": [2]}, {"base": [5], "cat": [6], "dog": [5, 6]}]
+    words = [{"base": "c", "cat": "s, c", "dog": ["c"]}, {"base": "d", "cat": "d", "dog": "s, d"}]
+    for concepts in (per_branch, words):
+        other = make_method("clora", {**NOTEBOOK, "concepts": concepts})
+        other.prepare(run)
+        assert other.positions == m.positions and _labels(other) == _labels(m)
+    # only the branches named: the cat concept given in its own branch alone; its tokens win over the dog's 's'
+    only = make_method("clora", {**NOTEBOOK, "concepts": [{"cat": [2, 3]}, "s, d"]})
+    only.prepare(run)
+    assert only.positions == [[[], [5]], [[2, 3], [6]], [[], [5, 6]]]
+    # the triggers alone (the default): 's' names the concept of each branch's own LoRA only
+    trig = make_method("clora", NOTEBOOK)
+    trig.prepare(run)
+    assert trig.positions == [[[], []], [[2], []], [[], [5]]]
+    # one step of the update phase runs with these labels
+    step = Step(0, 4, run.scheduler.timesteps[0])
+    m.params.refine_iterations = 0
+    m.denoise(run, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), step)
+    assert len(m.extras["loss"]) == 1 and math.isfinite(m.extras["loss"][0][1])
+
+
+def test_concept_tokens_are_checked(cat_dog):
+    run = _run(cat_dog, ["cat", "dog"], "a c n a d")
+
+    def prepare(concepts):
+        make_method("clora", {**NOTEBOOK, "concepts": concepts}).prepare(run)
+
+    with pytest.raises(ValueError, match=r"position 3 of branch 'cat'.*given to both 'cat' and 'dog'"):
+        prepare([{"cat": [2, 3]}, {"cat": [3, 6], "dog": [6]}])
+    with pytest.raises(ValueError, match=r"unknown branch\(es\) \['cow'\]"):
+        prepare([{"cat": [2], "cow": [1]}, "d"])
+    with pytest.raises(ValueError, match="BOS = 0"):
+        prepare([{"cat": [0, 2]}, "d"])
+    with pytest.raises(ValueError, match=r"past the text encoder's 77 tokens"):
+        prepare([{"cat": [2, 80]}, "d"])
+    with pytest.raises(ValueError, match="concept words of LoRA 'dog'"):
+        prepare(["c", {"cat": [6]}])
+
+
 def test_fused_noise_comes_from_the_updated_latents(loaded):
     """Default: the fused prediction is that of the latents after the gradient step (the scheduler steps from
     those); reference_mode fuses the predictions of the latents before the update (stale)."""

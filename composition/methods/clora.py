@@ -19,6 +19,7 @@ Where we differ from the reference code (`reference_mode=True` restores it):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,13 @@ from .guidance import classifier_free_guidance
 class CLoRAParams:
     lora_scale: float = param(1.0, "Weight of each concept LoRA in its branch (CLoRA: 1.0); each LoRA's own weight "
                                    "multiplies it.")
-    concepts: list = param([], "Per concept LoRA, in the order the LoRAs are given: the words naming its concept in "
-                               "the prompts, comma-separated (e.g. 'sks, dog'). Default: the LoRA's trigger words.")
+    concepts: list = param([], "Per concept LoRA, in the order the LoRAs are given, the tokens naming its concept: "
+                               "words, comma-separated (e.g. 'sks, dog'), looked up in every branch's prompt — a word "
+                               "that several concepts name (a shared trigger such as 'sks') counts only in the branch "
+                               "of the LoRA whose prompt it is in; or per branch, {branch: words or token positions} "
+                               "with branch 'base' or a concept LoRA's name and positions counted from BOS = 0 (e.g. "
+                               "{base: [2], cat: [2, 3], dog: [2]}): only the branches named. Default: the LoRA's "
+                               "trigger words.")
     base_prompt: str = param("", "Prompt of the base branch (no concept LoRA), e.g. 'a cat and a dog'. "
                                  "Default: the run's prompt.")
     prompts: list = param([], "One prompt per concept LoRA for its branch, e.g. 'a sks dog and a cat'. "
@@ -94,24 +100,8 @@ class CLoRA(Method):
         for i, l in enumerate(concept_loras):
             self.branches.append(_Branch(l.name, p.prompts[i] if p.prompts else prompt,
                                          {**globals_, l.name: l.weight * p.lora_scale}))
-        words = []
-        for i, l in enumerate(concept_loras):
-            given = p.concepts[i] if p.concepts else l.lora.triggers
-            w = [s.strip() for s in (given.split(",") if isinstance(given, str) else given) if s.strip()]
-            if not w:
-                raise ValueError(f"clora: LoRA {l.name!r} has no trigger words; name its concept words with "
-                                 f"concepts=[...] (one comma-separated entry per concept LoRA)")
-            words.append(w)
-        self.words = words
-
-        # positions[j][g]: token positions of concept g's words in branch j's prompt
-        self.positions = [[sorted({i for hits in ctx.token_indices(b.prompt, w) for i in hits}) for w in words]
-                          for b in self.branches]
-        for g, l in enumerate(concept_loras):
-            if not self.positions[g + 1][g]:
-                raise ValueError(f"clora: none of {words[g]} (concept words of LoRA {l.name!r}) is in its branch prompt "
-                                 f"{self.branches[g + 1].prompt!r} (or it is cut off at the text encoder's length); put "
-                                 f"them in the prompt or name other words with concepts=[...]")
+        # positions[j][g]: token positions labelled concept g in branch j's prompt
+        self.positions = concept_positions(ctx, self.branches, concept_loras, p.concepts or None)
         # tokens captured per branch: every concept position in that branch's prompt, padded with -1
         cols = [sorted({i for pos in self.positions[j] for i in pos}) for j in range(len(self.branches))]
         k = max([len(c) for c in cols] + [1])
@@ -126,12 +116,19 @@ class CLoRA(Method):
         self.loss_defined = len(concept_loras) >= 2
 
         conds = ctx.encode([b.gates for b in self.branches], [b.prompt for b in self.branches])
+        length = conds[0][1].hidden.shape[1]
+        for j, b in enumerate(self.branches):
+            late = [i for pos in self.positions[j] for i in pos if i >= length]
+            if late:
+                raise ValueError(f"clora: token position(s) {sorted(set(late))} of branch {b.name or 'base'!r} are past the "
+                                 f"text encoder's {length} tokens")
         self.cond_all = Conditioning.cat([part for pair in conds for part in pair])  # [neg_0, pos_0, neg_1, pos_1, ...]
         self.cond_pos = Conditioning.cat([pair[1] for pair in conds])
         self.routing_all = Routing.from_blocks([(2, b.gates) for b in self.branches])
         self.routing_pos = Routing.from_blocks([(1, b.gates) for b in self.branches])
-        self.extras = {"branches": [b.name or "base" for b in self.branches], "concept_words": dict(zip(
-            [l.name for l in concept_loras], words)), "masks": [], "loss": []}
+        self.extras = {"branches": [b.name or "base" for b in self.branches], "concept_positions": {
+            l.name: {b.name or "base": self.positions[j][g] for j, b in enumerate(self.branches)}
+            for g, l in enumerate(concept_loras)}, "masks": [], "loss": []}
         self.mask_dir = ctx.write_policy.resolve(p.mask_dir, "clora.mask_dir") if p.mask_dir else None
 
     # --- schedule ----------------------------------------------------------------------------------------------
@@ -221,6 +218,83 @@ class CLoRA(Method):
         eps = eps.reshape(len(self.branches), 2, *latents.shape)
         return classifier_free_guidance(fuse_predictions(eps[:, 0], masks), fuse_predictions(eps[:, 1], masks),
                                         ctx.guidance_scale)
+
+
+# --- concept tokens per branch --------------------------------------------------------------------------------
+def _words(entry) -> list[str]:
+    """Words of one entry: a comma-separated string or a list of words."""
+    items = entry.split(",") if isinstance(entry, str) else entry
+    if not isinstance(items, Sequence) or not all(isinstance(w, str) for w in items):
+        raise ValueError(f"clora: concept words must be a comma-separated string or a list of words, got {entry!r}")
+    return [w.strip() for w in items if w.strip()]
+
+
+def _branch_entry(ctx, prompt: str, entry, where: str) -> list[int]:
+    """Token positions of one per-branch entry: words (looked up in `prompt`) or positions (ints, BOS = 0)."""
+    if isinstance(entry, Sequence) and not isinstance(entry, str) and entry and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in entry):
+        if min(entry) < 1:
+            raise ValueError(f"clora: {where}: token positions count from BOS = 0, so the prompt's first token is 1; "
+                             f"got {list(entry)}")
+        return sorted(set(entry))
+    words = _words(entry)
+    return sorted({i for hits in ctx.token_indices(prompt, words) for i in hits})
+
+
+def concept_positions(ctx, branches: Sequence, concept_loras: Sequence, concepts: Sequence | None) -> list[list[list[int]]]:
+    """positions[j][g]: the token positions labelled concept g in branch j's prompt (branch 0: base; branch g + 1:
+    concept LoRA g); docs/methods/clora.md#contrastive-loss.
+
+    Per concept, `concepts[g]` is words or {branch: words or positions} (see CLoRAParams.concepts); default the
+    LoRA's trigger words. Words are looked up in every branch's prompt. A token that several concepts claim in one
+    branch — a trigger word shared by two LoRAs, e.g. 'sks' — is labelled by the concept whose LoRA that branch runs
+    ('sks' in the cat LoRA's branch 'a sks cat and a dog' is the cat), by nobody where that concept does not claim it
+    (the base branch); tokens given per branch take precedence over words, and two concepts given the same token
+    of one branch is an error."""
+    names = ["base"] + [l.name for l in concept_loras]
+    entries = []
+    for g, l in enumerate(concept_loras):
+        entry = concepts[g] if concepts else l.lora.triggers
+        if isinstance(entry, Mapping):
+            unknown = sorted(set(entry) - set(names))
+            if unknown:
+                raise ValueError(f"clora: concept of LoRA {l.name!r} names unknown branch(es) {unknown}; branches: {names}")
+        elif not _words(entry):
+            raise ValueError(f"clora: LoRA {l.name!r} has no trigger words; name its concept words with concepts=[...] "
+                             f"(one entry per concept LoRA)")
+        entries.append(entry)
+
+    positions = []
+    for j, b in enumerate(branches):
+        row, given = [], []
+        for g, entry in enumerate(entries):
+            if isinstance(entry, Mapping):
+                value = entry.get(names[j])
+                where = f"concept of LoRA {concept_loras[g].name!r}, branch {names[j]!r}"
+                row.append(set() if value is None else set(_branch_entry(ctx, b.prompt, value, where)))
+                given.append(value is not None)
+            else:
+                row.append(set(_branch_entry(ctx, b.prompt, entry, "")))
+                given.append(False)
+        for i in sorted(set().union(*row)):
+            claims = [g for g, pos in enumerate(row) if i in pos]
+            if len(claims) < 2:
+                continue
+            explicit = [g for g in claims if given[g]]
+            if len(explicit) > 1:
+                raise ValueError(f"clora: token position {i} of branch {names[j]!r} ({b.prompt!r}) is given to both "
+                                 f"{concept_loras[explicit[0]].name!r} and {concept_loras[explicit[1]].name!r}")
+            keep = explicit[0] if explicit else (j - 1 if j - 1 in claims else None)
+            for g in claims:
+                if g != keep:
+                    row[g].discard(i)
+        positions.append([sorted(pos) for pos in row])
+    for g, l in enumerate(concept_loras):
+        if not positions[g + 1][g]:
+            raise ValueError(f"clora: none of {entries[g]!r} (concept words of LoRA {l.name!r}) is in its branch prompt "
+                             f"{branches[g + 1].prompt!r} (or it is cut off at the text encoder's length); put them in "
+                             f"the prompt or name other words with concepts=[...]")
+    return positions
 
 
 def save_masks(image, path: Path, step: int, policy: WritePolicy) -> Path:
