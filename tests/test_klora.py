@@ -105,6 +105,19 @@ def test_alpha_over_rank_is_applied():
     assert table.switch_times[2, 0].item() == pytest.approx(1.0)
 
 
+def test_one_alpha_per_file_changes_no_decision():
+    """alpha/rank the same on every layer of a file scales S_c (or S_s) and gamma by the same factor: rho and every
+    switch time stay as without it — the reference's unscaled comparison decides the same (docs/methods/klora.md#reference-code)."""
+    plain = klora_table(hand_built())
+    for subject_alpha in (0.25, 3.0):
+        layers = {p: ([LoRALayer(l.down, l.up, subject_alpha) for l in c], s) for p, (c, s) in hand_built().items()}
+        for gamma in ("paper", "code"):
+            scaled = klora_table(layers, gamma=gamma)
+            torch.testing.assert_close(scaled.rho, klora_table(hand_built(), gamma=gamma).rho)
+            torch.testing.assert_close(scaled.switch_times, klora_table(hand_built(), gamma=gamma).switch_times)
+        assert scaled.gamma == pytest.approx(plain.gamma * subject_alpha)
+
+
 def test_top_k_is_rank_product():
     g = torch.Generator().manual_seed(0)
     c = LoRALayer(torch.randn(3, 16, generator=g), torch.randn(16, 3, generator=g), 3.0)
@@ -245,6 +258,67 @@ def test_other_layers_and_scope(tiny_sd, tmp_path):
     m = make_method("klora", {"scope": "all"})
     m.prepare(run)
     assert set(ff) <= set(m.table.paths)
+
+
+def reference_gamma(content_file, style_file, mode: str) -> float:
+    """The reference's get_ratio_between_content_and_style (utils.py), transcribed: every non-alpha key of each file
+    in key order, consecutive (down, up) pairs, ratio of the L1 norms of up @ down (unscaled), content key i against
+    style key i; 'code' = its mean of the ratios after dropping those >= 3x the mean, 'paper' = sum over sum of the
+    same pairs (eq. 9)."""
+    from safetensors.torch import load_file
+
+    content, style = load_file(str(content_file)), load_file(str(style_file))
+    names_c = sorted(k for k in content if "alpha" not in k)
+    names_s = sorted(k for k in style if "alpha" not in k)
+    assert len(names_c) == len(names_s)
+    l1_c, l1_s = [], []
+    for i in range(0, len(names_c), 2):  # PEFT layout: lora_A (down) sorts before lora_B (up)
+        l1_c.append(float((content[names_c[i + 1]] @ content[names_c[i]]).abs().sum()))
+        l1_s.append(float((style[names_s[i + 1]] @ style[names_s[i]]).abs().sum()))
+    if mode == "paper":
+        return sum(l1_c) / sum(l1_s)
+    ratios = [c / s for c, s in zip(l1_c, l1_s)]
+    mean = sum(ratios) / len(ratios)
+    kept = [r for r in ratios if r < 3 * mean]
+    return sum(kept) / len(kept)
+
+
+def test_gamma_over_the_reference_key_set(tiny_sd, tmp_path):
+    """Default gamma_layers='file': every key pair of the two files — text encoder and the feed-forward layer
+    included — as the reference; our deltas carry alpha/rank (subject 1/2, style 8/4), so gamma is the reference's
+    times (1/2) / 2. 'selected': the attention projections K-LoRA selects in only (the subject's text-encoder part is
+    made 3x stronger so that the two sets give clearly different gammas)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loraloom.pipelines.tiny import write_random_lora
+
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2")
+    files = {}
+    for name, cat, seed, rank, alpha in (("subj", "character", 1, 2, 1.0), ("sty", "style", 2, 4, 8.0)):
+        files[name] = write_random_lora(tiny_sd.pipe, tmp_path / f"{name}.safetensors", seed=seed, rank=rank, alpha=alpha,
+                                        category=cat, targets=targets, std=0.15)
+    with safe_open(str(files["subj"]), "pt") as f:  # the subject's text-encoder part 3x as strong
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert any(k.startswith("text_encoder.") for k in sd) and any(".ff.net.2." in k for k in sd)
+    save_file({k: v * 3 if k.startswith("text_encoder.") and "lora_B" in k else v for k, v in sd.items()},
+              str(files["subj"]), metadata=meta)
+    for name, path in files.items():
+        tiny_sd.load_lora(path, name)
+    run = tiny_sd.run(["subj", "sty"], "x", "", 5.0, 64, 64)
+    for mode in ("paper", "code"):
+        m = make_method("klora", {"gamma": mode})
+        m.prepare(run)
+        want = reference_gamma(files["subj"], files["sty"], mode) * (1.0 / 2) / (8.0 / 4)
+        assert m.table.gamma == pytest.approx(want, rel=1e-6)
+        n_keys = len(tiny_sd.loras["subj"].layers["unet"]) + len(tiny_sd.loras["subj"].layers["text_encoder"])
+        assert m.extras["klora"]["gamma_layers"] == n_keys > len(m.table.paths)
+        selected = make_method("klora", {"gamma": mode, "gamma_layers": "selected"})
+        selected.prepare(run)
+        subj, sty = tiny_sd.loras["subj"].layers["unet"], tiny_sd.loras["sty"].layers["unet"]
+        l1 = [[float(side[p].delta().abs().sum()) for p in selected.table.paths] for side in (subj, sty)]
+        assert selected.table.gamma == pytest.approx(balance_factor(*l1, mode), rel=1e-6)
+        assert selected.table.gamma < m.table.gamma / 1.05, (selected.table.gamma, m.table.gamma)
 
 
 def _active(cp, name, weight=1.0):

@@ -11,9 +11,17 @@ time(s); per step the gates are read from that table and passed to the routing l
 Where the reference code (HVision-NKU/K-LoRA) differs, we follow the paper and fix its bugs:
 - tau = step index / step count from the pipeline, not a module-global forward counter that is only right for
   exactly 50 steps with 560 wrapped layers and never resets between images (docs/methods/klora.md#step-clock);
-- alpha/rank scaling is applied to each delta before comparing (the code uses B A unscaled, wrong when
-  alpha != rank, docs/methods/klora.md#selection);
-- layers are paired by module path, not by the key order of the two files (docs/methods/klora.md#gamma);
+- the selected delta is applied at alpha/rank (times the LoRA scale and the user's weight), as every method applies
+  a LoRA; the reference's forward applies the chosen B A unscaled, i.e. at scale 1 whatever the file's alpha — 8x
+  too strong for a rank-8, alpha-1 LoRA (docs/methods/klora.md#reference-code). That is its real scaling bug;
+- the Top-K sums and gamma are also taken of the alpha/rank-scaled deltas (the reference: of B A). With one
+  alpha/rank for all of a file's layers (the usual case) this changes no decision: gamma scales exactly as
+  S_c / S_s, so the factor cancels in S_c >= gamma S_s s(tau). It matters only where alpha/rank varies between one
+  file's layers (per-layer alphas or ranks);
+- gamma is taken over every module both files adapt (UNet layers of every type and text-encoder layers), as the
+  reference's get_ratio_between_content_and_style, which reads every key pair of the two files
+  (`gamma_layers="file"`; `"selected"`: only the layers K-LoRA selects in); layers are paired by module path, not by
+  the key order of the two files (docs/methods/klora.md#gamma);
 - gamma defaults to the paper's ratio of global sums (eq. 9); the code's trimmed mean of per-layer ratios is
   `gamma="code"`. The time pattern defaults to the paper's s(tau) = 1.5 tau + 0.5 (eq. 7, its main results; the
   code's default is s*, `time_pattern="s*"`). Algorithm 1's `alpha + beta * t/T` swaps alpha and beta; eq. 7
@@ -134,26 +142,40 @@ class KLoRATable:
 _SCORES: dict[tuple, tuple[list, tuple]] = {}
 
 
+def _remembered(kind: str, subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k, compute):
+    """compute(), remembered per factor tensors (weak references plus in-place version counters: a changed or freed
+    tensor never hits), so the next generation with the same LoRAs skips the work."""
+    tensors = [t for l in (*subject, *style) for t in (l.down, l.up)]
+    key = (kind, tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
+           tuple(l.alpha for l in (*subject, *style)), len(subject), k)
+    hit = _SCORES.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        return hit[1]
+    value = compute()
+    if len(_SCORES) > 4096:  # forget entries whose tensors are gone
+        for dead in [key for key, (refs, _) in _SCORES.items() if any(r() is None for r in refs)]:
+            del _SCORES[dead]
+    _SCORES[key] = ([weakref.ref(t) for t in tensors], value)
+    return value
+
+
 def layer_scores(subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k: int | None = None):
     """(S_c, S_s, |dW_c|_1, |dW_s|_1, K) of one layer; each side is the sum of its LoRAs' scaled deltas.
 
     K = r_c * r_s (the product of the two sides' ranks, as the code since commit 1adb7d0) unless given.
     The dense deltas live only inside this call. The numbers depend only on the factors, so they are remembered
-    per factor tensors (weak references plus in-place version counters: a changed or freed tensor never hits):
-    the next generation with the same LoRAs skips the Top-K work.
+    per factor tensors: the next generation with the same LoRAs skips the Top-K work.
     """
-    tensors = [t for l in (*subject, *style) for t in (l.down, l.up)]
-    key = (tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
-           tuple(l.alpha for l in (*subject, *style)), len(subject), k)
-    hit = _SCORES.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
-        return hit[1]
-    scores = _layer_scores(subject, style, k)
-    if len(_SCORES) > 4096:  # forget entries whose tensors are gone
-        for dead in [key for key, (refs, _) in _SCORES.items() if any(r() is None for r in refs)]:
-            del _SCORES[dead]
-    _SCORES[key] = ([weakref.ref(t) for t in tensors], scores)
-    return scores
+    return _remembered("scores", subject, style, k, lambda: _layer_scores(subject, style, k))
+
+
+def layer_l1(subject: Sequence[LoRALayer], style: Sequence[LoRALayer]) -> tuple[float, float]:
+    """(|dW_c|_1, |dW_s|_1) of one layer (each side the sum of its LoRAs' scaled deltas), for gamma; remembered."""
+    def compute():
+        l1_c = float(sum(l.delta(torch.float32) for l in subject).abs().sum())
+        return l1_c, float(sum(l.delta(torch.float32) for l in style).abs().sum())
+
+    return _remembered("l1", subject, style, None, compute)
 
 
 def _layer_scores(subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k: int | None = None):
@@ -171,8 +193,10 @@ def _layer_scores(subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k: i
 def klora_table(
     layers: dict[str, tuple[Sequence[LoRALayer], Sequence[LoRALayer]]], gamma: str = "paper", pattern: str = "s",
     alpha: float = 1.5, beta: float = 0.5, alpha_star: float = 1.5, beta_star: float = 1.3, top_k: int = 0,
+    gamma_layers: dict[str, tuple[Sequence[LoRALayer], Sequence[LoRALayer]]] | None = None,
 ) -> KLoRATable:
-    """The K-LoRA decision table of the given layers ({path: (subject layers, style layers)})."""
+    """The K-LoRA decision table of the given layers ({path: (subject layers, style layers)}); gamma over
+    `gamma_layers` (same form; default: `layers`)."""
     paths = list(layers)
     if not paths:
         raise LoraloomError("K-LoRA found no layer that both the subject and the style LoRA adapt. Fix: use two LoRAs "
@@ -180,7 +204,15 @@ def klora_table(
     scores = [layer_scores(*layers[p], k=top_k or None) for p in paths]
     s_c = torch.tensor([x[0] for x in scores], dtype=torch.float64)
     s_s = torch.tensor([x[1] for x in scores], dtype=torch.float64)
-    g = balance_factor([x[2] for x in scores], [x[3] for x in scores], gamma)
+    known = {p: (x[2], x[3]) for p, x in zip(paths, scores)}
+    if gamma_layers is None:
+        l1 = list(known.values())
+    else:  # a covered layer's L1 norms are already known (same factor objects)
+        def same(p):
+            return p in layers and all(a is b for a, b in zip((*layers[p][0], *layers[p][1]), (*gamma_layers[p][0], *gamma_layers[p][1])))
+
+        l1 = [known[p] if same(p) else layer_l1(*gamma_layers[p]) for p in gamma_layers]
+    g = balance_factor([x[0] for x in l1], [x[1] for x in l1], gamma)
     with torch.no_grad():
         rho = s_c / (g * s_s)
         rho = torch.where(s_s == 0, torch.where(s_c > 0, torch.inf, 0.0), rho)  # an all-zero style delta never wins
@@ -192,6 +224,24 @@ def klora_table(
         else:
             cols.append(torch.where(rho >= intercept, torch.inf, -torch.inf).to(torch.float64))
     return KLoRATable(paths, rho, torch.stack(cols, 1), g, [x[4] for x in scores], pattern, alpha, alpha_star, beta_star, first)
+
+
+def file_layers(loras, subject_names: Sequence[str], style_names: Sequence[str]):
+    """{path: (subject layers, style layers)} of every module, in every component (UNet, text encoders), that both
+    sides adapt: the layer set of the reference's gamma, which reads every (down, up) key pair of the two files.
+    UNet paths are the routing layer's module paths; other components' are prefixed `<component>:`. Modules only one
+    side adapts have no ratio and are left out (the reference needs both files to list the same keys)."""
+    by_name = {l.name: l.lora for l in loras}
+    components = sorted({c for n in (*subject_names, *style_names) for c in by_name[n].layers})
+    out = {}
+    for comp in components:
+        paths = sorted({p for n in (*subject_names, *style_names) for p in by_name[n].layers.get(comp, {})})
+        for path in paths:
+            c = [by_name[n].layers[comp][path] for n in subject_names if path in by_name[n].layers.get(comp, {})]
+            s = [by_name[n].layers[comp][path] for n in style_names if path in by_name[n].layers.get(comp, {})]
+            if c and s:
+                out[path if comp == "unet" else f"{comp}:{path}"] = (c, s)
+    return out
 
 
 # --- the method --------------------------------------------------------------------------------------------
@@ -208,6 +258,11 @@ class KLoRAParams:
     beta_star: float = param(1.3, "beta' of s*(tau) (paper 1.3; the code uses 1.5 * 0.85 = 1.275).")
     gamma: str = param("paper", "Balance factor: 'paper' = global L1 ratio subject/style (eq. 9); 'code' = trimmed "
                                 "mean of per-layer L1 ratios (reference code).", choices=["paper", "code"])
+    gamma_layers: str = param("file", "Layers gamma is computed over: 'file' = every module both LoRA files adapt — "
+                                      "UNet layers of every type and text-encoder layers, as the reference code (its "
+                                      "get_ratio_between_content_and_style reads every key pair of the two files); "
+                                      "'selected' = only the layers K-LoRA selects in (scope).",
+                              choices=["file", "selected"])
     top_k: int = param(0, "K of the Top-K sums; 0 = r_subject * r_style (paper). Other values are the paper's "
                           "K ablation.", min=0)
     roles: str = param("category", "Which LoRA is the subject: 'category' (character/clothing/object = subject, "
@@ -259,7 +314,9 @@ class KLoRA(Method):
                 covered[path] = (c, s)
             elif c or s:
                 uncovered.append(path)
-        self.table = klora_table(covered, p.gamma, p.time_pattern, p.alpha, p.beta, p.alpha_star, p.beta_star, p.top_k)
+        gamma_layers = file_layers(ctx.loras, self.subject_names, self.style_names) if p.gamma_layers == "file" else None
+        self.table = klora_table(covered, p.gamma, p.time_pattern, p.alpha, p.beta, p.alpha_star, p.beta_star, p.top_k,
+                                 gamma_layers)
         gates = {l.name: l.weight * p.lora_scale for l in ctx.loras}
         self.routing = Routing.uniform(gates)
         self.cond = cfg_pair(ctx.encode([gates if p.text_encoder else {}])[0])
@@ -268,7 +325,8 @@ class KLoRA(Method):
         self._on_subject = {n: 1.0 for n in self.subject_names} | {n: 0.0 for n in self.style_names}
         self._on_style = {n: 0.0 for n in self.subject_names} | {n: 1.0 for n in self.style_names}
         self._gates_cache: dict[bytes, dict] = {}
-        self.extras = {"klora": {"gamma": self.table.gamma, "layers": len(self.table.paths), "other_layers": len(uncovered),
+        self.extras = {"klora": {"gamma": self.table.gamma, "gamma_layers": len(gamma_layers or covered),
+                                 "layers": len(self.table.paths), "other_layers": len(uncovered),
                                  "subject": self.subject_names, "style": self.style_names, "subject_layers_per_step": []}}
 
     def layer_gates(self, tau: float) -> dict[str, dict[str, float]]:
