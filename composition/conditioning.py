@@ -28,6 +28,13 @@ class Conditioning:
             None if first.time_ids is None else torch.cat([p.time_ids for p in parts]),
         )
 
+    @staticmethod
+    def join_tokens(parts: Sequence[Conditioning]) -> Conditioning:
+        """Prompts side by side along the token axis (regional prompts); the pooled embedding and time ids of the first."""
+        if len(parts) == 1:
+            return parts[0]
+        return Conditioning(torch.cat([p.hidden for p in parts], dim=1), parts[0].pooled, parts[0].time_ids)
+
     def rows(self, start: int, stop: int) -> Conditioning:
         return Conditioning(
             self.hidden[start:stop],

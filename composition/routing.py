@@ -31,6 +31,7 @@ from torch import nn
 from .errors import AdapterNameError, IncompatibleLoRA
 from .lora import LoRA, LoRALayer
 from .module_paths import resolve_module_path
+from .spatial import resize_mask, token_grid
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,49 @@ class Routing:
         return Routing(tuple(out))
 
 
+# Layers whose input is the text conditioning (the cross-attention keys and values), not the image's tokens.
+TEXT_INPUT_LAYERS = ("attn2.to_k", "attn2.to_v")
+
+
+class SpatialGate:
+    """Where one adapter acts: a mask over the latent (H, W), and for layers that read the prompt, the spans of
+    the (concatenated) conditioning the adapter may change (`spans`; None: all of it).
+
+    `on(delta, reads_text)` gives the multiplier for a delta of a layer: (1, 1, h, w) for a feature map, (1, n, 1)
+    for n image tokens (the latent downsampled to h·w = n), (1, t, 1) for t text positions, or None (no gate).
+    Resized masks are cached per shape.
+    """
+
+    def __init__(self, mask: torch.Tensor, spans: Sequence[slice] | None = None):
+        self.mask = mask.float()
+        self.spans = list(spans) if spans is not None else None
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def on(self, delta: torch.Tensor, reads_text: bool) -> torch.Tensor | None:
+        if reads_text:
+            if self.spans is None:
+                return None
+            key = ("text", delta.shape[1])
+            if key not in self._cache:
+                g = torch.zeros(delta.shape[1])
+                for span in self.spans:
+                    g[span] = 1.0
+                self._cache[key] = g.view(1, -1, 1)
+        elif delta.ndim == 4:
+            key = ("map", delta.shape[2], delta.shape[3])
+            if key not in self._cache:
+                self._cache[key] = resize_mask(self.mask, delta.shape[2], delta.shape[3]).view(1, 1, delta.shape[2], delta.shape[3])
+        else:
+            key = ("tokens", delta.shape[1])
+            if key not in self._cache:
+                h, w = token_grid(delta.shape[1], tuple(self.mask.shape))
+                self._cache[key] = resize_mask(self.mask, h, w).reshape(1, h * w, 1)
+        g = self._cache[key]
+        if g.device != delta.device or g.dtype != delta.dtype:
+            g = self._cache[key] = g.to(delta.device, delta.dtype)
+        return g
+
+
 @dataclass
 class RoutedLayer:
     """One routed module: the factors of every adapter that targets it and the terms active for this call."""
@@ -94,13 +138,15 @@ class RoutedLayer:
     module: nn.Module
     name: str
     factors: dict[str, LoRALayer] = field(default_factory=dict)
-    active: list = field(default_factory=list)  # [(down, up, weight, rows)]
+    active: list = field(default_factory=list)  # [(down, up, weight, rows, gate or None)]
     grouped: tuple | None = None  # (lo, hi, k, down^T stacked [k, in, r], weight * up^T stacked [k, r, out])
     installed: bool = False
 
     def __post_init__(self):
         self.is_conv = isinstance(self.module, nn.Conv2d)
         self.base_forward = type(self.module).forward.__get__(self.module)
+        # Cross-attention keys/values read the prompt's tokens, not the image: their gates run over text positions.
+        self.reads_text = self.name.endswith(TEXT_INPUT_LAYERS)
 
     def install(self, on: bool) -> None:
         """Shadow the module's forward with the routed one only while some adapter is active on it."""
@@ -111,9 +157,10 @@ class RoutedLayer:
         self.installed = on
 
     def set_terms(self, terms: list) -> None:
-        """Active terms [(down, up, weight, rows)]; equal-sized one-adapter row blocks become one grouped term."""
+        """Active terms [(down, up, weight, rows, gate)]; equal-sized one-adapter row blocks without gates become one
+        grouped term."""
         self.active, self.grouped = terms, None
-        if len(terms) >= 2 and not self.is_conv:
+        if len(terms) >= 2 and not self.is_conv and all(t[4] is None for t in terms):
             rows = [t[3] for t in terms]
             ranks = {t[0].shape[0] for t in terms}
             if all(r is not None and r.step in (None, 1) for r in rows) and len(ranks) == 1:
@@ -140,9 +187,16 @@ class RoutedLayer:
             h = torch.bmm(xs.reshape(k, -1, xs.shape[-1]), down_t)
             ys.view(k, -1, ys.shape[-1]).baddbmm_(h, up_t)
             return y
-        for down, up, weight, rows in self.active:
+        for down, up, weight, rows, gate in self.active:
             xs, ys = (x, y) if rows is None else (x[rows], y[rows])
-            if self.is_conv or not ys.is_contiguous():
+            if gate is not None:  # the delta only where the gate is open: outside it the output is the base's exactly
+                delta = self.low_rank(xs, down, up, weight)
+                g = gate.on(delta, self.reads_text)
+                if g is not None:
+                    ys += delta * g
+                    continue
+                ys += delta
+            elif self.is_conv or not ys.is_contiguous():
                 ys += self.low_rank(xs, down, up, weight)
             else:  # y += weight * (x A^T) B^T in one fused in-place op
                 ys.view(-1, ys.shape[-1]).addmm_(F.linear(xs, down).reshape(-1, down.shape[0]), up.t(), alpha=weight)
@@ -160,6 +214,8 @@ class LoRARouter:
         self._fused: dict[str, torch.Tensor] | None = None
         self._routing: Routing = Routing.none()
         self._routing_key = None  # (routing, layer_gates) last applied; None forces a rebuild
+        self.scales: dict[str, dict[str, float]] = {}  # adapter -> module path -> factor (strengths, block weights)
+        self.gates: dict[str, SpatialGate] = {}  # adapter -> where it acts
 
     # --- adapters -------------------------------------------------------------------------------------------
     def bind(self, lora: LoRA) -> tuple[dict[str, str], list[str]]:
@@ -271,6 +327,16 @@ class LoRARouter:
         for name in list(self.adapters):
             self.remove(name)
 
+    # --- per-adapter controls (strengths, block weights, masks) --------------------------------------------------
+    def set_controls(self, scales: Mapping[str, Mapping[str, float]] | None = None,
+                     gates: Mapping[str, SpatialGate] | None = None) -> None:
+        """Per-adapter factors by module path and spatial gates, applied to every routing and fused merge until
+        changed (`composition.controls`); `set_controls()` clears them."""
+        self.scales = {k: dict(v) for k, v in (scales or {}).items()}
+        self.gates = dict(gates or {})
+        self.invalidate()
+        self.set_routing(self._routing)
+
     # --- routing --------------------------------------------------------------------------------------------
     def invalidate(self) -> None:
         """Rebuild the routing on the next `set_routing`: call after replacing a resident adapter's factors."""
@@ -297,12 +363,12 @@ class LoRARouter:
                     layer = routed.factors.get(name)
                     if layer is None:
                         continue
-                    g = gate
+                    g = gate * self.scales.get(name, {}).get(path, 1.0)
                     if layer_gates is not None:
                         g *= layer_gates.get(path, {}).get(name, 1.0)
-                        if g == 0.0:
-                            continue
-                    terms[path].append((layer.down, layer.up, g * layer.scale, block.rows))
+                    if g == 0.0:
+                        continue
+                    terms[path].append((layer.down, layer.up, g * layer.scale, block.rows, self.gates.get(name)))
         for path, routed in self.layers.items():
             routed.set_terms(terms[path])
         self._routing = routing
@@ -319,12 +385,18 @@ class LoRARouter:
         """
         if self._fused is not None:
             raise RuntimeError(f"{self.component}: already fused")
+        masked = sorted(n for n in gates if n in self.gates)
+        if masked:
+            raise ValueError(f"{', '.join(masked)}: a LoRA with a mask acts only in part of the image and cannot be fused "
+                             "into the weights; run unfused.")
         saved_routing = self._routing
         self._fused = {}
         try:
             with torch.no_grad():
                 for path, routed in self.layers.items():
-                    terms = [(routed.factors[n], g) for n, g in gates.items() if n in routed.factors and g != 0.0]
+                    terms = [(routed.factors[n], g * self.scales.get(n, {}).get(path, 1.0)) for n, g in gates.items()
+                             if n in routed.factors and g != 0.0]
+                    terms = [(layer, g) for layer, g in terms if g != 0.0]
                     if not terms:
                         continue
                     weight = routed.module.weight

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from loraloom.composition.conditioning import Conditioning
-from loraloom.composition.errors import AdapterNameError, IncompatibleLoRA
+from loraloom.composition.controls import Region, use_from
+from loraloom.composition.errors import AdapterNameError, GenerationError, IncompatibleLoRA
 from loraloom.composition.files import WritePolicy
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.lora import LoRA, load_lora
@@ -43,6 +44,22 @@ class GenerationOutput:
     unet_rows: int = 0
     extras: dict = field(default_factory=dict)
     interrupted: bool = False  # stopped by `interrupt()` before the last step: latents are partial
+    # The scheduler that ran: its config with diffusers' "_class_name" (a spec's "default" is the model's own
+    # class; the PNG's A1111 text names the sampler and schedule type from this).
+    scheduler: dict = field(default_factory=dict)
+
+
+def check_method_controls(method: Method, run: Run) -> None:
+    """Refuse controls a method has no place for, before it does any work: regions and masks outside Merge, Switch
+    and Composite; any per-LoRA control for the methods that replace the LoRAs by a merged one."""
+    if run.regional and not method.supports_regions:
+        raise GenerationError(f"method {method.name!r} has no meaning for regions or masked LoRAs. Fix: use merge, switch "
+                              "or composite, or leave out the regions and masks.")
+    if not method.supports_controls:
+        named = [a.name for a in run.loras if not a.controls.is_plain]
+        if named:
+            raise GenerationError(f"method {method.name!r} merges the LoRAs into one, so per-LoRA strengths, block weights, "
+                                  f"schedules and masks ({', '.join(named)}) have no place in it. Fix: leave them out, or use merge.")
 
 
 class ComposedPipeline:
@@ -151,10 +168,10 @@ class ComposedPipeline:
     def _active(self, loras) -> list[ActiveLoRA]:
         out = []
         for item in loras:
-            name, weight = (item, 1.0) if isinstance(item, str) else (item[0], float(item[1]))
+            name, weight, controls = use_from(item)
             if name not in self.loras:
                 raise AdapterNameError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self.loras) or 'none'}).")
-            out.append(ActiveLoRA(name, weight, self.loras[name]))
+            out.append(ActiveLoRA(name, weight, self.loras[name], controls))
         if len({a.name for a in out}) != len(out):
             raise AdapterNameError("the same LoRA is listed twice in one composition.")
         return out
@@ -183,12 +200,18 @@ class ComposedPipeline:
         output_type: str = "pil",
         progress_bar: bool = True,
         output_dir: str | Path | None = None,
+        regions: Sequence[Region] = (),
+        base_weight: float = 0.0,
     ) -> GenerationOutput:
         """Generate one image. `loras`: names (weight 1) or (name, weight) pairs of resident LoRAs.
 
         `callback_on_step_end(pipeline, step_index, timestep, {"latents": ...})` may return {"latents": ...}
         to replace them, as in diffusers. Files a method writes (its path parameters) go through
         `write_policy(output_dir)`: relative paths land in `output_dir` (default: the current folder).
+
+        Each entry of `loras` may carry controls (a mapping with `te`, `unet`, `lbw`, `start`, `stop`, `keyframes`,
+        `mask`; see `composition.controls.use_from`); `regions` bind prompts and LoRAs to parts of the image
+        (`composition.controls.Region`), `base_weight` mixes the run's prompt into them (Regional Prompter's base ratio).
         """
         if not isinstance(prompt, str):
             raise TypeError("prompt must be one string (loraloom generates one image per call; use seeds for more)")
@@ -202,7 +225,7 @@ class ComposedPipeline:
             self._interrupt = False
             started = time.perf_counter()
             run = self.run(loras, prompt, negative_prompt, guidance_scale, height, width, scheduler, num_inference_steps,
-                           output_dir=output_dir)
+                           output_dir=output_dir, regions=regions, base_weight=base_weight)
             latents = self.initial_latents(height, width, generator) * run.scheduler.init_noise_sigma
 
             def predict(latents, step):
@@ -216,6 +239,7 @@ class ComposedPipeline:
                 return result["latents"] if result and "latents" in result else latents
 
             with run:
+                check_method_controls(method, run)
                 method.prepare(run)
                 latents, interrupted = denoise(run.scheduler, latents, predict, generator=generator,
                                                on_step=on_step if callback_on_step_end is not None else None,
@@ -225,12 +249,13 @@ class ComposedPipeline:
                 images=images, latents=latents, seconds=time.perf_counter() - started, method=method.name,
                 params=params_to_dict(method.params), unet_calls=run.unet_calls, unet_rows=run.unet_rows,
                 extras=getattr(method, "extras", {}), interrupted=interrupted,
+                scheduler={"_class_name": type(run.scheduler).__name__, **run.scheduler.config},
             )
 
     def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",
             guidance_scale: float = DEFAULTS.guidance_scale, height: int | None = None, width: int | None = None,
             scheduler: str | None = DEFAULTS.scheduler, num_inference_steps: int | None = None,
-            output_dir: str | Path | None = None) -> Run:
+            output_dir: str | Path | None = None, regions: Sequence[Region] = (), base_weight: float = 0.0) -> Run:
         """The run context of one generation (`loraloom.pipelines.Run`, a `DenoiseContext`), for driving a method
         step by step: its scheduler is made from `scheduler` and, given `num_inference_steps`, has its timesteps
         set. Use it as a context manager; `__call__` makes one per generation."""
@@ -240,7 +265,7 @@ class ComposedPipeline:
         if num_inference_steps is not None:
             sched.set_timesteps(num_inference_steps, device=self.device)
         return Run(self, self._active(loras), prompt, negative_prompt or "", float(guidance_scale), height, width, sched,
-                   write_policy=self.write_policy(output_dir))
+                   write_policy=self.write_policy(output_dir), regions=regions, base_weight=base_weight)
 
     @property
     def size_multiple(self) -> int:

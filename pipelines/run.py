@@ -17,15 +17,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraloom.composition.conditioning import Conditioning
+from loraloom.composition.controls import Region, block_vector, layer_block_weights
 from loraloom.composition.files import WritePolicy
 from loraloom.composition.grad import frozen
 from loraloom.composition.lora import LoRA
 from loraloom.composition.merge_objective import training_scheduler
-from loraloom.composition.methods import ActiveLoRA
-from loraloom.composition.routing import Routing
+from loraloom.composition.methods import ActiveLoRA, Step
+from loraloom.composition.routing import Routing, RowBlock
 
 from .attention import StopForward, capture_cross_attention, token_positions
 from .denoise import denoise, guided
+from .regions import RegionLayout, regional_cross_attention
 from .schedulers import make_scheduler
 from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
 
@@ -41,7 +43,8 @@ class Run:
     """
 
     def __init__(self, pipeline: ComposedPipeline, loras: Sequence[ActiveLoRA], prompt: str, negative_prompt: str,
-                 guidance_scale: float, height: int, width: int, scheduler=None, write_policy: WritePolicy | None = None):
+                 guidance_scale: float, height: int, width: int, scheduler=None, write_policy: WritePolicy | None = None,
+                 regions: Sequence[Region] = (), base_weight: float = 0.0):
         self.pipeline = pipeline
         self.loras = list(loras)
         self.prompt = prompt
@@ -57,6 +60,52 @@ class Run:
         self.shallow_rows = 0
         self.new_latents: torch.Tensor | None = None
         self._stack = ExitStack()
+        vsf = pipeline.pipe.vae_scale_factor
+        has_masks = bool(regions) or any(a.controls.mask is not None for a in self.loras)
+        self.layout = RegionLayout(self.loras, regions, (height // vsf, width // vsf), pipeline.pipe.tokenizer.model_max_length,
+                                   base_weight) if has_masks else None
+        self.schedules = {a.name: a.controls.schedule for a in self.loras if a.controls.schedule is not None}
+        self._apply_controls()
+        if self.layout:
+            self.enter(regional_cross_attention(pipeline.pipe.unet, self.layout.spans, self.layout.weights))
+
+    # --- per-LoRA controls (composition.controls) ------------------------------------------------------------------
+    @property
+    def regional(self) -> bool:
+        """True when some LoRA is bound to a region or mask (the conditioning then holds several prompt copies)."""
+        return bool(self.layout)
+
+    @property
+    def can_fuse(self) -> bool:
+        """True when every active LoRA acts the same at every step and everywhere (no schedule, no mask, no region):
+        only then may a method fuse them into the weights."""
+        return not self.layout and not self.schedules
+
+    def _apply_controls(self) -> None:
+        """Strengths and block weights as per-layer factors in every router, masks as the UNet's spatial gates."""
+        unet_config = self.pipeline.pipe.unet.config
+        lpb = unet_config.layers_per_block if isinstance(unet_config.layers_per_block, int) else unet_config.layers_per_block[0]
+        for comp, router in self.pipeline.routers.items():
+            scales = {}
+            for a in self.loras:
+                c = a.controls
+                factor = c.unet if comp == "unet" else c.te
+                if factor == 1.0 and c.blocks is None:
+                    continue
+                paths = [p for p, layer in router.layers.items() if a.name in layer.factors]
+                blocks = block_vector(c.blocks) if c.blocks is not None else None
+                per = layer_block_weights(blocks, comp, paths, lpb) if blocks else dict.fromkeys(paths, 1.0)
+                scales[a.name] = {p: factor * w for p, w in per.items()}
+            gates = self.layout.gates() if self.layout and comp == "unet" else None
+            if scales or gates:
+                router.set_controls(scales, gates)
+
+    def _at_step(self, routing: Routing, step: Step) -> Routing:
+        """`routing` with every scheduled LoRA's gate times its schedule's factor at this step (0 drops it)."""
+        if not self.schedules:
+            return routing
+        factors = {n: s.factor(step.index, step.count) for n, s in self.schedules.items()}
+        return Routing(tuple(RowBlock(b.rows, tuple((n, g * factors.get(n, 1.0)) for n, g in b.gates)) for b in routing.blocks))
 
     def __enter__(self) -> Run:
         return self
@@ -67,21 +116,39 @@ class Run:
     # --- text and UNet ------------------------------------------------------------------------------------------
     def encode(self, text_gates, prompts=None):
         """(negative, positive) conditioning per branch: branch i's prompt (default: the run's prompt) encoded
-        with text-encoder gates i. Identical (prompt, gates) pairs are encoded once, all in one batched call."""
+        with text-encoder gates i. Identical (prompt, negative, gates) rows are encoded once, all in one batched call.
+        With regions, each branch's conditioning is its prompt and every region's prompt (each with the LoRAs that
+        act there), concatenated along the tokens (`pipelines.regions`)."""
         prompts = list(prompts) if prompts is not None else [self.prompt] * len(text_gates)
         if len(prompts) != len(text_gates):
             raise ValueError(f"{len(prompts)} prompts for {len(text_gates)} text-encoder gate settings")
-        keys = [(p, tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0))) for p, g in zip(prompts, text_gates)]
+        copies = [self._copies(p, g) for p, g in zip(prompts, text_gates)]  # per branch: [(prompt, negative, gates)]
+        keys = [(p, n, tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0))) for branch in copies for p, n, g in branch]
         unique = list(dict.fromkeys(keys))
-        n = len(unique)
-        neg, pos = self.pipeline.encode_prompt_rows([k[0] for k in unique], [self.negative_prompt] * n,
-                                                    [dict(k[1]) for k in unique], self.height, self.width)
+        neg, pos = self.pipeline.encode_prompt_rows([k[0] for k in unique], [k[1] for k in unique],
+                                                    [dict(k[2]) for k in unique], self.height, self.width)
         index = {k: i for i, k in enumerate(unique)}
-        return [(neg.rows(index[k], index[k] + 1), pos.rows(index[k], index[k] + 1)) for k in keys]
+        out, i = [], 0
+        for branch in copies:
+            rows = [index[k] for k in keys[i:i + len(branch)]]
+            i += len(branch)
+            out.append(tuple(Conditioning.join_tokens([c.rows(r, r + 1) for r in rows]) for c in (neg, pos)))
+        return out
+
+    def _copies(self, prompt: str, gates) -> list[tuple[str, str, dict]]:
+        """The prompt copies one branch's conditioning is made of: just (prompt, negative, gates) without regions."""
+        if not self.layout:
+            return [(prompt, self.negative_prompt, dict(gates))]
+        regions = self.layout.regions
+        return [(p, n, g) for p, n, g in zip(
+            [prompt] + [r.prompt if r.prompt is not None else prompt for r in regions],
+            [self.negative_prompt] + [r.negative_prompt if r.negative_prompt is not None else self.negative_prompt for r in regions],
+            self.layout.copy_gates(gates), strict=True)]
 
     def predict(self, latents, step, conditioning, routing, layer_gates=None, max_batch=None):
         """UNet output for each row under `routing` (chunked into calls of at most `max_batch` rows)."""
         x = self.scheduler.scale_model_input(latents, step.timestep)
+        routing = self._at_step(routing, step)
         total = x.shape[0]
         if len(conditioning) != total:
             raise ValueError(f"{total} latent rows but {len(conditioning)} conditioning rows")
@@ -116,7 +183,7 @@ class Run:
         x = self.scheduler.scale_model_input(latents, step.timestep)
         if len(conditioning) != x.shape[0] or tokens.shape[0] != x.shape[0]:
             raise ValueError(f"{x.shape[0]} latent rows, {len(conditioning)} conditioning rows, {tokens.shape[0]} token rows")
-        self.unet_router.set_routing(routing)
+        self.unet_router.set_routing(self._at_step(routing, step))
         out = None
         # With grad on, track the latents only: frozen weights keep the graph (and its memory) to what d/dz needs.
         with frozen(unet) if torch.is_grad_enabled() else nullcontext():
@@ -136,7 +203,7 @@ class Run:
         x = self.scheduler.scale_model_input(latents, step.timestep)
         if len(conditioning) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} latent rows but {len(conditioning)} conditioning rows")
-        self.unet_router.set_routing(routing)
+        self.unet_router.set_routing(self._at_step(routing, step))
         kw = conditioning.unet_kwargs()
         if features is None:
             out, features = full_pass(unet, x, step.timestep, kw["encoder_hidden_states"], kw["added_cond_kwargs"])
@@ -159,7 +226,8 @@ class Run:
         prompt, guidance and size, on a fresh scheduler (`scheduler`: a name, default this run's kind) and a CPU
         generator seeded `seed`. A PIL image, or the latents with `output_type="latent"`. Its UNet calls are not
         counted in this run's."""
-        sub = Run(self.pipeline, self.loras, prompt, self.negative_prompt, self.guidance_scale, self.height, self.width,
+        # The sub-run shares this run's routers, with their strengths, block weights and masks already set.
+        sub = Run(self.pipeline, [], prompt, self.negative_prompt, self.guidance_scale, self.height, self.width,
                   write_policy=self.write_policy)
         if scheduler is None:
             sched = type(self.scheduler).from_config(self.scheduler.config)
@@ -184,4 +252,6 @@ class Run:
             self._stack.close()
         finally:
             for router in self.pipeline.routers.values():
+                if router.scales or router.gates:
+                    router.set_controls()
                 router.set_routing(None)

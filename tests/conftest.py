@@ -14,7 +14,7 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one intra-op thread: on a shared 2-core machine a second one spin-waits (10x slower under load)
 
 
 def _single_threaded():

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ..conditioning import Conditioning
+from ..controls import LoRAControls
 from ..files import WritePolicy
 from ..lora import LoRA
 from ..routing import LoRARouter, Routing
@@ -23,11 +24,13 @@ from ..routing import LoRARouter, Routing
 
 @dataclass(frozen=True)
 class ActiveLoRA:
-    """A LoRA chosen for this generation, with its user weight (multiplied by the method's LoRA scale)."""
+    """A LoRA chosen for this generation, with its user weight (multiplied by the method's LoRA scale) and its
+    controls (text-encoder/UNet strengths, block weights, schedule, mask), which the routing layer applies."""
 
     name: str
     weight: float
     lora: LoRA
+    controls: LoRAControls = field(default_factory=LoRAControls, compare=False)
 
     @property
     def category(self) -> str | None:
@@ -61,6 +64,8 @@ class DenoiseContext(Protocol):
     width: int
     scheduler: Any  # this run's diffusers scheduler (set timesteps; read-only for methods)
     write_policy: WritePolicy  # where files a method writes may go: `composition.files.write_file(path, …, write_policy)`
+    can_fuse: bool  # no LoRA has a schedule, mask or region: fusing the LoRAs into the weights is allowed
+    regional: bool  # some LoRA is bound to a region or mask (`pipelines.regions`)
 
     def encode(
         self, text_gates: Sequence[Mapping[str, float]], prompts: Sequence[str] | None = None
@@ -143,6 +148,8 @@ class Method:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
     description: ClassVar[str] = ""
+    supports_regions: ClassVar[bool] = False  # regions and masks have a meaning for this method (else refused)
+    supports_controls: ClassVar[bool] = True  # per-LoRA strengths, block weights and schedules apply (else refused)
 
     def __init__(self, params: Any = None, **overrides):
         if params is None:

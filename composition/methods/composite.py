@@ -28,6 +28,7 @@ class Composite(Method):
 
     name = "composite"
     Params = CompositeParams
+    supports_regions = True
     description = "Each LoRA guides every step; guidance averaged."
 
     def prepare(self, ctx: DenoiseContext) -> None:

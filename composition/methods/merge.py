@@ -25,13 +25,14 @@ class Merge(Method):
 
     name = "merge"
     Params = MergeParams
+    supports_regions = True
     description = "All LoRAs summed into the weights (baseline)."
 
     def prepare(self, ctx: DenoiseContext) -> None:
         gates = {l.name: l.weight * self.params.lora_scale for l in ctx.loras}
         # The text encoder sees every LoRA too, as in the reference implementation.
         self.cond = cfg_pair(ctx.encode([gates])[0])
-        if self.params.fuse:
+        if self.params.fuse and ctx.can_fuse:  # a schedule or a mask changes the LoRAs per step or place: unfused
             ctx.enter(ctx.unet_router.fused(gates))
             self.routing = Routing.none()
         else:

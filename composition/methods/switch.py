@@ -36,6 +36,7 @@ def ordered(loras, order: str) -> list[ActiveLoRA]:
 class Switch(Method):
     name = "switch"
     Params = SwitchParams
+    supports_regions = True
     description = "One LoRA at a time, switching every tau steps."
 
     def prepare(self, ctx: DenoiseContext) -> None:

@@ -51,6 +51,8 @@ class MergedLoRAMethod(Method):
     """Shared by ZipLoRA and the hypernetwork: build one merged LoRA in `prepare`, then run exactly like Merge
     (text encoder with the merged LoRA's text-encoder part, UNet weights fused for the run)."""
 
+    supports_controls = False  # the merged LoRA replaces the pair: their schedules, masks, strengths have no place
+
     title = ""
 
     def build(self, ctx: DenoiseContext, subject: ActiveLoRA, style: ActiveLoRA) -> LoRA:
