@@ -65,14 +65,18 @@ def _klora_lines(env) -> list[tuple[str, float]]:
 
 
 def _table_only(env):
+    """The table as `prepare` builds it by default: Top-K sums of the attention projections, gamma over every
+    module both files adapt (gamma_layers="file")."""
     from loraloom.composition.merging import is_attention_projection
-    from loraloom.composition.methods.klora import klora_table
+    from loraloom.composition.methods import ActiveLoRA
+    from loraloom.composition.methods.klora import file_layers, klora_table
 
     router = env.ours.routers["unet"]
     a, b = env.names[0], env.names[1]
     layers = {p: ([r.factors[a]], [r.factors[b]]) for p, r in router.layers.items()
               if a in r.factors and b in r.factors and is_attention_projection(p)}
-    return klora_table(layers)
+    active = [ActiveLoRA(n, 1.0, env.ours.loras[n]) for n in (a, b)]
+    return klora_table(layers, gamma_layers=file_layers(active, [a], [b]))
 
 
 def _merge_lines(env) -> list[tuple[str, float]]:
