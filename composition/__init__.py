@@ -1,6 +1,7 @@
 """loraloom's core: LoRA files, the routing layer and the composition methods (no UI, no pipelines)."""
 
-from .conditioning import Conditioning
+from loraloom._lazy import lazy_exports
+
 from .errors import (
     AdapterNameError,
     GenerationError,
@@ -10,8 +11,19 @@ from .errors import (
     SpecError,
     UnsupportedLoRAFormat,
 )
-from .lora import LoRA, LoRAInfo, LoRALayer, load_lora, read_lora_info
-from .routing import LoRARouter, Routing, RowBlock
+
+# Imported on first use (torch and diffusers are slow to import; see loraloom/_lazy.py).
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "Conditioning": ".conditioning",
+    "LoRA": ".lora",
+    "LoRAInfo": ".lora",
+    "LoRALayer": ".lora",
+    "load_lora": ".lora",
+    "read_lora_info": ".lora",
+    "LoRARouter": ".routing",
+    "Routing": ".routing",
+    "RowBlock": ".routing",
+})
 
 __all__ = [
     "AdapterNameError",

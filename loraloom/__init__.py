@@ -14,7 +14,7 @@ image = cp("a portrait", loras=["character", "style"], method="composite", seed=
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .composition import LoRA, LoRAInfo, load_lora, read_lora_info
+from ._lazy import lazy_exports
 from .composition.errors import (
     AdapterNameError,
     GenerationError,
@@ -24,22 +24,30 @@ from .composition.errors import (
     SpecError,
     UnsupportedLoRAFormat,
 )
-from .composition.methods import (
-    REGISTRY,
-    DenoiseContext,
-    Method,
-    available_methods,
-    describe_params,
-    get_method,
-    make_method,
-    register,
-)
-from .pipelines import ComposedPipeline, GenerationOutput
 
 try:
     __version__ = version("loraloom")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+# Imported on first use, so `loraloom --help` does not wait for torch and diffusers (loraloom/_lazy.py).
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "LoRA": ".composition",
+    "LoRAInfo": ".composition",
+    "load_lora": ".composition",
+    "read_lora_info": ".composition",
+    "REGISTRY": ".composition.methods",
+    "DenoiseContext": ".composition.methods",
+    "Method": ".composition.methods",
+    "available_methods": ".composition.methods",
+    "describe_params": ".composition.methods",
+    "get_method": ".composition.methods",
+    "make_method": ".composition.methods",
+    "register": ".composition.methods",
+    "ComposedPipeline": ".pipelines",
+    "GenerationOutput": ".pipelines",
+    "Run": ".pipelines",
+})
 
 __all__ = [
     "REGISTRY",
