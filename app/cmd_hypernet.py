@@ -151,8 +151,8 @@ def run_merge(args: argparse.Namespace) -> int:
                                  name=Path(args.out).stem)
     from loraloom.composition.files import WritePolicy
 
-    policy = WritePolicy.at(Path(args.out).expanduser().parent).protecting(args.subject, args.style)  # --out, as typed
-    save_lora_file(merged, args.out, policy)
+    out = Path(args.out).expanduser().resolve()  # --out, as typed on this command line
+    save_lora_file(merged, out, WritePolicy.at(out.parent).protecting(args.subject, args.style))
     print(f"merged LoRA written to {args.out} ({merged.info.num_modules} modules, ranks {merged.info.ranks})")
     return 0
 

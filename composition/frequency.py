@@ -107,6 +107,8 @@ class ProfileCache:
     FORMAT = "loraloom-frequency-profiles/1"
 
     def __init__(self, path: str | os.PathLike | None, policy: WritePolicy | None = None):
+        if policy is None and path is not None:  # a path of the caller's own: it may be written where it is
+            path = Path(path).expanduser().resolve()
         self.policy = policy or WritePolicy.at(Path(path).parent if path is not None else ".")
         self.path = self.policy.resolve(path, "profile cache") if path is not None else None
         self.entries: dict[str, dict] = self._read()

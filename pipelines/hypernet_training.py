@@ -295,7 +295,8 @@ class HypernetTrainer:
         net.eval()
         self.state = state
         if out is not None:
-            net.save(out, WritePolicy.at(Path(out).expanduser().parent).protecting(*self.policy.protected), self.summary(state))
+            out = Path(out).expanduser().resolve()
+            net.save(out, WritePolicy.at(out.parent).protecting(*self.policy.protected), self.summary(state))
         return net
 
     def split(self) -> dict:
