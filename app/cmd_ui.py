@@ -31,6 +31,12 @@ def register(sub) -> None:
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for the model (default: 64)")
+    p.add_argument("--max-sessions", type=int,
+                   help="client sessions whose page state the server keeps in memory, least recently used dropped "
+                        "first (default: 100)")
+    p.add_argument("--cache-minutes", type=float,
+                   help="how long Gradio's temporary copies (previews, gallery images, uploads) are kept "
+                        "(default: 1440; 0: until the server stops)")
     p.add_argument("--max-upload-mb", type=float, help="size limit of a dropped PNG (default: 20)")
     p.add_argument("--max-lora-mb", type=float, help="size limit of an uploaded LoRA (default: 1024)")
     p.add_argument("--no-lora-upload", action="store_true", help="do not accept LoRA uploads in the Library tab")
@@ -67,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
     if args.no_clip:
         cfg.clip = None
     cfg.device = args.device
-    for name in ("dtype", "max_queue", "preview_every", "preview_interval", "max_lora_mb"):
+    for name in ("dtype", "max_queue", "max_sessions", "cache_minutes", "preview_every", "preview_interval", "max_lora_mb"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.max_upload_mb is not None:

@@ -1,6 +1,7 @@
 """The web UI in a real browser: headless Chromium (Debian's /usr/bin/chromium, installed by `make test` via
 tools/ensure_chromium.sh) driven by Playwright. Opens the page, picks two LoRAs and a method, clicks Generate,
-waits for the image, checks it is a loraloom PNG of the requested size, and saves a screenshot.
+waits for the image, checks it is a loraloom PNG of the requested size, saves a screenshot, and drops the PNG on
+the Reproduce tab.
 
 With the toy world installed the page serves it (two toy-world LoRAs); otherwise the tiny model and the example
 LoRAs. The screenshot goes to outputs/ui_screenshot.png (or $LORALOOM_UI_SCREENSHOT).
@@ -101,6 +102,13 @@ def test_browser_generates_an_image(tmp_path):
                         pass
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
+                # Reproduce: dropping the PNG fills the form again (the upload is checked and deleted by the handler)
+                made = tmp_path / "made.png"
+                made.write_bytes(data)
+                page.get_by_role("tab", name="Reproduce").click()
+                page.locator("#png-drop input[type=file]").set_input_files(str(made))
+                expect(page.locator("#restore-status")).to_contain_text("restored the settings of", timeout=WAIT)
+                expect(page.locator("#restore-status")).to_contain_text("made.png", timeout=WAIT)
             finally:
                 browser.close()
     with Image.open(io.BytesIO(data)) as im:

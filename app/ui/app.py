@@ -12,10 +12,12 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from loraloom.composition.methods import available_methods  # noqa: E402
 
 from .config import UIConfig  # noqa: E402
+from .http_limits import UploadLimits  # noqa: E402
 from .service import GenerationService  # noqa: E402
 from .tab_compare import compare_tab, wire_compare  # noqa: E402
 from .tab_compose import compose_panel, insert_triggers, wire_compose, wire_model_loading  # noqa: E402
@@ -42,7 +44,11 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
     service = service or GenerationService(config)
     methods = available_methods()
     items = service.library()
-    with gr.Blocks(title="loraloom") as demo:
+    minutes = config.cache_minutes
+    # Gradio's copies of previews, gallery images and uploads: swept every so often once `cache_minutes` old (all of
+    # them when the server closes).
+    delete_cache = (int(min(3600, max(60, minutes * 60 / 4))), int(minutes * 60)) if minutes and minutes > 0 else None
+    with gr.Blocks(title="loraloom", delete_cache=delete_cache) as demo:
         gr.Markdown(f"## loraloom — compose LoRAs\nModel set: **{config.name}** · outputs in `{config.output_dir}`")
         with gr.Tabs():
             with gr.Tab("Workbench", id="workbench"):
@@ -66,15 +72,26 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
     return demo
 
 
+def upload_limits(config: UIConfig) -> Middleware:
+    """The per-type upload limits (`http_limits.UploadLimits`): PNGs `max_png_mb`, LoRAs `max_lora_mb` (the PNG
+    limit when LoRA uploads are off), anything else the PNG limit."""
+    png = int(config.max_png_mb * 1e6)
+    lora = int(config.max_lora_mb * 1e6) if config.allow_lora_upload else png
+    return Middleware(UploadLimits, limits={".png": png, ".safetensors": lora}, default=min(png, lora))
+
+
 def launch(demo: gr.Blocks, config: UIConfig, host: str = "127.0.0.1", port: int | None = None,
            auth: tuple[str, str] | None = None, share: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
-    """Queue (one model, `config.max_queue` waiting) and serve. Only the output folder is served as files."""
+    """Queue (one model, `config.max_queue` waiting) and serve. Only the output folder is served as files; uploads
+    are limited per type at the HTTP layer; the page state of at most `config.max_sessions` sessions is kept."""
     demo.queue(max_size=config.max_queue, default_concurrency_limit=1)
-    max_bytes = int(max(config.max_png_mb, config.max_lora_mb if config.allow_lora_upload else 0) * 1e6)
+    limits = upload_limits(config)
+    max_bytes = max(limits.kwargs["limits"].values())  # Gradio's own limit, for its other routes that take files
     return demo.launch(
         server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=prevent_thread_lock,
         allowed_paths=[str(config.output_dir)], max_file_size=max_bytes, ssr_mode=False, quiet=quiet,
         show_error=True, theme=gr.themes.Soft(), css=CSS, footer_links=["api", "settings"],
+        state_session_capacity=max(1, config.max_sessions), app_kwargs={"middleware": [limits]},
     )
 
 

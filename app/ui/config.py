@@ -55,6 +55,8 @@ class UIConfig:
     preview_every: int = 1  # decode a preview every N steps (0: none) ...
     preview_interval: float = 0.25  # ... but not more often than every this many seconds (the last step always)
     max_queue: int = 64  # requests waiting for the model beyond this are refused ("queue full")
+    max_sessions: int = 100  # client sessions whose page state the server keeps (least recently used dropped first)
+    cache_minutes: float = 24 * 60  # files Gradio copied to its temp folder (previews, gallery, uploads) live this long
     max_loras: int = 5
     name: str = "custom"  # shown in the page header: "toy world", "tiny random model", …
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from loraloom.composition.errors import SpecError
 from loraloom.composition.methods import describe_params, get_method
 from loraloom.composition.methods.base import NO_PATH
 
@@ -45,7 +46,8 @@ class ParamField:
         return value
 
     def from_control(self, raw: Any) -> Any:
-        """The parameter value from the control's value; `ValueError` naming the method and field if it is not one."""
+        """The parameter value from the control's value; `SpecError` (a ValueError) naming the method and field if
+        it is not one."""
         where = f"{self.method}.{self.name}"
         if self.kind == "bool":
             return bool(raw)
@@ -53,25 +55,60 @@ class ParamField:
             if raw is None or raw == "":
                 if self.optional:
                     return None
-                raise ValueError(f"{where} needs a number")
-            value = NUMBER_TYPES[self.kind](raw)
-            if self.kind == "int" and float(raw) != value:
-                raise ValueError(f"{where} must be a whole number, got {raw}")
-            if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
-                raise ValueError(f"{where} must lie in [{self.minimum}, {self.maximum}], got {value}")
+                raise SpecError(f"{where} needs a number")
+            try:
+                value = NUMBER_TYPES[self.kind](raw)
+                whole = float(raw) == value
+            except (TypeError, ValueError, OverflowError):
+                raise SpecError(f"{where} must be a number, got {raw!r}") from None
+            if self.kind == "int" and not whole:
+                raise SpecError(f"{where} must be a whole number, got {raw}")
+            self._check_range(value)
             return value
         if self.kind == "choice":
             if raw not in self.choices:
-                raise ValueError(f"{where} must be one of {list(self.choices)}, got {raw!r}")
+                raise SpecError(f"{where} must be one of {list(self.choices)}, got {raw!r}")
             return raw
         if self.kind == "json":
             if isinstance(raw, str):
                 try:
                     return json.loads(raw) if raw.strip() else None
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{where} is not valid JSON ({err.msg})") from None
+                    raise SpecError(f"{where} is not valid JSON ({err.msg})") from None
             return raw
         return None if (raw in (None, "") and self.optional) else str(raw or "")
+
+    def _check_range(self, value) -> None:
+        if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
+            raise SpecError(f"{self.method}.{self.name} must lie in [{self.minimum}, {self.maximum}], got {value}")
+
+    def check(self, value: Any) -> Any:
+        """`value` as given to the API or carried by a PNG (JSON: no conversions from text), or `SpecError` naming
+        the method and field: a bool for a bool, a number (whole for an int) within the bounds, one of the choices,
+        text for text, None only where the parameter accepts it. JSON parameters take any value."""
+        where = f"{self.method}.{self.name}"
+        if value is None:
+            if self.optional or self.kind == "json":
+                return None
+            raise SpecError(f"{where} must not be empty (null)")
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise SpecError(f"{where} must be true or false, got {value!r}")
+            return value
+        if self.kind in NUMBER_TYPES:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise SpecError(f"{where} must be a number, got {value!r}")
+            if self.kind == "int" and value != int(value):
+                raise SpecError(f"{where} must be a whole number, got {value!r}")
+            self._check_range(value)
+            return NUMBER_TYPES[self.kind](value)
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise SpecError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+            return value
+        if self.kind == "str" and not isinstance(value, str):
+            raise SpecError(f"{where} must be text, got {value!r}")
+        return value
 
 
 def _kind(type_text: str) -> tuple[str, bool]:
@@ -129,6 +166,13 @@ def make_control(f: ParamField, value: Any = None):
     if f.kind == "json":
         return gr.Textbox(value=f.to_control(value), lines=1, **{**common, "label": f"{f.name} (JSON)"})
     return gr.Textbox(value=f.to_control(value), lines=1, **common)
+
+
+def check_params(method: str, params: dict) -> dict:
+    """`params` of `method` with each value checked by its field (`ParamField.check`); names it does not know are
+    left for `make_method`, which lists the known ones."""
+    fields = {f.name: f for f in method_fields(method)}
+    return {k: (fields[k].check(v) if k in fields else v) for k, v in params.items()}
 
 
 def collect(fields: list[ParamField], raws: list[Any]) -> dict[str, dict]:

@@ -9,6 +9,7 @@ through `pipelines.batch` (`PipelineCache`, `generate_image`, `complete_lora_ref
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import threading
@@ -18,18 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from loraloom.composition.errors import LoRAFileError, LoraloomError, SpecError
-from loraloom.composition.files import WritePolicy
+from loraloom.composition.files import WritePolicy, WriteRefused, write_file, write_text
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.library import scan_loras
 from loraloom.composition.lora import LoRAInfo, read_lora_info
 from loraloom.composition.lora_file import file_sha256
-from loraloom.composition.metadata import sidecar_paths, write_sidecar
-from loraloom.composition.methods import make_method
+from loraloom.composition.metadata import normalise_sidecar, read_sidecar, sidecar_paths
+from loraloom.composition.methods import make_method, written_paths
 from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
-from loraloom.pipelines.spec import GenerationSpec, LoRARef, read_png_spec, save_png
+from loraloom.pipelines.spec import SPEC_CHUNK, GenerationSpec, LoRARef, save_png
 
-from .config import TINY_MODELS, UIConfig
-from .params import path_values
+from .config import UIConfig
+from .params import check_params, path_values
 from .paths import PathRefused, is_inside, resolve_inside
 from .uploads import check_lora_upload, check_png_upload, safe_file_name
 
@@ -66,12 +67,19 @@ class GenerationResult:
 
 @dataclass
 class Restored:
-    """Settings read from a PNG, with the library names of its LoRAs and what could not be restored."""
+    """Settings read from a PNG, with the library names of its LoRAs and what could not be restored.
+
+    `spec` holds the PNG's values that passed the checks (defaults in place of the others); `refused` names the
+    spec fields and `refused_params` the method parameters whose values were not restored (the form keeps what it
+    had); `warnings` says why, one sentence each; `text` is the spec JSON exactly as the PNG carries it."""
 
     spec: GenerationSpec
     model: str | None
     loras: list[tuple[str, float]]
     warnings: list[str] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
+    refused_params: set[str] = field(default_factory=set)
+    text: str = ""
 
 
 class GenerationService:
@@ -105,16 +113,30 @@ class GenerationService:
         return list(dict.fromkeys([*self.config.models, *found]))
 
     def resolve_model(self, model: str) -> str:
-        """A model the UI may load: a configured entry, a tiny model, or a path inside the model folders."""
-        model = (model or "").strip()
-        if model in self.config.models or model in TINY_MODELS:
-            return str(Path(model).resolve()) if Path(model).exists() else model
-        path = resolve_inside(model, self.config.model_roots, "model")
-        if not path.exists():
-            raise SpecError(f"model {model!r}: nothing there inside the model folders "
-                            f"({', '.join(map(str, self.config.model_roots)) or 'none configured'}); hub ids and other "
-                            "models are offered with `loraloom ui --model …`")
-        return str(path)
+        """A model the UI may load: one of the configured models, or a model (a diffusers folder or a .safetensors
+        checkpoint) inside a configured model folder (`--model-dir`). Anything else — a hub id, `tiny:sdxl`, a
+        path elsewhere — is refused: an API caller loads only what the person who started the UI offered."""
+        if not isinstance(model, str) or not model.strip():
+            raise SpecError(f"no base model given; pick one of {', '.join(self.model_choices())}.")
+        model = model.strip()
+        configured = self.config.models
+        if model in configured:
+            return model
+        p = Path(model).expanduser()
+        if (p.exists() or p.is_symlink()) and str(p.resolve()) in configured:
+            return str(p.resolve())
+        dirs = self.config.model_dirs
+        if ".." in p.parts or p.is_absolute() or dirs:
+            path = resolve_inside(model, dirs, "model")  # '..', elsewhere, a symlink out: PathRefused
+            if path.exists():
+                if not ((path / "model_index.json").is_file() or (path.is_file() and path.suffix == ".safetensors")):
+                    raise SpecError(f"model {model!r}: {path} is not a model (a diffusers folder with model_index.json "
+                                    "or a .safetensors checkpoint).")
+                return str(path)
+        raise SpecError(f"model {model!r} is not offered here: not one of this UI's models ({', '.join(configured)}) and "
+                        f"nothing there inside the model folders ({', '.join(map(str, dirs)) or 'none configured'}). "
+                        "Fix: pick a model from the list; other models (hub ids, tiny:sdxl, …) are offered by starting "
+                        "the UI with `loraloom ui --model …` or `--model-dir …`.")
 
     def pipeline(self, model: str):
         """Load (or keep) `model`; waits for a running generation."""
@@ -187,26 +209,57 @@ class GenerationService:
             raise LoRAFileError(item.path, f"cannot be used: {item.error}")
         return item
 
+    def _lora_folder(self, path: Path) -> Path:
+        """The configured LoRA folder that holds `path` (as listed, symlinks not followed)."""
+        for root in self.config.lora_dirs:
+            if path.absolute().is_relative_to(Path(root).expanduser().absolute()):
+                return Path(root).expanduser()
+        raise PathRefused(f"{path} is not inside a LoRA folder ({', '.join(map(str, self.config.lora_dirs))}).")
+
     def save_lora_metadata(self, name: str, category: str | None, triggers: Sequence[str]) -> Path:
-        """Write category/triggers to the LoRA's sidecar (inside the LoRA folders only)."""
+        """Write category/triggers to the LoRA's sidecar (its other keys kept), through the write policy of the LoRA's
+        folder: only there, never through a symlink, atomically.
+
+        Saving is the user's explicit edit of this library item, so the sidecar is rewritten even when it was
+        written by hand (other keys are kept; YAML comments and layout are not). A sidecar that is a symlink, is not
+        a regular file or cannot be read as a sidecar is refused and left as it is."""
         item = self.lora(name)
-        for side in sidecar_paths(item.path):
-            if side.exists() or side.is_symlink():
-                resolve_inside(side, self.config.lora_dirs, "sidecar")
-        target = write_sidecar(item.path, category=category or None, triggers=[t for t in triggers if t])
+        existing = next((s for s in sidecar_paths(item.path) if s.exists() or s.is_symlink()), None)
+        if existing is not None and (existing.is_symlink() or not existing.is_file()):
+            raise LoRAFileError(existing, "the sidecar is a symlink or not a regular file; the UI does not write "
+                                "through it.", "replace it by a plain file next to the LoRA.")
+        data = read_sidecar(item.path) if existing else {}  # refuses a sidecar it cannot read
+        if category:
+            data["category"] = category
+        data["triggers"] = [t for t in triggers if t]
+        data = normalise_sidecar(data, existing or item.path)
+        target = existing or item.path.with_suffix(".json")
+        if target.suffix == ".json":
+            text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        else:
+            import yaml
+
+            text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
+        policy = WritePolicy.at(self._lora_folder(item.path), protected=[item.path, *self.config.model_roots])
+        written = write_text(target, text, policy, what="sidecar", replace=True)  # the user's edit (see above)
         self._stale.add(item.name)
         self.library(refresh=True)
-        return target
+        return written
 
     def add_lora_file(self, upload: str | Path, original_name: str | None = None) -> LibraryItem:
-        """Copy an uploaded .safetensors LoRA (checked first) into the first LoRA folder; never overwrites."""
+        """Copy an uploaded .safetensors LoRA (checked first) into the first LoRA folder, through that folder's write
+        policy. Never overwrites: a LoRA of that name, or a sidecar it would adopt, refuses the upload."""
         check_lora_upload(upload, int(self.config.max_lora_mb * 1e6), original_name)
         if not self.config.lora_dirs:
             raise SpecError("no LoRA folder is configured (--lora-dir)")
-        target = Path(self.config.lora_dirs[0]) / safe_file_name(original_name or Path(upload).name, ".safetensors")
-        if target.exists() or target.is_symlink():
-            raise LoRAFileError(target, "already exists in the library.", "rename the file before uploading it.")
-        shutil.copyfile(upload, target)
+        folder = Path(self.config.lora_dirs[0]).expanduser()
+        target = folder / safe_file_name(original_name or Path(upload).name, ".safetensors")
+        for taken in (target, *sidecar_paths(target)):
+            if taken.exists() or taken.is_symlink():
+                raise LoRAFileError(taken, "already exists in the library; an upload never replaces a LoRA or its "
+                                    "sidecar.", "rename the file before uploading it.")
+        policy = WritePolicy.at(folder, protected=self.config.model_roots)
+        write_file(target, lambda tmp: shutil.copyfile(upload, tmp), policy, what="LoRA", replace=False)
         self.library(refresh=True)
         return self.lora(target.stem)
 
@@ -222,8 +275,13 @@ class GenerationService:
         items = [(self.lora(name), weight) for name, weight in pairs]
         if len({i.name for i, _ in items}) != len(items):
             raise SpecError("the same LoRA is chosen twice; pick each LoRA once.")
-        params = dict(method_params or {})
-        make_method(method, params)  # unknown method or parameter names fail here, with the known ones listed
+        if method_params is not None and not isinstance(method_params, dict):
+            raise SpecError(f"method_params must be a JSON object of parameter names and values, got {method_params!r}")
+        try:
+            make_method(method, dict(method_params or {}))  # unknown method or parameter names: the known ones listed
+        except (TypeError, ValueError) as err:
+            raise SpecError(str(err)) from None
+        params = check_params(method, dict(method_params or {}))  # each value of the type its control takes
         for name, (value, writes) in path_values(method, params).items():
             # a file the method may write: inside the output folder (write policy); one it only reads: inside any of
             # the configured folders. Relative = inside the output folder; made absolute either way.
@@ -298,15 +356,28 @@ class GenerationService:
 
     # --- PNG settings ---------------------------------------------------------------------------------------
     def restore(self, png: str | Path, original_name: str | None = None) -> Restored:
-        """The settings a loraloom PNG carries, mapped onto this UI's models and library (uploads checked first)."""
+        """The settings a loraloom PNG carries, mapped onto this UI's models and library (the upload checked first).
+
+        What can be restored is; what cannot is listed in `warnings` and left out: a model this UI does not offer,
+        LoRAs not in the library, values of the wrong type (refused by `GenerationSpec`'s own checks and by the
+        method parameters' fields, each named), and file parameters the UI's write policy (or folders) refuse."""
+        label = original_name or Path(png).name
         path = check_png_upload(png, int(self.config.max_png_mb * 1e6), original_name)
-        spec = read_png_spec(path)
-        warnings: list[str] = []
+        text = _png_spec_text(path, label)
         try:
-            model = self.resolve_model(spec.model)
-        except PathRefused as err:
-            model = None
-            warnings.append(f"base model not restored: {err}")
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{label}: the '{SPEC_CHUNK}' metadata is not valid JSON ({err.msg}).") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{label}: the '{SPEC_CHUNK}' metadata is not a generation spec (a JSON object).")
+        spec, refused, refused_params, warnings = _checked_spec(data)
+        self._check_param_paths(spec, refused_params, warnings)
+        model = None
+        if "model" not in refused:
+            try:
+                model = self.resolve_model(spec.model)
+            except LoraloomError as err:
+                warnings.append(f"base model not restored: {err}")
         loras = []
         for ref in spec.loras:
             item = self._find_lora(ref)
@@ -314,7 +385,24 @@ class GenerationService:
                 warnings.append(f"LoRA {ref.adapter_name!r} ({Path(ref.path).name}) is not in this library; left out.")
             else:
                 loras.append((item.name, float(ref.weight)))
-        return Restored(spec=spec, model=model, loras=loras, warnings=warnings)
+        return Restored(spec=spec, model=model, loras=loras, warnings=warnings, refused=refused,
+                        refused_params=refused_params, text=text)
+
+    def _check_param_paths(self, spec: GenerationSpec, refused: set[str], warnings: list[str]) -> None:
+        """Drop (and list) the method's file parameters this UI would refuse: files the method writes outside what
+        the write policy allows, files it reads outside the configured folders."""
+        params = spec.method_params
+        writes = written_paths(spec.method, params)
+        reads = {k: v for k, (v, w) in path_values(spec.method, params).items() if not w and k not in writes}
+        readable = [self.config.output_dir, *self.config.lora_dirs, *self.config.model_roots]
+        for name, value in [*writes.items(), *reads.items()]:
+            what = f"{spec.method}.{name}"
+            try:
+                self.write_policy.resolve(value, what) if name in writes else resolve_inside(value, readable, what)
+            except (WriteRefused, PathRefused) as err:
+                params.pop(name, None)
+                refused.add(name)
+                warnings.append(f"{what} not restored: {err}")
 
     def _find_lora(self, ref: LoRARef) -> LibraryItem | None:
         """The library LoRA a spec names: same file inside the LoRA folders, else same content hash, else same name."""
@@ -338,6 +426,106 @@ class GenerationService:
         if key not in self._hashes:
             self._hashes[key] = file_sha256(path)
         return self._hashes[key]
+
+
+def _png_spec_text(path: Path, label: str) -> str:
+    """The spec JSON text in a PNG's `loraloom` chunk; errors name the file as the user knows it (`label`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = im.text.get(SPEC_CHUNK) if hasattr(im, "text") else None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SpecError(f"{label}: cannot be read as an image ({err}).") from None
+    if not text:
+        raise SpecError(f"{label}: has no '{SPEC_CHUNK}' metadata; it was not made by loraloom (or the metadata was "
+                        "stripped). Fix: drop a PNG that loraloom wrote.")
+    return text
+
+
+_PROBE = {"model": "tiny:sd1", "prompt": ""}  # the least a spec needs, to check one field at a time
+
+
+def _spec_or_error(data: dict) -> tuple[GenerationSpec | None, str | None]:
+    """The spec of `data`, or the reason `GenerationSpec` refuses it (its checks name the field)."""
+    try:
+        return GenerationSpec.from_dict(data), None
+    except (LoraloomError, TypeError, ValueError) as err:
+        return None, str(err)
+
+
+def _checked_spec(data: dict) -> tuple[GenerationSpec, set[str], set[str], list[str]]:
+    """The spec of `data` (a PNG's JSON), keeping every value that passes `GenerationSpec`'s own checks (one field at
+    a time when the whole does not pass) and the method parameters' fields. Returns (spec, refused fields, refused
+    method parameters, warnings naming each)."""
+    refused: set[str] = set()
+    refused_params: set[str] = set()
+    warnings: list[str] = []
+
+    def refuse(name: str, why: str) -> None:
+        refused.add(name)
+        warnings.append(f"{name} not restored: {why}")
+
+    known = {f.name for f in dataclasses.fields(GenerationSpec)}
+    kept = {k: v for k, v in data.items() if k in known}
+    for name in ("model", "prompt"):
+        if name not in kept:
+            refuse(name, f"the PNG's spec names no {name}")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.append(f"unknown field(s) {unknown} ignored (from a newer loraloom?)")
+    spec, _ = _spec_or_error({**_PROBE, **kept})
+    if spec is None:  # find the values at fault, one field at a time, with the spec's own checks
+        singles = {k: v for k, v in kept.items() if k not in ("loras", "method", "method_params")}
+        for name, value in singles.items():
+            _, err = _spec_or_error({**_PROBE, name: value})
+            if err:
+                refuse(name, err)
+                kept.pop(name)
+        if "method" in kept or "method_params" in kept:
+            method_data = {k: kept[k] for k in ("method", "method_params") if k in kept}
+            _, err = _spec_or_error({**_PROBE, "method": method_data.get("method", "merge")})
+            if err:
+                refuse("method", err)
+                kept.pop("method", None)
+                kept.pop("method_params", None)
+            elif _spec_or_error({**_PROBE, **method_data})[1]:
+                params = method_data.get("method_params")
+                if not isinstance(params, dict):
+                    refuse("method_params", f"method_params must map parameter names to values, got {params!r}")
+                    kept.pop("method_params", None)
+                else:
+                    good = {}
+                    for k, v in params.items():
+                        _, err = _spec_or_error({**_PROBE, "method": kept["method"], "method_params": {k: v}})
+                        if err:
+                            refused_params.add(k)
+                            warnings.append(f"{kept['method']}.{k} not restored: {err}")
+                        else:
+                            good[k] = v
+                    kept["method_params"] = good
+        if "loras" in kept:
+            good_loras = []
+            for i, entry in enumerate(kept["loras"] if isinstance(kept["loras"], list) else [kept["loras"]]):
+                _, err = _spec_or_error({**_PROBE, "loras": [entry]})
+                if err:
+                    warnings.append(f"LoRA {i + 1} not restored: {err}")
+                else:
+                    good_loras.append(entry)
+            kept["loras"] = good_loras
+        spec = GenerationSpec.from_dict({**_PROBE, **kept})
+    from .params import method_fields
+
+    fields = {f.name: f for f in method_fields(spec.method)}
+    for k, v in list(spec.method_params.items()):
+        if k in fields:
+            try:
+                spec.method_params[k] = fields[k].check(v)
+            except SpecError as err:
+                spec.method_params.pop(k)
+                refused_params.add(k)
+                warnings.append(f"{spec.method}.{k} not restored: {err}")
+    return spec, refused, refused_params, warnings
 
 
 def parse_loras(loras) -> list[tuple[str, float]]:

@@ -3,18 +3,17 @@ seconds per image."""
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 
 import gradio as gr
 
-from loraloom.composition.errors import LoraloomError
+from loraloom.composition.errors import LoraloomError, SpecError
 
 from .config import UIConfig
 from .service import GenerationService
 from .streaming import StepEvent, stream_generation
 from .tab_compose import ComposeForm, submit
-from .wiring import ON_MODEL_QUEUE, PRIVATE, error_markdown, error_message, fail
+from .wiring import ON_MODEL_QUEUE, PRIVATE, code_span, error_markdown, fail, guarded, report
 
 
 @dataclass
@@ -44,18 +43,18 @@ def compare_tab(config: UIConfig, methods: list[str]) -> CompareTab:
 def compare_action(service: GenerationService, config: UIConfig):
     """The `/compare` endpoint's function (its parameter names are the API's)."""
 
+    @guarded("compare")
     def compare(model, prompt, negative_prompt, loras, methods, method_params_by_method, steps, guidance_scale,
                 height, width, scheduler, seed, progress=gr.Progress()):
         """The same prompt and seed with each method; yields the gallery (captions: CLIPScore, seconds) and a table."""
         methods = list(methods or [])
         if not methods:
-            raise fail(ValueError("choose at least one method to compare"))
-        try:
-            by_method = method_params_by_method or {}
-            specs = [service.make_spec(model, prompt, negative_prompt, loras, m, by_method.get(m, {}), steps,
-                                       guidance_scale, height, width, scheduler, seed) for m in methods]
-        except Exception as err:
-            raise fail(err) from None
+            raise fail(SpecError("choose at least one method to compare"))
+        by_method = method_params_by_method or {}
+        if not isinstance(by_method, dict):
+            raise fail(SpecError("method_params_by_method must be a JSON object: {method: {parameter: value}}"))
+        specs = [service.make_spec(model, prompt, negative_prompt, loras, m, by_method.get(m, {}), steps,
+                                   guidance_scale, height, width, scheduler, seed) for m in methods]
         shown, rows, errors = [], [], []
         total = len(specs) * max(int(steps), 1)
         for k, spec in enumerate(specs):
@@ -68,7 +67,7 @@ def compare_action(service: GenerationService, config: UIConfig):
                         result = ev
                 score = service.clip_score(result)
             except Exception as err:
-                msg = error_message(err)
+                msg = report(err, f"compare ({spec.method})")
                 errors.append(f"{spec.method}: {msg}")
                 rows.append([spec.method, None, None, "", msg])
                 yield gr.skip(), rows, error_markdown("; ".join(errors))
@@ -80,7 +79,7 @@ def compare_action(service: GenerationService, config: UIConfig):
         if not shown:
             raise fail(LoraloomError("every method failed: " + "; ".join(errors)))
         yield shown, rows, f"compared {len(shown)} method(s) with seed {specs[0].seed}" + (
-            " — **errors:** " + html.escape("; ".join(errors), quote=False) if errors else "")
+            " — **errors:** " + code_span("; ".join(errors)) if errors else "")
 
     return compare
 

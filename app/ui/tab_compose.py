@@ -14,7 +14,7 @@ from loraloom.pipelines.schedulers import scheduler_names
 from .config import UIConfig
 from .params import ParamField, collect, make_control, method_fields
 from .service import GenerationService, LibraryItem
-from .wiring import ON_MODEL_QUEUE, PRIVATE, fail
+from .wiring import ON_MODEL_QUEUE, PRIVATE, guarded
 
 
 @dataclass
@@ -145,12 +145,10 @@ def submit(form: ComposeForm, button: gr.Button):
     method's) and `params_all_json` (every method's); chain the public endpoint with `.success`."""
     k = len(form.slot_names)
 
+    @guarded("reading the form")
     def gather(*values):
         names_, weights_, m, raws = values[:k], values[k:2 * k], values[2 * k], values[2 * k + 1:]
-        try:
-            by_method = collect(form.fields, list(raws))
-        except ValueError as err:
-            raise fail(err) from None
+        by_method = collect(form.fields, list(raws))
         loras = [[n, float(w)] for n, w in zip(names_, weights_) if n]
         return loras, by_method.get(m, {}), by_method
 
@@ -161,12 +159,10 @@ def submit(form: ComposeForm, button: gr.Button):
 def wire_model_loading(form: ComposeForm, status: gr.Markdown, service: GenerationService) -> None:
     """Choosing a base model loads it (on the model queue) and refits the size sliders; `status` says when."""
 
+    @guarded("load model")
     def load_model(model, height, width):
         """Load a base model (waits for a running generation); returns the size controls fitted to it."""
-        try:
-            side_, mult = service.geometry(model)
-        except Exception as err:
-            raise fail(err) from None
+        side_, mult = service.geometry(model)
         top = max(4 * side_, 256)
 
         def fit(v):

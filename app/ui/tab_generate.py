@@ -11,7 +11,7 @@ from .config import UIConfig
 from .service import GenerationService
 from .streaming import StepEvent, stream_generation
 from .tab_compose import ComposeForm, submit
-from .wiring import ON_MODEL_QUEUE, PRIVATE, error_markdown, error_message, fail
+from .wiring import ON_MODEL_QUEUE, PRIVATE, error_markdown, fail, guarded, report
 
 MAX_GALLERY = 48
 
@@ -52,14 +52,12 @@ def generate_tab() -> GenerateTab:
 def generate_action(service: GenerationService, config: UIConfig):
     """The `/generate` endpoint's function (its parameter names are the API's)."""
 
+    @guarded("generate")
     def generate(model, prompt, negative_prompt, loras, method, method_params, steps, guidance_scale, height, width,
                  scheduler, seed, progress=gr.Progress()):
         """Generate one image; yields per-step previews. Returns (preview, PNG file, result, spec JSON, status)."""
-        try:
-            spec = service.make_spec(model, prompt, negative_prompt, loras, method, method_params, steps,
-                                     guidance_scale, height, width, scheduler, seed)
-        except Exception as err:
-            raise fail(err) from None
+        spec = service.make_spec(model, prompt, negative_prompt, loras, method, method_params, steps,
+                                 guidance_scale, height, width, scheduler, seed)
         skip = gr.skip()
         yield skip, skip, skip, skip, f"waiting for the model … ({spec.method}, seed {spec.seed})"
         result = None
@@ -72,8 +70,9 @@ def generate_action(service: GenerationService, config: UIConfig):
                 else:
                     result = ev
         except Exception as err:
-            yield skip, skip, skip, skip, error_markdown(error_message(err))
-            raise fail(err) from None
+            message = report(err, "generate")  # logged once here (with its reference) when unexpected
+            yield skip, skip, skip, skip, error_markdown(message)
+            raise fail(gr.Error(message), "generate") from None
         # The spec goes out as the JSON text the PNG carries (a dict with "path" keys looks like a file to clients).
         info = {"file": str(result.path), "seconds": round(result.seconds, 4), "method": result.spec.method,
                 "seed": result.spec.seed, "width": result.image.width, "height": result.image.height}

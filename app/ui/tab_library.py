@@ -4,7 +4,6 @@ LoRA's category and trigger words, rescan, or add an uploaded LoRA. Each change 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -13,7 +12,8 @@ from loraloom.composition.metadata import CATEGORIES
 
 from .config import UIConfig
 from .service import GenerationService, LibraryItem
-from .wiring import ON_MODEL_QUEUE, PRIVATE, fail
+from .uploads import UploadRefused, discard_upload, upload_path
+from .wiring import ON_MODEL_QUEUE, PRIVATE, fail, guarded, upload_folder
 
 LIBRARY_HEADERS = ["name", "family", "rank", "category", "triggers", "suggested triggers", "preview", "file", "error"]
 
@@ -98,6 +98,7 @@ def library_outputs(items: list[LibraryItem], note: str, n_slots: int) -> list:
 
 
 def refresh_action(service: GenerationService, config: UIConfig, n_slots: int):
+    @guarded("refresh")
     def refresh():
         """Rescan the LoRA folders; returns the library table."""
         items = service.library(refresh=True)
@@ -108,6 +109,7 @@ def refresh_action(service: GenerationService, config: UIConfig, n_slots: int):
 
 
 def select_action(service: GenerationService):
+    @guarded("select")
     def select(evt: gr.SelectData):
         row = evt.row_value or []
         item = next((i for i in service.library() if row and i.name == row[0]), None)
@@ -121,29 +123,30 @@ def select_action(service: GenerationService):
 
 
 def save_action(service: GenerationService, n_slots: int):
+    @guarded("save")
     def save_metadata(name, category, triggers):
         """Save a LoRA's category and trigger words to its sidecar file; returns the library table."""
-        try:
-            triggers_list = [t.strip() for t in (triggers or "").split(",") if t.strip()]
-            target = service.save_lora_metadata(name, category or None, triggers_list)
-        except Exception as err:
-            raise fail(err) from None
+        triggers_list = [t.strip() for t in (triggers or "").split(",") if t.strip()]
+        target = service.save_lora_metadata(name, category or None, triggers_list)
         return library_outputs(service.library(), f"saved `{target.name}`", n_slots)
 
     return save_metadata
 
 
 def add_action(service: GenerationService, config: UIConfig, n_slots: int):
+    @guarded("add LoRA")
     def add_lora(file):
         """Check an uploaded .safetensors LoRA and copy it into the first LoRA folder."""
-        if not file:
+        upload = upload_path(file)
+        if upload is None:
             return [gr.skip()] * (3 + n_slots)  # table, previews, status, slots
-        if not config.allow_lora_upload:
-            raise fail(PermissionError("LoRA uploads are switched off (--no-lora-upload)"))
-        try:
-            item = service.add_lora_file(file, Path(file).name)
-        except Exception as err:
-            raise fail(err) from None
+        path, name = upload
+        try:  # the upload's temporary file goes, whether it was refused or copied into the library
+            if not config.allow_lora_upload:
+                raise fail(UploadRefused("LoRA uploads are switched off on this server (--no-lora-upload)."))
+            item = service.add_lora_file(path, name)
+        finally:
+            discard_upload(path, upload_folder())
         return library_outputs(service.library(), f"added `{item.name}` ({item.info.family}, rank {item.info.rank})",
                                n_slots)
 
@@ -160,4 +163,5 @@ def wire_library(tab: LibraryTab, slot_names: list[gr.Dropdown], service: Genera
                      **PRIVATE)
     tab.save_btn.click(save_action(service, n), [tab.sel_name, tab.sel_category, tab.sel_triggers], outputs,
                        api_name="save_metadata")
-    tab.upload.upload(add_action(service, config, n), tab.upload, outputs, api_name="add_lora", **ON_MODEL_QUEUE)
+    tab.upload.upload(add_action(service, config, n), tab.upload, outputs, api_name="add_lora", preprocess=False,
+                      **ON_MODEL_QUEUE)  # the handler checks the file itself and deletes it in every case

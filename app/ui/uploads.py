@@ -14,6 +14,14 @@ MAX_PNG_PIXELS = 8192 * 8192
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def human_size(n: float) -> str:
+    """Bytes as people read them: '1.5 GB', '20.0 MB', '20 kB', '64 bytes'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{int(n)} bytes"
+
+
 class UploadRefused(LoraloomError, ValueError):
     """An uploaded file that is not what it claims, or too large."""
 
@@ -26,7 +34,7 @@ def _first_checks(path, max_bytes: int, name: str | None, suffix: str, what: str
         raise UploadRefused(f"{label} is not a {suffix} file; {what}")
     size = path.stat().st_size
     if size > max_bytes:
-        raise UploadRefused(f"{label} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB.")
+        raise UploadRefused(f"{label} is {human_size(size)}; the limit is {human_size(max_bytes)}.")
     if size == 0:
         raise UploadRefused(f"{label} is empty.")
     return path, label
@@ -68,3 +76,42 @@ def safe_file_name(name: str, suffix: str) -> str:
     """A plain file name (letters, digits, . _ -) with `suffix`, from whatever name the browser sent."""
     stem = SAFE_NAME.sub("_", Path(name).stem).strip("._") or "upload"
     return stem[:100] + suffix
+
+
+def upload_path(value) -> tuple[str, str] | None:
+    """(path on the server, the name the client gave) of an upload as an event receives it without Gradio's
+    preprocessing (a FileData dict), or as a plain path; None when nothing was uploaded."""
+    if not value:
+        return None
+    if isinstance(value, dict):
+        path = value.get("path")
+        if not path:
+            return None
+        return str(path), str(value.get("orig_name") or Path(path).name)
+    return str(value), Path(str(value)).name
+
+
+def discard_upload(path: str | os.PathLike | None, folder: str | os.PathLike) -> bool:
+    """Delete an uploaded file once it has been handled (used or refused) — only when it lies inside the server's
+    upload `folder` (never a file elsewhere) — and the per-upload folder Gradio made for it when that is now empty.
+    Returns whether a file was deleted."""
+    if not path:
+        return False
+    root = Path(folder).resolve()
+    p = Path(path)
+    try:
+        real_parent = p.parent.resolve()
+    except OSError:
+        return False
+    if not real_parent.is_relative_to(root) or p.is_dir():
+        return False
+    try:
+        (real_parent / p.name).unlink(missing_ok=True)
+    except OSError:
+        return False
+    if real_parent != root:
+        try:
+            real_parent.rmdir()  # only when empty
+        except OSError:
+            pass
+    return True

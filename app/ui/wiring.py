@@ -1,10 +1,22 @@
-"""What every tab's event wiring shares: the settings of private UI steps and of the one model queue, and the
-message a failed action shows."""
+"""What every tab's event wiring shares: the settings of private UI steps and of the one model queue, and how a
+failed action is told to the user — the one place where exceptions become `gr.Error`.
+
+Errors go out as plain text (an API caller reads them as they are; the page's toast shows them through Gradio's
+HTML sanitizer, so a message that quotes user input cannot run script). Our own errors (`LoraloomError`: a bad
+value, a refused path or upload, a LoRA that does not fit) say what is wrong and how to fix it, and are shown as
+they are. Anything else is a bug or a library failing: it is logged here with its traceback and a short reference,
+and the user sees one line naming the action, the exception type and that reference — never a traceback, a raw
+repr or the path of a temporary upload.
+"""
 
 from __future__ import annotations
 
-import html
+import functools
+import inspect
 import logging
+import re
+import secrets
+from pathlib import Path
 
 import gradio as gr
 
@@ -15,22 +27,61 @@ MODEL_QUEUE = "model"  # one concurrency group: one generation (or model load) a
 # Form-only steps: no API endpoint, and no wait behind a running generation.
 PRIVATE = dict(api_visibility="private", queue=False)
 ON_MODEL_QUEUE = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-EXPECTED_ERRORS = (LoraloomError, ValueError, PermissionError)  # a user's mistake, shown as it is, not logged
+EXPECTED_ERRORS = (LoraloomError,)  # a user's mistake, worded for the user: shown as it is, not logged
+MAX_MESSAGE = 2000  # characters of one error message (a message quoting a huge input is cut)
 
 
-def error_message(err: BaseException) -> str:
-    """What the page shows for a failed action: our own errors as they are, anything else with its type."""
+def upload_folder() -> Path:
+    """Where Gradio keeps uploaded files (`GRADIO_TEMP_DIR`, else <tmp>/gradio)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
+
+
+def _without_upload_paths(text: str) -> str:
+    """`text` with every path inside Gradio's upload folder replaced by the file's own name."""
+    folders = {str(upload_folder())}
+    folders.add(str(upload_folder().resolve()))
+    for folder in sorted(folders, key=len, reverse=True):
+        text = re.sub(re.escape(folder.rstrip("/")) + r"/(?:[^/\s'\"]+/)*([^/\s'\"]+)", r"\1", text)
+    return text
+
+
+def one_line(text: str) -> str:
+    """Whitespace runs (newlines included) as single spaces, at most MAX_MESSAGE characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def error_message(err: BaseException, action: str = "the action", ref: str | None = None) -> str:
+    """What the user (page or API caller) reads for a failed action, as plain text on one line. `ref`: the log
+    reference of an unexpected error (see `report`)."""
+    if isinstance(err, gr.Error):
+        return one_line(_without_upload_paths(str(err.message)))
     if isinstance(err, EXPECTED_ERRORS):
-        return str(err)
+        return one_line(_without_upload_paths(str(err)))
     if "out of memory" in str(err).lower():
-        return f"out of memory: {err}. Fix: smaller images, fewer LoRAs, or composite's max_batch."
-    return f"{type(err).__name__}: {err}"
+        return (f"{action} ran out of memory. Fix: smaller images, fewer LoRAs, fewer steps of a method that keeps "
+                "per-step tensors, or composite's max_batch.")
+    where = f" under reference {ref}" if ref else ""
+    return (f"{action} failed with an unexpected {type(err).__name__} (a bug, or a setting this model or method does "
+            f"not support); the server log has the details{where}. Fix: try other settings (scheduler, steps, "
+            "method); if it keeps failing, report it with that log entry.")
 
 
-def fail(err: BaseException) -> gr.Error:
-    """The gr.Error to raise for a failed action (unexpected ones are logged; the GPU cache is freed)."""
-    if not isinstance(err, EXPECTED_ERRORS):
-        log.exception("UI action failed", exc_info=err)
+def report(err: BaseException, action: str = "the action") -> str:
+    """`error_message` of `err`, after logging an unexpected error with its traceback and a short reference that
+    the message names (so the operator finds the traceback of what the user saw)."""
+    if isinstance(err, (gr.Error, *EXPECTED_ERRORS)):
+        return error_message(err, action)
+    ref = secrets.token_hex(4)
+    log.error("%s failed (reference %s)", action, ref, exc_info=err)
+    return error_message(err, action, ref)
+
+
+def fail(err: BaseException, action: str = "the action") -> gr.Error:
+    """The gr.Error to raise for a failed action (plain text; unexpected errors logged; the GPU cache freed)."""
+    message = report(err, action)
     try:
         import torch
 
@@ -38,9 +89,46 @@ def fail(err: BaseException) -> gr.Error:
             torch.cuda.empty_cache()
     except Exception:  # freeing cache is best effort
         pass
-    return gr.Error(html.escape(error_message(err), quote=False), print_exception=False)
+    return gr.Error(message, print_exception=False)
+
+
+def guarded(action: str):
+    """Decorator for an endpoint's function (plain or generator): any exception that escapes it becomes `fail(err)`,
+    so no raw exception reaches the user, whichever line raised it. Keeps the signature Gradio reads the API from."""
+
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as err:
+                    raise fail(err, action) from None
+
+            return gen
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                raise fail(err, action) from None
+
+        return call
+
+    return wrap
 
 
 def error_markdown(message: str) -> str:
-    """An error as the status line shows it (escaped: messages quote user input)."""
-    return "**Error:** " + html.escape(message, quote=False)
+    """An error as the status line (Markdown) shows it: the message as an inline code span, so the page shows the
+    user's text literally and an API caller reads it unescaped."""
+    return "**Error:** " + code_span(message)
+
+
+def code_span(text: str) -> str:
+    """`text` as a Markdown inline code span (a fence longer than any run of backticks inside it)."""
+    text = one_line(text)
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
