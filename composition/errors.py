@@ -34,5 +34,9 @@ class GenerationError(LoraloomError, RuntimeError):
     """A generation that cannot give a valid image (e.g. its latents became NaN/Inf); nothing is saved."""
 
 
+class MethodError(LoraloomError, ValueError):
+    """A method cannot run as asked: a parameter out of its range, or a composition it has no meaning for."""
+
+
 class SpecError(LoraloomError, ValueError):
     """A generation spec (YAML/JSON/PNG) is malformed."""

@@ -218,19 +218,26 @@ def save_coefficients(path: str | Path, coefficients: Coefficients, metadata: Ma
 
 
 def load_coefficients(path: str | Path) -> tuple[Coefficients, dict[str, str]]:
-    from safetensors import safe_open
+    """Coefficients written by `save_coefficients`, or a `LoraloomError` saying the file is not one."""
+    from safetensors import SafetensorError, safe_open
 
+    not_ours = f"{path}: not a loraloom merge-coefficient file"
+    if not Path(path).is_file():
+        raise LoraloomError(f"{not_ours} (not a regular file). Fix: name a file written by ziplora's `coefficients`.")
     out: Coefficients = {}
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != "loraloom-merge-coefficients/1":
-            raise LoraloomError(f"{path}: not a loraloom merge-coefficient file (format {meta.get('format')!r}).")
-        keys = list(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
-    for key in keys:
-        if not key.endswith(".m_c"):
-            continue
-        comp, module = key[: -len(".m_c")].split(".", 1)
-        out.setdefault(comp, {})[module] = (tensors[key], tensors[key[:-4] + ".m_s"])
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != "loraloom-merge-coefficients/1":
+                raise LoraloomError(f"{not_ours} (format {meta.get('format')!r}). Fix: name a file written by ziplora's "
+                                    "`coefficients`, or a path that does not exist yet.")
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+        for key in keys:
+            if key.endswith(".m_c"):
+                comp, module = key[: -len(".m_c")].split(".", 1)
+                out.setdefault(comp, {})[module] = (tensors[key], tensors[key[:-4] + ".m_s"])
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise LoraloomError(f"{not_ours} ({' '.join(str(err).split())}). Fix: delete it to optimise again.") from None
     return out, meta
 

@@ -17,6 +17,7 @@ import torch
 
 from ..conditioning import Conditioning
 from ..controls import LoRAControls
+from ..errors import MethodError
 from ..files import WritePolicy
 from ..lora import LoRA
 from ..routing import LoRARouter, Routing
@@ -187,14 +188,46 @@ def get_method(name: str) -> type[Method]:
 
 
 def make_method(name: str, params: Mapping[str, Any] | Any | None = None) -> Method:
-    """Instantiate a registered method; unknown parameter names give a clear error."""
+    """Instantiate a registered method; unknown parameter names, values of the wrong type and values outside a
+    parameter's `min`/`max`/`choices` give a clear `MethodError` naming the parameter."""
     cls = get_method(name)
     if isinstance(params, Mapping):
-        known = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = set(params) - known
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        unknown = set(params) - set(fields)
         if unknown:
-            raise ValueError(f"method {name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise MethodError(f"method {name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(fields)}")
+        for key, value in params.items():
+            check_param(name, fields[key], value)
     return cls(params)
+
+
+_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+          "str": ((str,), "text"), "list": ((list, tuple), "a list")}
+
+
+def check_param(method: str, f: dataclasses.Field, value: Any) -> None:
+    """`value` fits field `f` of a method's parameters: its declared type (int, float, bool, str, list; None where the
+    type allows it) and its `min`, `max` and `choices` metadata."""
+    where = f"{method}.{f.name}"
+    kind = str(f.type).replace(" ", "")
+    optional = kind.endswith("|None") or kind.startswith("None|")
+    base = kind.removesuffix("|None").removeprefix("None|").split("[")[0]
+    if value is None:
+        if optional:
+            return
+        raise MethodError(f"{where} must not be empty")
+    if base in _KINDS:
+        types, words = _KINDS[base]
+        if not isinstance(value, types) or (base != "bool" and isinstance(value, bool)):
+            raise MethodError(f"{where} must be {words}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if b)
+            raise MethodError(f"{where} must be {bounds or 'a number'}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise MethodError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def describe_params(cls: type[Method]) -> list[dict]:

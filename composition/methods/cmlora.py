@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..conditioning import Conditioning
+from ..errors import MethodError
 from ..frequency import (
     ProfileCache,
     default_cache_path,
@@ -78,9 +79,9 @@ def refresh_steps(count: int, cache_interval: int = 0, intervals=(2, 3, 2), boun
     if cache_interval >= 2:
         return list(range(0, count, cache_interval))
     if cache_interval < 0:
-        raise ValueError(f"cache_interval must be >= 0, got {cache_interval}")
+        raise MethodError(f"cache_interval must be >= 0, got {cache_interval}")
     if len(intervals) != 3 or min(intervals) < 1 or len(boundaries) != 2 or not 0 <= boundaries[0] <= boundaries[1] <= 1:
-        raise ValueError(f"need three intervals >= 1 and two boundaries 0 <= b1 <= b2 <= 1, got {intervals}, {boundaries}")
+        raise MethodError(f"need three intervals >= 1 and two boundaries 0 <= b1 <= b2 <= 1, got {intervals}, {boundaries}")
     b1, b2 = boundary_step(boundaries[0], count), boundary_step(boundaries[1], count)
     return sorted(set(range(0, b1, intervals[0])) | set(range(b1, b2, intervals[1])) | set(range(b2, count, intervals[2])))
 

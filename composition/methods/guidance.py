@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import MethodError
 from ..metadata import CATEGORIES
 
 
@@ -38,9 +39,9 @@ def switch_active_index(step: int, interval: int, n: int, reference_timing: bool
     (`reference_timing=True` reproduces that).
     """
     if interval < 1:
-        raise ValueError(f"switch interval must be >= 1, got {interval}")
+        raise MethodError(f"switch interval must be >= 1, got {interval}")
     if n < 1:
-        raise ValueError("LoRA Switch needs at least one LoRA")
+        raise MethodError("LoRA Switch needs at least one LoRA")
     s = max(step - 1, 0) if reference_timing else step
     return (s // interval) % n
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LoraloomError
+from ..errors import LoraloomError, MethodError
 from ..lora import LoRALayer
 from ..merging import group_by_role, is_attention_projection, subject_and_style
 from ..routing import Routing
@@ -68,7 +68,7 @@ def time_scale(tau: float, pattern: str = "s", alpha: float = 1.5, beta: float =
         return alpha * tau + beta
     if pattern == "s*":
         return math.fmod(alpha_star * tau + beta_star, alpha)
-    raise ValueError(f"unknown time pattern {pattern!r}; use 's' or 's*'")
+    raise MethodError(f"unknown time pattern {pattern!r}; use 's' or 's*'")
 
 
 def time_pieces(pattern: str = "s", alpha: float = 1.5, beta: float = 0.5, alpha_star: float = 1.5,
@@ -80,15 +80,15 @@ def time_pieces(pattern: str = "s", alpha: float = 1.5, beta: float = 0.5, alpha
     """
     if pattern == "s":
         if alpha < 0:
-            raise ValueError("the time scale must not decrease (alpha >= 0)")
+            raise MethodError("the time scale must not decrease (alpha >= 0)")
         return [(alpha, beta)], 0
     if pattern == "s*":
         if alpha <= 0 or alpha_star < 0:
-            raise ValueError("s* needs alpha > 0 (the modulus) and alpha' >= 0")
+            raise MethodError("s* needs alpha > 0 (the modulus) and alpha' >= 0")
         first = math.floor(beta_star / alpha)
         last = math.floor((alpha_star + beta_star) / alpha)
         return [(alpha_star, beta_star - k * alpha) for k in range(first, last + 1)], first
-    raise ValueError(f"unknown time pattern {pattern!r}; use 's' or 's*'")
+    raise MethodError(f"unknown time pattern {pattern!r}; use 's' or 's*'")
 
 
 def piece_index(tau: float, pattern: str, alpha: float, alpha_star: float, beta_star: float, first: int) -> int:
@@ -109,7 +109,7 @@ def balance_factor(l1_subject: Sequence[float], l1_style: Sequence[float], mode:
         mean = ratios.mean()
         kept = ratios[ratios < 3 * mean]
         return float(kept.mean() if kept.numel() else mean)
-    raise ValueError(f"unknown gamma mode {mode!r}; use 'paper' or 'code'")
+    raise MethodError(f"unknown gamma mode {mode!r}; use 'paper' or 'code'")
 
 
 @dataclass
@@ -301,7 +301,7 @@ class KLoRA(Method):
                 raise LoraloomError(f"K-LoRA needs a subject and a style LoRA (got {len(ctx.loras)}).")
             subjects, styles = group_by_role(list(ctx.loras), p.roles)
         else:
-            raise ValueError(f"n_loras must be 'pair' or 'groups', got {p.n_loras!r}")
+            raise MethodError(f"n_loras must be 'pair' or 'groups', got {p.n_loras!r}")
         self.subject_names = [l.name for l in subjects]
         self.style_names = [l.name for l in styles]
         router = ctx.unet_router

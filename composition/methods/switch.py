@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MethodError
 from ..routing import Routing
 from .base import ActiveLoRA, DenoiseContext, Method, Step, cfg_pair, param, register
 from .guidance import category_rank, classifier_free_guidance, switch_active_index
@@ -29,7 +30,7 @@ def ordered(loras, order: str) -> list[ActiveLoRA]:
         return list(loras)
     if order == "category":
         return sorted(loras, key=lambda l: category_rank(l.category))  # stable: ties keep the given order
-    raise ValueError(f"unknown order {order!r}; use 'category' or 'given'")
+    raise MethodError(f"unknown order {order!r}; use 'category' or 'given'")
 
 
 @register
