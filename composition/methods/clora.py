@@ -5,7 +5,9 @@ Branches share one latent: the base prompt without concept LoRAs, and one branch
 its LoRA in UNet and text encoder). On the early steps the latent takes gradient steps on an InfoNCE loss that
 pulls each concept's cross-attention maps together across branches and pushes different concepts apart; at every
 step each branch's noise prediction is kept where its concept's attention is strong (the base branch fills the
-rest). All branches (each a CFG pair) run in one batched UNet call.
+rest). All branches (each a CFG pair) run in one batched UNet call. The loss's labels are token lists per branch
+(`concept_positions`): a trigger word two LoRAs share (the reference notebook's 'sks') is labelled by the concept
+whose LoRA the branch runs, as the reference's per-branch index lists do.
 
 Where we differ from the reference code (`reference_mode=True` restores it):
 - Fusion uses the noise predictions of the *updated* latents (one extra no-grad pass on the update steps). The
