@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,71 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """The hashes of one read of a file: the sha256 of all of it and, for a .safetensors file, the sha256 of its
+    tensor data alone (the bytes after the 8-byte header length and the JSON header it announces)."""
+
+    sha256: str
+    data_sha256: str | None = None
+
+    @property
+    def autov2(self) -> str:
+        """A1111's short hash of a checkpoint, civitai's "AutoV2": the whole file's sha256, first 10 hex digits
+        (A1111 modules/sd_models.py, CheckpointInfo.calculate_shorthash: `self.shorthash = self.sha256[0:10]`,
+        written as "Model hash"). civitai's A1111 extension writes the same for every resource in "Hashes"."""
+        return self.sha256[:10]
+
+    @property
+    def autov3(self) -> str:
+        """A1111's short hash of a LoRA, civitai's "AutoV3", written in "Lora hashes": A1111's
+        extensions-builtin/Lora/network.py hashes a .safetensors file with modules/hashes.py
+        `addnet_hash_safetensors` (read 8 bytes, n = int.from_bytes(them, "little"), sha256 of everything from
+        offset n + 8 on; kohya-ss sd-scripts' definition) and any other file whole, then keeps `hash[0:12]`."""
+        return (self.data_sha256 or self.sha256)[:12]
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> FileDigest:
+    """`FileDigest` of a file in one read (a .safetensors file also gets its tensor-data hash)."""
+    full = hashlib.sha256()
+    data = hashlib.sha256() if Path(path).suffix.lower() in SAFE_SUFFIXES else None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        full.update(head)
+        # As addnet_hash_safetensors: the data starts 8 + (the little-endian length in the first 8 bytes) bytes in;
+        # past the end of the file it is empty.
+        start, pos = 8 + int.from_bytes(head, "little"), len(head)
+        while block := f.read(chunk):
+            full.update(block)
+            if data is not None and pos + len(block) > start:
+                data.update(memoryview(block)[max(0, start - pos):])
+            pos += len(block)
+    return FileDigest(full.hexdigest(), data.hexdigest() if data is not None else None)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What `stat` says about a file. Its bytes may have changed when any of these did: size, modification and
+    change times (written in place), device and inode (replaced by another file, e.g. an atomic rename)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileState:
+        st = os.stat(path)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def settled(self, margin_s: float = 2.0) -> bool:
+        """Last changed more than `margin_s` ago. File times tick coarsely (milliseconds; 2 s on FAT), so a write in
+        the same tick as the change before it leaves them as they were: a file that changed just now is checked by
+        its bytes, not its times (git's "racily clean" rule)."""
+        return max(self.mtime_ns, self.ctime_ns) < time.time_ns() - int(margin_s * 1e9)
 
 
 def _corrupted(path, err) -> LoRAFileError:

@@ -15,12 +15,12 @@ from loraloom.composition.errors import LoRAFileError, SpecError
 from loraloom.composition.files import WritePolicy, WriteRefused, read_yaml_file, remove_stale_temps
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.lora import read_lora_info
-from loraloom.composition.lora_file import file_sha256
+from loraloom.composition.lora_file import FileDigest, FileState, file_digest, file_sha256
 from loraloom.composition.methods import written_paths
 from loraloom.resources import examples, shipped
 
-from .composed import ComposedPipeline
-from .spec import GenerationSpec, LoRARef, save_png
+from .composed import ComposedPipeline, GenerationOutput
+from .spec import GenerationSpec, LoRARef, Provenance, save_png
 
 # Fields a spec file sets once for every image (the GenerationSpec template) and the grid and run fields.
 TEMPLATE_FIELDS = ("negative_prompt", "steps", "guidance_scale", "height", "width", "scheduler", "family", "dtype")
@@ -138,7 +138,8 @@ def batch_from_dict(data: dict, base: Path = Path("."), source: Path | None = No
 
 
 def complete_lora_refs(refs: Iterable[LoRARef], allow_pickle: bool = False) -> list[LoRARef]:
-    """Fill category/triggers from the LoRA's sidecar or header when the spec leaves them out; add file hashes."""
+    """Fill category/triggers from the LoRA's sidecar or header when the spec leaves them out; add file hashes
+    (`PipelineCache.get` then refuses a file whose bytes are no longer these)."""
     out = []
     for ref in refs:
         path = Path(ref.path)
@@ -173,8 +174,63 @@ def expand(batch: BatchSpec, allow_pickle: bool = False) -> list[GenerationSpec]
     ]
 
 
+@dataclass
+class LoadedFile:
+    """A file whose contents are in memory: its path, its state when read, and the hashes of the bytes read."""
+
+    path: str
+    state: FileState
+    digest: FileDigest
+
+
+def read_unchanged(path: str | os.PathLike, load: Callable[[], object], undo: Callable[[], None] = lambda: None,
+                   tries: int = 3) -> tuple[object, LoadedFile]:
+    """Run `load()` (which reads the file at `path`) and hash the file, so that the hashes are those of the bytes
+    `load()` read: the file's state is taken before hashing and again after loading, and must not have changed
+    (nor its bytes, for a file changed just now: `FileState.settled`). Otherwise a writer was at work: `undo()`,
+    then read again; after `tries` attempts a `LoRAFileError`."""
+    for _ in range(tries):
+        before = _state(path)
+        digest = file_digest(path)
+        result = load()
+        after = _state(path)
+        if before == after and (before.settled() or file_digest(path) == digest):
+            return result, LoadedFile(str(path), after, digest)
+        undo()
+    raise LoRAFileError(path, f"changed while it was being read ({tries} tries).",
+                        "wait until whatever writes the file has finished, then generate again.")
+
+
+def _state(path) -> FileState:
+    try:
+        return FileState.of(path)
+    except FileNotFoundError:
+        raise LoRAFileError(path, "no such file.", "check the path (the file was there before; was it moved?).") from None
+
+
+def _unchanged(loaded: LoadedFile) -> bool:
+    """The file still holds the bytes that were read (stat first; the bytes only when stat says it changed). A file
+    removed since is taken as unchanged: what is loaded is still what its hashes say."""
+    try:
+        state = FileState.of(loaded.path)
+    except FileNotFoundError:
+        return True
+    if state == loaded.state:
+        return True
+    if file_digest(loaded.path) == loaded.digest:  # touched, copied over with the same bytes: keep what is loaded
+        loaded.state = state
+        return True
+    return False
+
+
 class PipelineCache:
-    """Keeps one ComposedPipeline per base model and loads LoRAs into it on demand."""
+    """Keeps one ComposedPipeline per base model and loads LoRAs into it on demand.
+
+    What is loaded is what the files hold: before each generation (`get`) every LoRA file (and a single-file
+    checkpoint) is checked against the state it had when read, and read again when it changed, so a file replaced
+    while loaded (the web UI runs for days) is not used with its old weights. The hashes kept are those of the bytes
+    loaded (`read_unchanged`); `recorded` puts them into the PNG's spec. A spec that names a LoRA's sha256 (a PNG's
+    spec, or a spec file's `sha256:`) is refused when the file's bytes are no longer those."""
 
     def __init__(self, device: str = "cpu", local_files_only: bool = False, model_config: str | None = None,
                  allow_pickle: bool = False):
@@ -184,7 +240,8 @@ class PipelineCache:
         self.allow_pickle = allow_pickle
         self._key = None
         self.pipeline: ComposedPipeline | None = None
-        self._files: dict[str, str] = {}
+        self._files: dict[str, LoadedFile] = {}  # adapter name -> its file as loaded
+        self._model_file: LoadedFile | None = None  # a single-file checkpoint as loaded
 
     def forget(self, name: str) -> None:
         """Unload a LoRA so the next spec that uses it reloads the file (after its sidecar or file changed)."""
@@ -193,21 +250,67 @@ class PipelineCache:
             del self._files[name]
 
     def get(self, spec: GenerationSpec) -> ComposedPipeline:
+        """The pipeline for `spec`'s model, holding `spec`'s LoRAs as their files are now."""
         key = (spec.model, spec.family, spec.dtype)
-        if key != self._key:
-            self.pipeline = ComposedPipeline.from_pretrained(
+        if key != self._key or (self._model_file is not None and not _unchanged(self._model_file)):
+            self._load_model(spec, key)
+        for ref in spec.loras:
+            self._load_lora(ref)
+        return self.pipeline
+
+    def _load_model(self, spec: GenerationSpec, key) -> None:
+        self.pipeline, self._key, self._files, self._model_file = None, None, {}, None  # free the old one first
+
+        def load():
+            return ComposedPipeline.from_pretrained(
                 spec.model, family=spec.family, dtype=spec.dtype, device=self.device,
                 local_files_only=self.local_files_only, config=self.model_config,
             )
-            self._key, self._files = key, {}
-        for ref in spec.loras:
-            name = ref.adapter_name
-            if self._files.get(name) != ref.path:
-                if name in self._files:
-                    self.pipeline.remove_lora(name)
-                self.pipeline.load_lora(ref.path, name, allow_pickle=self.allow_pickle)
-                self._files[name] = ref.path
-        return self.pipeline
+
+        path = Path(spec.model).expanduser()
+        if path.is_file():  # a single-file checkpoint: its hash is A1111's "Model hash"
+            self.pipeline, self._model_file = read_unchanged(path, load)
+        else:
+            self.pipeline = load()
+        self._key = key
+
+    def _load_lora(self, ref: LoRARef) -> None:
+        name = ref.adapter_name
+        loaded = self._files.get(name)
+        if loaded is not None and (loaded.path != ref.path or not _unchanged(loaded)):
+            self.forget(name)
+            loaded = None
+        if loaded is None:
+            _, loaded = read_unchanged(ref.path, lambda: self.pipeline.load_lora(ref.path, name, allow_pickle=self.allow_pickle),
+                                       undo=lambda: self.pipeline.remove_lora(name))
+            self._files[name] = loaded
+        pin = (ref.sha256 or "").lower()
+        if pin and not (loaded.digest.sha256 == pin or (len(pin) >= 10 and loaded.digest.sha256.startswith(pin))):
+            raise LoRAFileError(
+                ref.path,
+                f"is not the file this spec was made with: the spec records sha256 {pin[:12]}…, the file now has "
+                f"{loaded.digest.sha256[:12]}….",
+                "put back the file the spec names (a PNG is remade only from the same bytes), or leave 'sha256' out "
+                "of the spec to use the file as it is now (a spec file: run it again; images already made are kept).",
+            )
+
+    def recorded(self, spec: GenerationSpec, output: GenerationOutput) -> tuple[GenerationSpec, Provenance]:
+        """The spec of an image `get(spec)`'s pipeline just made, as its PNG records it, and the run's `Provenance`
+        for the A1111 text. Call it before anything else uses the cache (the web UI: under the same lock).
+
+        Recorded: the size of the image (the spec may leave it to the model), the sha256 of each LoRA's bytes as
+        loaded, and every method parameter in effect, defaults included (`GenerationSpec.identity` ignores the
+        defaults, so the PNG keeps the file name of the spec as written)."""
+        loras = [dataclasses.replace(ref, sha256=self._files[ref.adapter_name].digest.sha256) for ref in spec.loras]
+        image = output.images[0]
+        done = dataclasses.replace(spec, loras=loras, height=image.height, width=image.width,
+                                   method_params=dict(output.params))
+        provenance = Provenance(
+            lora_hashes={ref.adapter_name: self._files[ref.adapter_name].digest.autov3 for ref in spec.loras},
+            model_hash=self._model_file.digest.autov2 if self._model_file is not None else None,
+            scheduler=dict(output.scheduler) or None,
+        )
+        return done, provenance
 
 
 def generate_image(cp: ComposedPipeline, spec: GenerationSpec, output_dir: str | os.PathLike, progress_bar: bool = False,
@@ -248,7 +351,7 @@ def run_specs(
     on_image: Callable[[Path, GenerationSpec], None] | None = None,
 ) -> tuple[list[Path], int]:
     """Generate every spec into `out_dir` (file name from the spec's identity). Returns (paths, number skipped)."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute: the write policy takes a relative path as relative to its root
     check_written_paths(specs, out_dir)
     cache = cache or PipelineCache()
     remove_stale_temps(out_dir)
@@ -264,9 +367,9 @@ def run_specs(
             else:
                 cp = cache.get(spec)
                 out = generate_image(cp, spec, out_dir)
-                # The file name stays that of the spec as written; the PNG records the size actually used.
-                image = out.images[0]
-                save_png(image, path, dataclasses.replace(spec, height=image.height, width=image.width), cp.write_policy(out_dir))
+                # The file name stays that of the spec as written; the PNG records what was used (`recorded`).
+                done, provenance = cache.recorded(spec, out)
+                save_png(out.images[0], path, done, cp.write_policy(out_dir), provenance)
                 if on_image:
                     on_image(path, spec)
             paths.append(path)

@@ -98,7 +98,8 @@ def test_generate_resume_and_png_metadata(tmp_path, lora_files, capsys):
     meta = json.loads(im.text["loraloom"])
     assert meta["prompt"] == "a portrait, ohwx, inkwash" and len(meta["loras"]) == 2 and meta["loras"][0]["sha256"]
     params = im.text["parameters"]
-    assert "<lora:char:1>" in params and "Negative prompt:" in params and "Steps: 2" in params and "Seed: 0" in params
+    # the tag carries the strength applied: weight 1 x merge's lora_scale 0.8
+    assert "<lora:char:0.8>" in params and "Negative prompt:" in params and "Steps: 2" in params and "Seed: 0" in params
     # rerun: nothing regenerated, files untouched
     mtimes = {p: p.stat().st_mtime_ns for p in pngs}
     assert main(["generate", str(spec)]) == 0
