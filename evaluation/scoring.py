@@ -61,10 +61,12 @@ def set_id(spec: GenerationSpec) -> str:
 
 
 def method_label(spec: GenerationSpec) -> str:
-    """The method's name, with its parameters when it has any (`switch(tau=5)`), so variants are told apart."""
-    if not spec.method_params:
+    """The method's name, with the parameters that differ from its defaults (`switch(switch_interval=3)`), so
+    variants are told apart while a PNG that records every parameter in effect keeps the plain name."""
+    params = spec.changed_params()
+    if not params:
         return spec.method
-    return f"{spec.method}(" + ",".join(f"{k}={spec.method_params[k]}" for k in sorted(spec.method_params)) + ")"
+    return f"{spec.method}(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
 
 
 def clip_text(spec: GenerationSpec, mode: str = "triggers") -> str | None:

@@ -152,3 +152,14 @@ def test_judge_url_checked_by_the_library_too():
 
     with pytest.raises(EvaluationError, match="not an http"):
         OpenAIChatJudge("m", base_url="api.openai.com/v1")
+
+
+def test_method_label_ignores_parameters_at_their_defaults():
+    """A PNG records every parameter in effect; its label is still the plain method name (the eval baseline)."""
+    from loraloom.composition.methods import make_method, params_to_dict
+    from loraloom.evaluation.scoring import method_label
+
+    full = params_to_dict(make_method("merge").params)
+    assert method_label(GenerationSpec(model="tiny:sd1", prompt="p", method="merge", method_params=full)) == "merge"
+    changed = GenerationSpec(model="tiny:sd1", prompt="p", method="switch", method_params={**params_to_dict(make_method("switch").params), "switch_interval": 3})
+    assert method_label(changed) == "switch(switch_interval=3)"

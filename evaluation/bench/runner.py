@@ -297,8 +297,8 @@ def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[
                 cp = pipes.with_loras(it)
                 result = generate(cp, it, Path(opts.out))
                 image = result.images[0]
-                path = save_png(image, Path(opts.out).resolve() / it.png, dataclasses.replace(it.spec, height=image.height, width=image.width),
-                                cp.write_policy(opts.out))
+                spec, provenance = pipes.cache.recorded(it.spec, result)  # hashes of the bytes loaded, params in effect
+                path = save_png(image, Path(opts.out).resolve() / it.png, spec, cp.write_policy(opts.out), provenance)
                 store.record_item(item_row(it, status="done", png=it.png, png_sha256=file_sha256(path), width=image.width,
                                            height=image.height, seconds=round(result.seconds, 4), unet_calls=result.unet_calls,
                                            unet_rows=result.unet_rows, error=None, run_id=summary.run_id,
