@@ -29,6 +29,7 @@ import torch
 
 from ..attention_masks import branch_masks, fuse_predictions, info_nce_loss, masks_to_image, token_embeddings
 from ..conditioning import Conditioning
+from ..errors import MethodError
 from ..files import WritePolicy, write_file
 from ..routing import Routing
 from .base import DenoiseContext, Method, Step, param, register
@@ -93,10 +94,10 @@ class CLoRA(Method):
         globals_ = {l.name: l.weight * p.style_scale for l in ctx.loras if l.category in p.global_categories}
         concept_loras = [l for l in ctx.loras if l.name not in globals_]
         if p.prompts and len(p.prompts) != len(concept_loras):
-            raise ValueError(f"clora: {len(p.prompts)} branch prompts for {len(concept_loras)} concept LoRAs "
+            raise MethodError(f"clora: {len(p.prompts)} branch prompts for {len(concept_loras)} concept LoRAs "
                              f"({', '.join(l.name for l in concept_loras)})")
         if p.concepts and len(p.concepts) != len(concept_loras):
-            raise ValueError(f"clora: {len(p.concepts)} concept entries for {len(concept_loras)} concept LoRAs "
+            raise MethodError(f"clora: {len(p.concepts)} concept entries for {len(concept_loras)} concept LoRAs "
                              f"({', '.join(l.name for l in concept_loras)})")
         self.branches = [_Branch(None, p.base_prompt or prompt, dict(globals_))]
         for i, l in enumerate(concept_loras):
@@ -122,7 +123,7 @@ class CLoRA(Method):
         for j, b in enumerate(self.branches):
             late = [i for pos in self.positions[j] for i in pos if i >= length]
             if late:
-                raise ValueError(f"clora: token position(s) {sorted(set(late))} of branch {b.name or 'base'!r} are past the "
+                raise MethodError(f"clora: token position(s) {sorted(set(late))} of branch {b.name or 'base'!r} are past the "
                                  f"text encoder's {length} tokens")
         self.cond_all = Conditioning.cat([part for pair in conds for part in pair])  # [neg_0, pos_0, neg_1, pos_1, ...]
         self.cond_pos = Conditioning.cat([pair[1] for pair in conds])
@@ -199,7 +200,7 @@ class CLoRA(Method):
     # --- step -------------------------------------------------------------------------------------------------
     def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
         if latents.shape[0] != 1:
-            raise ValueError("clora generates one image per call (latents with batch size 1)")
+            raise MethodError("clora generates one image per call (latents with batch size 1)")
         p = self.params
         n = self.iterations(step)
         stale = None
@@ -227,7 +228,7 @@ def _words(entry) -> list[str]:
     """Words of one entry: a comma-separated string or a list of words."""
     items = entry.split(",") if isinstance(entry, str) else entry
     if not isinstance(items, Sequence) or not all(isinstance(w, str) for w in items):
-        raise ValueError(f"clora: concept words must be a comma-separated string or a list of words, got {entry!r}")
+        raise MethodError(f"clora: concept words must be a comma-separated string or a list of words, got {entry!r}")
     return [w.strip() for w in items if w.strip()]
 
 
@@ -236,7 +237,7 @@ def _branch_entry(ctx, prompt: str, entry, where: str) -> list[int]:
     if isinstance(entry, Sequence) and not isinstance(entry, str) and entry and all(
             isinstance(i, int) and not isinstance(i, bool) for i in entry):
         if min(entry) < 1:
-            raise ValueError(f"clora: {where}: token positions count from BOS = 0, so the prompt's first token is 1; "
+            raise MethodError(f"clora: {where}: token positions count from BOS = 0, so the prompt's first token is 1; "
                              f"got {list(entry)}")
         return sorted(set(entry))
     words = _words(entry)
@@ -260,9 +261,9 @@ def concept_positions(ctx, branches: Sequence, concept_loras: Sequence, concepts
         if isinstance(entry, Mapping):
             unknown = sorted(set(entry) - set(names))
             if unknown:
-                raise ValueError(f"clora: concept of LoRA {l.name!r} names unknown branch(es) {unknown}; branches: {names}")
+                raise MethodError(f"clora: concept of LoRA {l.name!r} names unknown branch(es) {unknown}; branches: {names}")
         elif not _words(entry):
-            raise ValueError(f"clora: LoRA {l.name!r} has no trigger words; name its concept words with concepts=[...] "
+            raise MethodError(f"clora: LoRA {l.name!r} has no trigger words; name its concept words with concepts=[...] "
                              f"(one entry per concept LoRA)")
         entries.append(entry)
 
@@ -284,7 +285,7 @@ def concept_positions(ctx, branches: Sequence, concept_loras: Sequence, concepts
                 continue
             explicit = [g for g in claims if given[g]]
             if len(explicit) > 1:
-                raise ValueError(f"clora: token position {i} of branch {names[j]!r} ({b.prompt!r}) is given to both "
+                raise MethodError(f"clora: token position {i} of branch {names[j]!r} ({b.prompt!r}) is given to both "
                                  f"{concept_loras[explicit[0]].name!r} and {concept_loras[explicit[1]].name!r}")
             keep = explicit[0] if explicit else (j - 1 if j - 1 in claims else None)
             for g in claims:
@@ -293,7 +294,7 @@ def concept_positions(ctx, branches: Sequence, concept_loras: Sequence, concepts
         positions.append([sorted(pos) for pos in row])
     for g, l in enumerate(concept_loras):
         if not positions[g + 1][g]:
-            raise ValueError(f"clora: none of {entries[g]!r} (concept words of LoRA {l.name!r}) is in its branch prompt "
+            raise MethodError(f"clora: none of {entries[g]!r} (concept words of LoRA {l.name!r}) is in its branch prompt "
                              f"{branches[g + 1].prompt!r} (or it is cut off at the text encoder's length); put them in "
                              f"the prompt or name other words with concepts=[...]")
     return positions
