@@ -23,7 +23,7 @@ from loraloom.composition.grad import frozen
 from loraloom.composition.lora import LoRA
 from loraloom.composition.merge_objective import training_scheduler
 from loraloom.composition.methods import ActiveLoRA, Step
-from loraloom.composition.routing import Routing, RowBlock
+from loraloom.composition.routing import Routing, RowBlock, SpatialGate
 
 from .attention import StopForward, capture_cross_attention, token_positions
 from .denoise import denoise, guided
@@ -217,6 +217,22 @@ class Run:
 
     def set_latents(self, latents):
         self.new_latents = latents.detach()
+
+    def set_masks(self, masks) -> None:
+        """Confine LoRAs to parts of the image from now on: {name: (H, W) mask at the latent's size, or None to lift
+        it} (token-routed methods build these from attention maps; `composition.routing.SpatialGate`). Masks set
+        here act on the UNet's image-side layers only (a LoRA's keys/values of the prompt stay unmasked), on top of
+        the run's regions."""
+        gates = dict(self.unet_router.gates)
+        for name, mask in masks.items():
+            if mask is None:
+                gates.pop(name, None)
+            else:
+                lh, lw = self.height // self.pipeline.pipe.vae_scale_factor, self.width // self.pipeline.pipe.vae_scale_factor
+                if tuple(mask.shape) != (lh, lw):
+                    raise ValueError(f"mask of {name!r} is {tuple(mask.shape)}, the latent is {(lh, lw)}")
+                gates[name] = SpatialGate(mask.detach().float().cpu())
+        self.unet_router.set_controls(self.unet_router.scales, gates)
 
     # --- whole samples and training (profiling, reference images, merge objectives) -----------------------------------
     @torch.no_grad()

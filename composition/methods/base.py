@@ -121,6 +121,10 @@ class DenoiseContext(Protocol):
         """DeepCache-style pass: `features=None` runs the full UNet and also returns its deep features; given
         `features` (rows aligned), only the outermost level runs on them (a shallow pass). Returns (output, features)."""
 
+    def set_masks(self, masks: Mapping[str, torch.Tensor | None]) -> None:
+        """Confine LoRAs to parts of the image from now on ({name: (H, W) mask at the latent's size, None lifts it}):
+        their deltas are multiplied by the mask in every image-side layer (`composition.routing.SpatialGate`)."""
+
     def set_latents(self, latents: torch.Tensor) -> None:
         """Replace this step's latents (latent-optimising methods such as CLoRA): the scheduler steps from these."""
 
