@@ -310,24 +310,26 @@ def test_lora_entries_are_checked(one_thread):
 
 
 def test_masks_set_during_a_run_gate_the_unet_and_are_lifted_after(two, one_thread):
-    """`Run.set_masks` (for token-routed methods): all-ones = the LoRA everywhere, all-zeros = the UNet without it;
-    the gates are gone after the run."""
+    """`Run.set_masks` (for token-routed methods): all-ones = the LoRA everywhere; all-zeros = the LoRA only where no
+    image position exists, the cross-attention keys/values of the prompt; the gates are gone after the run."""
     from loraloom.composition.methods import Step
     from loraloom.composition.methods.base import cfg_pair
 
-    def one_step(mask_value):
+    router = two.routers["unet"]
+    image_side = {p: {"a": 0.0} for p, layer in router.layers.items() if not layer.reads_text}
+
+    def one_step(mask_value, layer_gates=None):
         with two.run(["a"], "a red star", "", 5.0, 64, 64, scheduler="ddim", num_inference_steps=2) as run:
             cond = cfg_pair(run.encode([{}])[0])  # the text encoder without the LoRA: only the UNet differs
-            if mask_value not in (None, "off"):
+            if mask_value is not None:
                 run.set_masks({"a": torch.full((32, 32), mask_value)})
             x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-            routing = Routing.uniform({"a": 1.0}) if mask_value != "off" else Routing.none()
-            return run.predict(x, Step(0, 2, run.scheduler.timesteps[0]), cond, routing)
+            return run.predict(x, Step(0, 2, run.scheduler.timesteps[0]), cond, Routing.uniform({"a": 1.0}), layer_gates)
 
     with torch.no_grad():
         plain, ones, zeros = one_step(None), one_step(1.0), one_step(0.0)
-        off = one_step("off")
+        kv_only = one_step(None, image_side)
     torch.testing.assert_close(ones, plain, atol=1e-6, rtol=0)
-    torch.testing.assert_close(zeros, off, atol=1e-6, rtol=0)
-    assert (plain - off).abs().max() > 1e-3
-    assert not two.routers["unet"].gates
+    torch.testing.assert_close(zeros, kv_only, atol=1e-6, rtol=0)
+    assert (plain - zeros).abs().max() > 1e-3
+    assert not router.gates
