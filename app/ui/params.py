@@ -82,34 +82,6 @@ class ParamField:
         if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
             raise SpecError(f"{self.method}.{self.name} must lie in [{self.minimum}, {self.maximum}], got {value}")
 
-    def check(self, value: Any) -> Any:
-        """`value` as given to the API or carried by a PNG (JSON: no conversions from text), or `SpecError` naming
-        the method and field: a bool for a bool, a number (whole for an int) within the bounds, one of the choices,
-        text for text, None only where the parameter accepts it. JSON parameters take any value."""
-        where = f"{self.method}.{self.name}"
-        if value is None:
-            if self.optional or self.kind == "json":
-                return None
-            raise SpecError(f"{where} must not be empty (null)")
-        if self.kind == "bool":
-            if not isinstance(value, bool):
-                raise SpecError(f"{where} must be true or false, got {value!r}")
-            return value
-        if self.kind in NUMBER_TYPES:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise SpecError(f"{where} must be a number, got {value!r}")
-            if self.kind == "int" and value != int(value):
-                raise SpecError(f"{where} must be a whole number, got {value!r}")
-            self._check_range(value)
-            return NUMBER_TYPES[self.kind](value)
-        if self.kind == "choice":
-            if value not in self.choices:
-                raise SpecError(f"{where} must be one of {list(self.choices)}, got {value!r}")
-            return value
-        if self.kind == "str" and not isinstance(value, str):
-            raise SpecError(f"{where} must be text, got {value!r}")
-        return value
-
 
 def _kind(type_text: str) -> tuple[str, bool]:
     """('int', optional?) from a dataclass field's type text such as 'int | None' or 'Optional[float]'."""
@@ -166,13 +138,6 @@ def make_control(f: ParamField, value: Any = None):
     if f.kind == "json":
         return gr.Textbox(value=f.to_control(value), lines=1, **{**common, "label": f"{f.name} (JSON)"})
     return gr.Textbox(value=f.to_control(value), lines=1, **common)
-
-
-def check_params(method: str, params: dict) -> dict:
-    """`params` of `method` with each value checked by its field (`ParamField.check`); names it does not know are
-    left for `make_method`, which lists the known ones."""
-    fields = {f.name: f for f in method_fields(method)}
-    return {k: (fields[k].check(v) if k in fields else v) for k, v in params.items()}
 
 
 def collect(fields: list[ParamField], raws: list[Any]) -> dict[str, dict]:

@@ -30,7 +30,7 @@ from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_p
 from loraloom.pipelines.spec import SPEC_CHUNK, GenerationSpec, LoRARef, save_png
 
 from .config import UIConfig
-from .params import check_params, path_values
+from .params import path_values
 from .paths import PathRefused, is_inside, resolve_inside
 from .uploads import check_lora_upload, check_png_upload, safe_file_name
 
@@ -277,11 +277,13 @@ class GenerationService:
             raise SpecError("the same LoRA is chosen twice; pick each LoRA once.")
         if method_params is not None and not isinstance(method_params, dict):
             raise SpecError(f"method_params must be a JSON object of parameter names and values, got {method_params!r}")
-        try:
-            make_method(method, dict(method_params or {}))  # unknown method or parameter names: the known ones listed
+        params = dict(method_params or {})
+        try:  # unknown methods and parameter names (the known ones listed), values of the wrong type or range
+            make_method(method, params)
+        except LoraloomError:
+            raise
         except (TypeError, ValueError) as err:
             raise SpecError(str(err)) from None
-        params = check_params(method, dict(method_params or {}))  # each value of the type its control takes
         for name, (value, writes) in path_values(method, params).items():
             # a file the method may write: inside the output folder (write policy); one it only reads: inside any of
             # the configured folders. Relative = inside the output folder; made absolute either way.
@@ -359,8 +361,8 @@ class GenerationService:
         """The settings a loraloom PNG carries, mapped onto this UI's models and library (the upload checked first).
 
         What can be restored is; what cannot is listed in `warnings` and left out: a model this UI does not offer,
-        LoRAs not in the library, values of the wrong type (refused by `GenerationSpec`'s own checks and by the
-        method parameters' fields, each named), and file parameters the UI's write policy (or folders) refuse."""
+        LoRAs not in the library, values of the wrong type (refused by `GenerationSpec`'s own checks, which check
+        the method's parameters too, each named), and file parameters the UI's write policy (or folders) refuse."""
         label = original_name or Path(png).name
         path = check_png_upload(png, int(self.config.max_png_mb * 1e6), original_name)
         text = _png_spec_text(path, label)
@@ -455,9 +457,9 @@ def _spec_or_error(data: dict) -> tuple[GenerationSpec | None, str | None]:
 
 
 def _checked_spec(data: dict) -> tuple[GenerationSpec, set[str], set[str], list[str]]:
-    """The spec of `data` (a PNG's JSON), keeping every value that passes `GenerationSpec`'s own checks (one field at
-    a time when the whole does not pass) and the method parameters' fields. Returns (spec, refused fields, refused
-    method parameters, warnings naming each)."""
+    """The spec of `data` (a PNG's JSON), keeping every value that passes `GenerationSpec`'s own checks (one field,
+    one LoRA and one method parameter at a time when the whole does not pass). Returns (spec, refused fields,
+    refused method parameters, warnings naming each)."""
     refused: set[str] = set()
     refused_params: set[str] = set()
     warnings: list[str] = []
@@ -514,17 +516,6 @@ def _checked_spec(data: dict) -> tuple[GenerationSpec, set[str], set[str], list[
                     good_loras.append(entry)
             kept["loras"] = good_loras
         spec = GenerationSpec.from_dict({**_PROBE, **kept})
-    from .params import method_fields
-
-    fields = {f.name: f for f in method_fields(spec.method)}
-    for k, v in list(spec.method_params.items()):
-        if k in fields:
-            try:
-                spec.method_params[k] = fields[k].check(v)
-            except SpecError as err:
-                spec.method_params.pop(k)
-                refused_params.add(k)
-                warnings.append(f"{spec.method}.{k} not restored: {err}")
     return spec, refused, refused_params, warnings
 
 
