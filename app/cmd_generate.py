@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="output folder (default: the spec's 'out', else outputs/<spec name>)")
     p.add_argument("--method", type=_csv, help="method(s), comma-separated (overrides the spec)")
     p.add_argument("--seed", type=lambda v: [int(x) for x in _csv(v)], help="seed(s), comma-separated")
-    p.add_argument("--prompt", help="prompt (overrides the spec)")
+    p.add_argument("--prompt", help="prompt (overrides the spec); <lora:name:w>, <lora:name:te:unet> and lbw=, start=, "
+                                    "stop=, step=a-b tags set the controls of the spec's LoRAs (docs/controls.md)")
     p.add_argument("--model", help="base model (overrides the spec)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)

@@ -102,21 +102,28 @@ def layer_block_weights(weights: Mapping[str, float], component: str, paths, lay
 @dataclass(frozen=True)
 class Schedule:
     """When a LoRA acts: from `start` to `stop` (fractions of the run in [0, 1], or step numbers when either is
-    above 1 — the extension's `start=`/`stop=` are step numbers), optionally ramped by `keyframes`: (position,
-    factor) pairs, linearly interpolated, positions in the same unit."""
+    above 1 — the extension's `start=`/`stop=` are step numbers; `unit` fixes the unit instead), optionally ramped by
+    `keyframes`: (position, factor) pairs, linearly interpolated, positions in the same unit."""
 
     start: float = 0.0
     stop: float | None = None
     keyframes: tuple[tuple[float, float], ...] = ()
+    unit: str = "auto"  # "auto": the rule above; "steps" or "fraction" says it (a tag's stop=1 is step 1)
 
     def __post_init__(self):
+        if self.unit not in ("auto", "steps", "fraction"):
+            raise ControlError(f"schedule unit {self.unit!r}: use 'steps', 'fraction' or 'auto'")
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
             raise ControlError(f"schedule start {self.start} / stop {self.stop}: need 0 <= start < stop")
+        if self.unit == "fraction" and max(self.start, self.stop or 0.0, *(p for p, _ in self.keyframes)) > 1:
+            raise ControlError(f"schedule start {self.start} / stop {self.stop}: fractions of the run lie between 0 and 1")
         if any(b[0] < a[0] for a, b in zip(self.keyframes, self.keyframes[1:])):
             raise ControlError("schedule keyframes must be in increasing position order")
 
     @property
     def in_steps(self) -> bool:
+        if self.unit != "auto":
+            return self.unit == "steps"
         return self.start > 1 or (self.stop is not None and self.stop > 1) or any(p > 1 for p, _ in self.keyframes)
 
     def factor(self, index: int, count: int) -> float:

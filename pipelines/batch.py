@@ -20,13 +20,15 @@ from loraloom.composition.methods import written_paths
 from loraloom.resources import examples, shipped
 
 from .composed import ComposedPipeline, GenerationOutput
-from .spec import GenerationSpec, LoRARef, Provenance, save_png
+from .prompt_tags import apply_tags, has_tags
+from .spec import GenerationSpec, LoRARef, Provenance, RegionRef, mask_image, mask_label, pin_mask, save_png
 
 # Fields a spec file sets once for every image (the GenerationSpec template) and the grid and run fields.
-TEMPLATE_FIELDS = ("negative_prompt", "steps", "guidance_scale", "height", "width", "scheduler", "family", "dtype")
+TEMPLATE_FIELDS = ("negative_prompt", "steps", "guidance_scale", "height", "width", "scheduler", "family", "dtype",
+                   "base_weight")
 BATCH_FIELDS = {
-    "model", "loras", *TEMPLATE_FIELDS, "prompt", "prompts", "method", "methods", "method_params", "seed", "seeds",
-    "local_files_only", "model_config", "out",
+    "model", "loras", *TEMPLATE_FIELDS, "regions", "prompt", "prompts", "method", "methods", "method_params", "seed",
+    "seeds", "local_files_only", "model_config", "out",
 }
 
 
@@ -74,6 +76,15 @@ def _resolve(path: str, base: Path) -> str:
     return path  # a hub id
 
 
+def _resolve_mask(mask, base: Path, where: str):
+    """A mask image path in a spec file is relative to the spec's folder, like a LoRA's; the file is read now (it
+    must be an image) and its sha256 recorded (checked again whenever it is read: `spec.mask_image`)."""
+    if isinstance(mask, dict):
+        path = Path(mask["image"]).expanduser()
+        mask = pin_mask({**mask, "image": str(path if path.is_absolute() else (base / path).resolve())}, where)
+    return mask
+
+
 def load_batch_spec(path: str | os.PathLike, overrides: dict | None = None) -> BatchSpec:
     """Read a YAML/JSON batch spec; `overrides` (from CLI flags) replace fields."""
     path = Path(path)
@@ -106,15 +117,37 @@ def batch_from_dict(data: dict, base: Path = Path("."), source: Path | None = No
         raise SpecError(f"{where}the spec needs a 'model' (diffusers folder, hub id, single file, or tiny:sd1)")
     loras = []
     for item in data.get("loras") or []:
+        if not isinstance(item, (str, dict)):
+            raise SpecError(f"{where}a LoRA entry is a path or a mapping with a 'path', got {item!r}")
         item = {"path": item} if isinstance(item, str) else dict(item)
         if "path" not in item:
             raise SpecError(f"{where}every LoRA entry needs a 'path': {item!r}")
         try:
             ref = LoRARef(**item)
+            ref.path = _resolve(str(ref.path), base)
+            ref.mask = _resolve_mask(ref.mask, base, f"LoRA {ref.adapter_name}")
         except TypeError as err:
             raise SpecError(f"{where}bad LoRA entry {item!r}: {err}") from None
-        ref.path = _resolve(str(ref.path), base)
+        except SpecError as err:
+            raise SpecError(f"{where}{err}") from None
         loras.append(ref)
+    regions = data.get("regions") or []
+    if not isinstance(regions, list):
+        raise SpecError(f"{where}regions must be a list, e.g. [{{mask: left, prompt: 'a red star', loras: [character]}}]")
+    region_refs = []
+    for i, item in enumerate(regions):
+        try:
+            region = RegionRef.from_mapping(item, f"region {i + 1}")
+            region.check(f"region {i + 1}", [r.adapter_name for r in loras])
+            region.mask = _resolve_mask(region.mask, base, f"region {i + 1} ({mask_label(region.mask)})")
+        except SpecError as err:
+            raise SpecError(f"{where}{err}") from None
+        for name in ("prompt", "negative_prompt"):
+            if has_tags(getattr(region, name)):
+                raise SpecError(f"{where}region {i + 1} ({mask_label(region.mask)}): its {name} has a LoRA tag. Fix: name "
+                                "the region's LoRAs in its 'loras', and set their strengths and controls in their LoRA "
+                                "entries or in tags in the main prompt")
+        region_refs.append(region)
     methods = _as_list(data, "method", "methods", default=["merge"])
     method_params = data.get("method_params") or {}
     if not isinstance(method_params, dict) or not all(isinstance(v, dict) for v in method_params.values()):
@@ -122,12 +155,22 @@ def batch_from_dict(data: dict, base: Path = Path("."), source: Path | None = No
     seeds = [int(s) for s in _as_list(data, "seed", "seeds", default=[0])]
     prompts = [str(p) for p in _as_list(data, "prompt", "prompts")]
     settings = {k: data[k] for k in TEMPLATE_FIELDS if data.get(k) is not None}
+    if has_tags(settings.get("negative_prompt")):
+        raise SpecError(f"{where}the negative prompt has a LoRA tag; LoRA tags are read from the prompt only (A1111 "
+                        "applies LoRAs from the prompt). Fix: move the tag to the prompt, or remove it")
     try:
-        template = GenerationSpec(model=_resolve(str(data["model"]), base), prompt="", loras=loras, **settings)
+        template = GenerationSpec(model=_resolve(str(data["model"]), base), prompt="", loras=loras, regions=region_refs,
+                                  **settings)
         # Unknown methods or parameters fail here, before any model is loaded (also the parameters of a method a
-        # flag such as --method left out of this run: the spec file itself is wrong).
-        for m in dict.fromkeys([*methods, *method_params]):
-            dataclasses.replace(template, method=m, method_params=dict(method_params.get(m, {})))
+        # flag such as --method left out of this run: the spec file itself is wrong). So do LoRA tags in the prompts
+        # (malformed, naming no LoRA of the spec) and controls a method cannot run.
+        variants = [dataclasses.replace(template, method=m, method_params=dict(method_params.get(m, {})))
+                    for m in dict.fromkeys([*methods, *method_params])]
+        for i, prompt in enumerate(prompts):
+            text, tagged = apply_tags(prompt, loras, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
+            if text != prompt:
+                for variant in variants:
+                    dataclasses.replace(variant, loras=tagged)
     except SpecError as err:
         raise SpecError(f"{where}{err}") from None
     return BatchSpec(
@@ -161,16 +204,26 @@ def expand_prompt(prompt: str, loras: list[LoRARef]) -> str:
 
 
 def expand(batch: BatchSpec, allow_pickle: bool = False) -> list[GenerationSpec]:
-    """One GenerationSpec per (prompt, method, seed)."""
+    """One GenerationSpec per (prompt, method, seed). LoRA tags in a prompt (`prompt_tags`) are taken out of it and
+    merged into that prompt's LoRA entries (the tag wins) before `{triggers}` is expanded."""
     loras = complete_lora_refs(batch.loras, allow_pickle)
     names = [r.adapter_name for r in loras]
     if len(set(names)) != len(names):
         raise SpecError(f"two LoRAs share an adapter name {names}; give them distinct 'name' fields")
     template = dataclasses.replace(batch.template, loras=loras)
+    tagged = []
+    for i, prompt in enumerate(batch.prompts):
+        where = f"{batch.source}: " if batch.source else ""
+        try:
+            text, refs = apply_tags(prompt, loras, f"prompt {i + 1}" if len(batch.prompts) > 1 else "prompt")
+        except SpecError as err:
+            raise SpecError(f"{where}{err}") from None
+        tagged.append((expand_prompt(text, refs), refs))
     return [
-        dataclasses.replace(template, prompt=expand_prompt(prompt, loras), loras=[LoRARef(**vars(r)) for r in loras],
+        dataclasses.replace(template, prompt=prompt, loras=[LoRARef(**vars(r)) for r in refs],
+                            regions=[RegionRef(**vars(r)) for r in template.regions],
                             method=method, method_params=dict(batch.method_params.get(method, {})), seed=seed)
-        for prompt in batch.prompts for method in batch.methods for seed in batch.seeds
+        for prompt, refs in tagged for method in batch.methods for seed in batch.seeds
     ]
 
 
@@ -303,8 +356,10 @@ class PipelineCache:
         defaults, so the PNG keeps the file name of the spec as written)."""
         loras = [dataclasses.replace(ref, sha256=self._files[ref.adapter_name].digest.sha256) for ref in spec.loras]
         image = output.images[0]
-        done = dataclasses.replace(spec, loras=loras, height=image.height, width=image.width,
-                                   method_params=dict(output.params))
+        # Mask images: the sha256 `pin_masks` recorded before the run (which `generate_image` checked as it read
+        # them); a spec made without it gets the file's now.
+        done = pin_masks(dataclasses.replace(spec, loras=loras, height=image.height, width=image.width,
+                                             method_params=dict(output.params)))
         provenance = Provenance(
             lora_hashes={ref.adapter_name: self._files[ref.adapter_name].digest.autov3 for ref in spec.loras},
             model_hash=self._model_file.digest.autov2 if self._model_file is not None else None,
@@ -313,12 +368,41 @@ class PipelineCache:
         return done, provenance
 
 
+def pin_masks(spec: GenerationSpec) -> GenerationSpec:
+    """`spec` with the sha256 of every mask image it names (read now; a recorded sha256 is checked, `SpecError` when
+    the file changed or is gone). Named regions and boxes need nothing. What `run_specs` does before any model loads,
+    so that the PNG records the mask bytes the generation read (`generate_image` reads them again and checks)."""
+    if not any(isinstance(r.mask, dict) for r in [*spec.loras, *spec.regions]):
+        return spec
+    loras = [dataclasses.replace(r, mask=pin_mask(r.mask, f"LoRA {r.adapter_name}")) for r in spec.loras]
+    regions = [dataclasses.replace(r, mask=pin_mask(r.mask, f"region {i + 1} ({mask_label(r.mask)})"))
+               for i, r in enumerate(spec.regions)]
+    return dataclasses.replace(spec, loras=loras, regions=regions)
+
+
+def pipeline_arguments(spec: GenerationSpec) -> dict:
+    """The `loras`, `regions` and `base_weight` arguments of `ComposedPipeline.__call__` for a spec: a LoRA without
+    controls as (name, weight), as always; with controls as (name, weight, LoRAControls); a mask image read from its
+    file (checked against the sha256 the spec records)."""
+    loras = []
+    for ref in spec.loras:
+        if not ref.has_controls:
+            loras.append((ref.adapter_name, ref.weight))
+            continue
+        image = mask_image(ref.mask, f"LoRA {ref.adapter_name}") if isinstance(ref.mask, dict) else None
+        loras.append((ref.adapter_name, ref.weight, ref.controls(image)))
+    regions = [r.region(mask_image(r.mask, f"region {i + 1} ({mask_label(r.mask)})") if isinstance(r.mask, dict) else None)
+               for i, r in enumerate(spec.regions)]
+    return {"loras": loras, "regions": regions, "base_weight": spec.base_weight}
+
+
 def generate_image(cp: ComposedPipeline, spec: GenerationSpec, output_dir: str | os.PathLike, progress_bar: bool = False,
                    callback=None):
     """Run one spec on a pipeline that holds its LoRAs; returns the GenerationOutput. Files the method writes stay
-    in `output_dir` (`ComposedPipeline.write_policy`)."""
+    in `output_dir` (`ComposedPipeline.write_policy`). The LoRAs' controls, the regions and the base weight go to
+    the pipeline (`pipeline_arguments`)."""
     return cp(
-        spec.prompt, negative_prompt=spec.negative_prompt, loras=[(r.adapter_name, r.weight) for r in spec.loras],
+        spec.prompt, negative_prompt=spec.negative_prompt, **pipeline_arguments(spec),
         method=spec.method, method_params=spec.method_params, num_inference_steps=spec.steps,
         guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, seed=spec.seed,
         scheduler=spec.scheduler, progress_bar=progress_bar, callback_on_step_end=callback, output_dir=output_dir,
@@ -353,6 +437,7 @@ def run_specs(
     """Generate every spec into `out_dir` (file name from the spec's identity). Returns (paths, number skipped)."""
     out_dir = Path(out_dir).resolve()  # absolute: the write policy takes a relative path as relative to its root
     check_written_paths(specs, out_dir)
+    specs = [pin_masks(spec) for spec in specs]  # mask images missing or changed: refused before any model loads
     cache = cache or PipelineCache()
     remove_stale_temps(out_dir)
     paths, skipped = [], 0

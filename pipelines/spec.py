@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from loraloom.composition.controls import LBW_PRESETS, ControlError, LoRAControls, Region, Schedule, block_vector
 from loraloom.composition.errors import SpecError
 from loraloom.composition.files import WritePolicy, write_file
 from loraloom.composition.metadata import CATEGORIES, FAMILY_NAMES
 from loraloom.composition.methods import make_method, params_to_dict
+from loraloom.composition.spatial import NAMED_REGIONS
 
 from .defaults import DEFAULTS
 from .loading import DTYPES
@@ -83,9 +86,166 @@ def checked_size(height, width) -> tuple[int | None, int | None]:
     return sides[0], sides[1]
 
 
+# --- per-LoRA controls and regions, as a spec records them (composition.controls applies them) -------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_MASK_BYTES = 64 << 20  # a mask image is kilobytes; a file this large is not one
+MAX_MASK_PIXELS = 8192 * 8192
+MAX_FEATHER = 0.5  # a fraction of the image: from the edge to the middle
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _text(number: float | None) -> str:
+    return "none" if number is None else f"{number:g}"
+
+
+def checked_mask(value, where: str):
+    """A mask as a spec records it, or `SpecError` naming `where`: a named region (its name in lower case, see
+    `composition.spatial.NAMED_REGIONS`), a box [x0, y0, x1, y1] in fractions of the width and height (0, 0 = the
+    top-left corner), or an image file {"image": path, "sha256": hex}. A text that is no region's name is an image
+    path when it ends in an image suffix (.png, .jpg, …); `sha256` is added when the file is first read
+    (`pin_mask`) and checked whenever it is read again (`mask_image`)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in NAMED_REGIONS:
+            return key
+        if value.strip().lower().endswith(IMAGE_SUFFIXES):
+            return {"image": value.strip()}
+        raise SpecError(f"{where}: mask {value!r} is neither a named region ({', '.join(NAMED_REGIONS)}) nor an image "
+                        f"file ({', '.join(IMAGE_SUFFIXES)}). Fix: a region's name, a box [x0, y0, x1, y1] in fractions, "
+                        "or the path of a mask image (white = acts, black = does not).")
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"image", "sha256"}
+        if unknown or not isinstance(value.get("image"), str) or not value["image"].strip():
+            raise SpecError(f"{where}: a mask image is {{image: path, sha256: hex (optional)}}, got {dict(value)!r}")
+        out = {"image": value["image"].strip()}
+        if not out["image"].lower().endswith(IMAGE_SUFFIXES):
+            raise SpecError(f"{where}: mask image {out['image']!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+        pin = value.get("sha256")
+        if pin is not None:
+            if not isinstance(pin, str) or not _SHA256.fullmatch(pin.lower()):
+                raise SpecError(f"{where}: mask sha256 must be 64 hex digits, got {pin!r}")
+            out["sha256"] = pin.lower()
+        return out
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)) and len(value) == 4:
+        box = [checked_number(f"{where}: mask box value", v, float, 0.0, 1.0) for v in value]
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise SpecError(f"{where}: mask box {list(value)!r} must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1 "
+                            "(fractions of the width and height, 0 to 1; 0, 0 is the top-left corner)")
+        return box
+    raise SpecError(f"{where}: mask must be a named region ({', '.join(NAMED_REGIONS)}), a box [x0, y0, x1, y1] in "
+                    f"fractions or an image path, got {value!r}")
+
+
+def mask_label(mask) -> str:
+    """A mask as an error message names it: the region's name, the box, or the image's file name."""
+    if isinstance(mask, dict):
+        return Path(mask["image"]).name
+    if isinstance(mask, list):
+        return "[" + ", ".join(f"{v:g}" for v in mask) + "]"
+    return str(mask)
+
+
+def _read_mask_bytes(mask: dict, where: str) -> tuple[bytes, str]:
+    """The bytes of a mask image file and their sha256; `SpecError` when the file is missing, not a regular file,
+    too large, or not the file the spec records (its `sha256`)."""
+    path = Path(mask["image"]).expanduser()
+    if not path.exists():
+        raise SpecError(f"{where}: mask image {path}: no such file. Fix: check the path (in a spec file, relative paths "
+                        "start at the spec's folder).")
+    if not path.is_file():
+        raise SpecError(f"{where}: mask image {path}: is not a regular file (a folder, pipe or device).")
+    try:
+        size = path.stat().st_size
+        if size > MAX_MASK_BYTES:
+            raise SpecError(f"{where}: mask image {path}: {size} bytes is too large for a mask (at most {MAX_MASK_BYTES}).")
+        data = path.read_bytes()
+    except OSError as err:
+        raise SpecError(f"{where}: mask image {path}: cannot be read ({err.strerror or err}).") from None
+    digest = hashlib.sha256(data).hexdigest()
+    pin = mask.get("sha256")
+    if pin and pin != digest:
+        raise SpecError(f"{where}: mask image {path} is not the file this spec was made with: the spec records sha256 "
+                        f"{pin[:12]}…, the file now has {digest[:12]}…. Fix: put back the mask image the spec names (an "
+                        "image is remade only from the same mask), or leave 'sha256' out of the mask to use the file as "
+                        "it is now (a spec file: run it again).")
+    return data, digest
+
+
+def _load_mask(mask: dict, where: str) -> tuple[Image.Image, str]:
+    """(greyscale image, sha256) of a mask image file, read once: the bytes decoded are the bytes hashed."""
+    data, digest = _read_mask_bytes(mask, where)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_MASK_PIXELS:
+                raise SpecError(f"{where}: mask image {mask['image']}: {im.width} x {im.height} is too large for a mask "
+                                f"(at most {MAX_MASK_PIXELS} pixels; any size is resized to the latent's).")
+            return im.convert("L"), digest
+    except SpecError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise SpecError(f"{where}: mask image {mask['image']}: cannot be read as an image ({' '.join(str(err).split())})") from None
+
+
+def mask_image(mask: dict, where: str) -> Image.Image:
+    """The mask image a spec names, as a greyscale PIL image (luminance, white = 1; transparency is not read), after
+    checking that the file holds the bytes the spec records (`sha256`)."""
+    return _load_mask(mask, where)[0]
+
+
+def pin_mask(mask, where: str):
+    """`mask` with the sha256 of its image file's bytes now (checked against a recorded one, and decoded once to see
+    that it is an image); named regions and boxes as they are."""
+    if not isinstance(mask, dict):
+        return mask
+    return {**mask, "sha256": _load_mask(mask, where)[1]}
+
+
+def checked_lbw(value, where: str):
+    """Block weights as a spec records them: a LoRA Block Weight preset's name (upper case) or a list of 12, 17, 20
+    or 26 numbers (a text of comma-separated numbers is read as one)."""
+    if value is None:
+        return None
+    fix = (f"a preset ({', '.join(LBW_PRESETS)}) or 12, 17, 20 or 26 numbers (the extension's vectors: BASE, IN…, MID, "
+           "OUT…)")
+    if isinstance(value, str):
+        if value.strip().upper() in LBW_PRESETS:
+            return value.strip().upper()
+        if "," not in value:
+            raise SpecError(f"{where}: lbw {value!r} is not a preset nor a list of numbers. Fix: {fix}")
+        value = [v.strip() for v in value.split(",")]
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise SpecError(f"{where}: lbw must be {fix}, got {value!r}")
+    numbers = []
+    for v in value:
+        try:
+            number = float(v) if isinstance(v, str) else v
+        except ValueError:
+            raise SpecError(f"{where}: lbw value {v!r} is not a number (random R/U and X values are not supported). Fix: {fix}") from None
+        numbers.append(checked_number(f"{where}: lbw value", number, float, -100.0, 100.0))
+    try:
+        block_vector(numbers)
+    except ControlError as err:
+        raise SpecError(f"{where}: lbw: {err}. Fix: {fix}") from None
+    return numbers
+
+
+# The controls of a LoRA entry and their defaults: a spec without them is written (and named) as before they existed.
+LORA_CONTROL_DEFAULTS = {"te": 1.0, "unet": 1.0, "lbw": None, "start": None, "stop": None, "unit": None,
+                         "keyframes": [], "mask": None, "feather": 0.0}
+SCHEDULE_UNITS = ("steps", "fraction")
+
+
 @dataclass
 class LoRARef:
-    """A LoRA as a spec names it: file, user weight, and what the user says it is."""
+    """A LoRA as a spec names it: file, user weight, what the user says it is, and its controls.
+
+    Controls (`composition.controls`; all optional): `te`/`unet` multiply the weight in the text encoders / the
+    UNet (A1111's <lora:name:te:unet>); `lbw` block weights (a LoRA Block Weight preset or vector); `start`/`stop`
+    when it acts (fractions of the run, or step numbers when one is above 1; `unit` "steps" or "fraction" says it
+    instead), `keyframes` [[position, factor], …] ramp it; `mask` where it acts (a named region, a box, an image
+    path: `checked_mask`) with `feather` (a fraction of the image) softening the mask's edge."""
 
     path: str
     weight: float = 1.0
@@ -93,6 +253,15 @@ class LoRARef:
     category: str | None = None
     triggers: list[str] = field(default_factory=list)
     sha256: str | None = None
+    te: float = 1.0
+    unet: float = 1.0
+    lbw: str | list[float] | None = None
+    start: float | None = None
+    stop: float | None = None
+    unit: str | None = None
+    keyframes: list[list[float]] = field(default_factory=list)
+    mask: str | list[float] | dict | None = None
+    feather: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path.strip():
@@ -106,10 +275,118 @@ class LoRARef:
             self.triggers = [t.strip() for t in self.triggers.split(",") if t.strip()]
         if not isinstance(self.triggers, list) or not all(isinstance(t, str) for t in self.triggers):
             raise SpecError(f"LoRA {Path(self.path).name}: triggers must be a list of words, got {self.triggers!r}")
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        where = f"LoRA {self.adapter_name}"
+        self.te = checked_number(f"{where}: te", self.te, float, -100.0, 100.0)
+        self.unet = checked_number(f"{where}: unet", self.unet, float, -100.0, 100.0)
+        self.lbw = checked_lbw(self.lbw, where)
+        for name in ("start", "stop"):
+            if getattr(self, name) is not None:
+                setattr(self, name, checked_number(f"{where}: {name}", getattr(self, name), float, 0.0, MAX_STEPS))
+        if self.unit is not None and self.unit not in SCHEDULE_UNITS:
+            raise SpecError(f"{where}: unit {self.unit!r} is not one of {', '.join(SCHEDULE_UNITS)} (or leave it out: "
+                            "start/stop above 1 are step numbers, else fractions of the run)")
+        if self.keyframes is None:
+            self.keyframes = []
+        if not isinstance(self.keyframes, Sequence) or isinstance(self.keyframes, str) or not all(
+                isinstance(k, Sequence) and not isinstance(k, str) and len(k) == 2 for k in self.keyframes):
+            raise SpecError(f"{where}: keyframes must be a list of [position, factor] pairs, got {self.keyframes!r}")
+        self.keyframes = [[checked_number(f"{where}: keyframe position", p, float, 0.0, MAX_STEPS),
+                           checked_number(f"{where}: keyframe factor", v, float, -100.0, 100.0)] for p, v in self.keyframes]
+        try:
+            schedule = self.schedule()
+        except ControlError as err:
+            raise SpecError(f"{where}: {err}") from None
+        if self.unit is not None and schedule is None:
+            raise SpecError(f"{where}: unit says how start, stop and keyframes count; this LoRA has none of them. Fix: "
+                            "leave unit out, or give start/stop")
+        self.mask = checked_mask(self.mask, where)
+        self.feather = checked_number(f"{where}: feather", self.feather, float, 0.0, MAX_FEATHER)
+        if self.feather and self.mask is None:
+            raise SpecError(f"{where}: feather softens a mask's edge; this LoRA has no mask. Fix: give it a mask, or leave "
+                            "feather out")
 
     @property
     def adapter_name(self) -> str:
         return self.name or Path(self.path).stem
+
+    @property
+    def has_controls(self) -> bool:
+        """Some control differs from its default (the LoRA then runs through `LoRAControls`)."""
+        return any(getattr(self, k) != v for k, v in LORA_CONTROL_DEFAULTS.items())
+
+    def schedule(self) -> Schedule | None:
+        """When the LoRA acts (`composition.controls.Schedule`), or None for the whole run."""
+        if self.start is None and self.stop is None and not self.keyframes:
+            return None
+        return Schedule(self.start or 0.0, self.stop, tuple((p, v) for p, v in self.keyframes), self.unit or "auto")
+
+    def controls(self, mask=None) -> LoRAControls:
+        """The `LoRAControls` the pipeline applies; `mask`: what to give the pipeline for an image mask (the image)."""
+        given = self.mask
+        if isinstance(given, list):
+            given = tuple(given)
+        return LoRAControls(te=self.te, unet=self.unet, blocks=tuple(self.lbw) if isinstance(self.lbw, list) else self.lbw,
+                            schedule=self.schedule(), mask=mask if isinstance(given, dict) else given, feather=self.feather)
+
+
+@dataclass
+class RegionRef:
+    """A region as a spec names it (`composition.controls.Region`): a `mask` (named region, box or image path), its own
+    `prompt` / `negative_prompt` (None: the run's), the `loras` (adapter names of the spec's LoRAs) that act only
+    here, and `feather`. Checked by `GenerationSpec` (which knows the LoRAs)."""
+
+    mask: str | list[float] | dict
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    loras: list[str] = field(default_factory=list)
+    feather: float = 0.0
+
+    @staticmethod
+    def from_mapping(item, where: str) -> RegionRef:
+        """A region from a spec file's or a PNG's mapping; `SpecError` naming `where` for a missing mask or an
+        unknown key."""
+        if not isinstance(item, Mapping):
+            raise SpecError(f"{where} must be a mapping with a mask, got {item!r}")
+        known = [f.name for f in dataclasses.fields(RegionRef)]
+        unknown = sorted(set(item) - set(known))
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}; known: {', '.join(known)}")
+        if "mask" not in item:
+            raise SpecError(f"{where}: a region needs a mask (a named region, a box [x0, y0, x1, y1] or an image path)")
+        return RegionRef(**item)
+
+    def check(self, where: str, names: Sequence[str]) -> None:
+        if self.mask is None:
+            raise SpecError(f"{where}: a region needs a mask (a named region, a box [x0, y0, x1, y1] or an image path)")
+        self.mask = checked_mask(self.mask, where)
+        where = f"{where} ({mask_label(self.mask)})"
+        for name in ("prompt", "negative_prompt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SpecError(f"{where}: {name} must be text, got {getattr(self, name)!r}")
+        if isinstance(self.loras, str):
+            self.loras = [self.loras]
+        if not isinstance(self.loras, Sequence) or not all(isinstance(n, str) for n in self.loras):
+            raise SpecError(f"{where}: loras must be a list of LoRA names, got {self.loras!r}")
+        self.loras = list(self.loras)
+        for n in self.loras:
+            if n not in names:
+                raise SpecError(f"{where}: LoRA {n!r} is not one of this spec's LoRAs ({', '.join(names) or 'none'}). "
+                                "Fix: name a LoRA of the spec's 'loras' by its adapter name (its 'name', else its file name "
+                                "without the extension).")
+        if len(set(self.loras)) != len(self.loras):
+            raise SpecError(f"{where}: a LoRA is listed twice in it ({', '.join(self.loras)})")
+        if self.prompt is None and self.negative_prompt is None and not self.loras:
+            raise SpecError(f"{where}: changes nothing. Fix: give it a prompt, a negative_prompt or loras")
+        self.feather = checked_number(f"{where}: feather", self.feather, float, 0.0, MAX_FEATHER)
+
+    def region(self, mask=None) -> Region:
+        """The `Region` the pipeline takes; `mask`: what to give it for an image mask (the image)."""
+        given = tuple(self.mask) if isinstance(self.mask, list) else self.mask
+        return Region(mask if isinstance(given, dict) else given, prompt=self.prompt, negative_prompt=self.negative_prompt,
+                      loras=tuple(self.loras), feather=self.feather)
 
 
 @dataclass
@@ -130,6 +407,8 @@ class GenerationSpec:
     seed: int = 0
     family: str | None = None
     dtype: str = "float32"
+    regions: list[RegionRef] = field(default_factory=list)
+    base_weight: float = 0.0
     version: str = field(default_factory=_version)
     format: int = SPEC_FORMAT
 
@@ -157,12 +436,77 @@ class GenerationSpec:
         if not isinstance(self.method_params, Mapping):
             raise SpecError(f"method_params must map parameter names to values, got {self.method_params!r}")
         try:
-            make_method(self.method, self.method_params)  # unknown methods and parameter names fail here
+            method = make_method(self.method, self.method_params)  # unknown methods and parameter names fail here
         except (ValueError, TypeError) as err:
             raise SpecError(str(err)) from None
+        self._check_controls(method)
+
+    def _check_controls(self, method) -> None:
+        """Regions, masks, schedules and the rest of the per-LoRA controls, against this spec's LoRAs, steps and
+        method (which of them the method can run: `Method.supports_regions`, `supports_controls`)."""
+        names = [r.adapter_name for r in self.loras]
+        if not isinstance(self.regions, list):
+            raise SpecError(f"regions must be a list of regions, got {self.regions!r}")
+        regions = []
+        for i, region in enumerate(self.regions):
+            if not isinstance(region, RegionRef):
+                region = RegionRef.from_mapping(region, f"region {i + 1}")
+            region.check(f"region {i + 1}", names)
+            regions.append(region)
+        self.regions = regions
+        self.base_weight = checked_number("base_weight", self.base_weight, float, 0.0, 1.0)
+        masked = [r.adapter_name for r in self.loras if r.mask is not None]
+        if (regions or masked) and len(set(names)) != len(names):
+            raise SpecError(f"two LoRAs share an adapter name {names}; give them distinct 'name' fields (regions name "
+                            "LoRAs by it)")
+        placed: dict[str, int] = {}
+        for i, region in enumerate(regions):
+            for n in region.loras:
+                if n in placed:
+                    raise SpecError(f"LoRA {n!r} is in region {placed[n] + 1} and region {i + 1}; bind each LoRA to one region")
+                if n in masked:
+                    raise SpecError(f"LoRA {n!r} has a mask of its own and is in region {i + 1}, whose mask it takes. Fix: "
+                                    "leave out one of the two")
+                placed[n] = i
+        if self.base_weight and not (regions or masked):
+            raise SpecError("base_weight mixes the prompt into regions; this spec has no regions nor masked LoRAs. Fix: "
+                            "leave base_weight out, or add regions")
+        for ref in self.loras:
+            schedule = ref.schedule()
+            if schedule is not None:
+                window = Schedule(schedule.start, schedule.stop, unit=schedule.unit)
+                if not any(window.factor(i, self.steps) for i in range(self.steps)):
+                    raise SpecError(f"LoRA {ref.adapter_name}: start {_text(ref.start)} / stop {_text(ref.stop)} leave no step of "
+                                    f"{self.steps} where it acts. Fix: an earlier start or a later stop (step numbers count "
+                                    "from 0; fractions are of the run)")
+        if (regions or masked) and not method.supports_regions:
+            raise SpecError(f"method {self.method!r} has no meaning for regions or masked LoRAs. Fix: use merge, switch or "
+                            "composite, or leave out the regions and masks.")
+        if not method.supports_controls:
+            named = [r.adapter_name for r in self.loras if r.has_controls]
+            if named:
+                raise SpecError(f"method {self.method!r} merges the LoRAs into one, so per-LoRA strengths, block weights, "
+                                f"schedules and masks ({', '.join(named)}) have no place in it. Fix: leave them out, or "
+                                "use merge.")
+
+    @property
+    def has_controls(self) -> bool:
+        """Some LoRA has a control, or the spec has regions or a base weight (what a spec without them lacks)."""
+        return bool(self.regions) or bool(self.base_weight) or any(r.has_controls for r in self.loras)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as JSON-able data. Controls at their defaults are left out (no regions, no base weight, a LoRA
+        entry's te/unet 1, …), so a spec without controls is written as before they existed."""
+        d = dataclasses.asdict(self)
+        for lora in d["loras"]:
+            for key, default in LORA_CONTROL_DEFAULTS.items():
+                if key in lora and lora[key] == default:
+                    del lora[key]
+        if not d["regions"]:
+            del d["regions"]
+        if not d["base_weight"]:
+            del d["base_weight"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
@@ -184,8 +528,12 @@ class GenerationSpec:
                 loras.append(LoRARef(**item))
             except TypeError as err:
                 raise SpecError(f"bad LoRA entry {item!r}: {err}") from None
+        regions = data.pop("regions", None) or []
+        if not isinstance(regions, list):
+            raise SpecError(f"regions must be a list of regions, got {regions!r}")
+        regions = [RegionRef.from_mapping(item, f"region {i + 1}") for i, item in enumerate(regions)]
         try:
-            return GenerationSpec(loras=loras, **data)
+            return GenerationSpec(loras=loras, regions=regions, **data)
         except TypeError as err:
             raise SpecError(f"bad generation spec: {err}") from None
 
@@ -207,12 +555,16 @@ class GenerationSpec:
         own name. So `{}`, `{lora_scale: 0.8}` (merge's default) and the PNG's full list are one identity, and
         every name loraloom gave before keeps meaning the same spec (a spec that spelled out a default gets the
         name of the same spec without it). A later change of a default does not rename old images; their PNGs
-        keep the value that was in effect."""
+        keep the value that was in effect. Controls at their defaults are not in `to_dict`, so a spec without
+        controls keeps the name it had before controls existed; a mask image counts by its path, as a LoRA file
+        does (not by its sha256, which the PNG records)."""
         d = self.to_dict()
         d.pop("version", None)
         d["method_params"] = self.changed_params()
-        for lora in d["loras"]:
-            lora.pop("sha256", None)
+        for entry in [*d["loras"], *d.get("regions", [])]:
+            entry.pop("sha256", None)
+            if isinstance(entry.get("mask"), dict):  # a mask image counts by its path, as a LoRA file does
+                entry["mask"].pop("sha256", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def file_name(self) -> str:
@@ -226,16 +578,44 @@ class GenerationSpec:
             return ref.weight * float(p["style_scale"])
         return ref.weight * float(p.get("lora_scale", 1.0))
 
+    def step_window(self, ref: LoRARef) -> tuple[int, int] | None:
+        """The steps (first, end) of this run's `steps` in which a scheduled LoRA acts (its start/stop, as step
+        numbers counted from 0: the LoRA Block Weight extension's start=/stop=); None without a schedule."""
+        schedule = ref.schedule()
+        if schedule is None or (ref.start is None and ref.stop is None):
+            return None
+        window = Schedule(schedule.start, schedule.stop, unit=schedule.unit)
+        active = [i for i in range(self.steps) if window.factor(i, self.steps)]
+        return (active[0], active[-1] + 1) if active else (0, 0)
+
+    def a1111_tag(self, ref: LoRARef, name: str | None = None) -> str:
+        """A LoRA's tag in the A1111 text, in A1111's and the LoRA Block Weight extension's spelling: <lora:name:w>
+        with the strength applied (`applied_weight`), <lora:name:te:unet> when the text-encoder and UNet strengths
+        differ, then `lbw=` (preset or vector), `start=`/`stop=` (step numbers) when set. Keyframe ramps, masks and
+        regions have no A1111 spelling: the `loraloom` chunk holds them."""
+        w = self.applied_weight(ref)
+        te, unet = w * ref.te, w * ref.unet
+        items = [name or a1111_name(ref.adapter_name), f"{te:g}"] + ([] if te == unet else [f"{unet:g}"])
+        if ref.lbw is not None:
+            items.append("lbw=" + (ref.lbw if isinstance(ref.lbw, str) else ",".join(f"{v:g}" for v in ref.lbw)))
+        window = self.step_window(ref)
+        if window is not None:
+            if window[0] > 0:
+                items.append(f"start={window[0]}")
+            if window[1] < self.steps:
+                items.append(f"stop={window[1]}")
+        return "<lora:" + ":".join(items) + ">"
+
     def a1111_parameters(self, provenance: Provenance | None = None) -> str:
         """The A1111 `parameters` text ("infotext"), as A1111's processing.create_infotext writes it: the prompt
-        with <lora:name:w> tags, "Negative prompt: …", then one line of `key: value` settings.
+        with <lora:name:w> tags (`a1111_tag`), "Negative prompt: …", then one line of `key: value` settings.
 
         A prompt cannot add lines or fields (`a1111_line`); values are quoted as A1111 quotes them (`a1111_quote`).
         `provenance` (what the run knows: hashes of the bytes it loaded, the scheduler it ran) adds "Model hash",
         "Lora hashes" and the exact sampler; without it those are left out rather than guessed."""
         prov = provenance or Provenance()
         names = [a1111_name(ref.adapter_name) for ref in self.loras]
-        tags = " ".join(f"<lora:{n}:{self.applied_weight(ref):g}>" for n, ref in zip(names, self.loras))
+        tags = " ".join(self.a1111_tag(ref, n) for n, ref in zip(names, self.loras))
         sampler, schedule = a1111_sampler(*_scheduler_facts(self.scheduler, prov.scheduler))
         settings: dict[str, object] = {"Steps": self.steps, "Sampler": sampler, "Schedule type": schedule,
                                        "CFG scale": f"{self.guidance_scale:g}", "Seed": self.seed}

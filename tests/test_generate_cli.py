@@ -66,6 +66,12 @@ def test_cli_overrides(tmp_path, lora_files):
     ({"scheduler": "warp-drive"}, "unknown scheduler"),
     ({"loras": [{"path": "x.safetensors", "weight": "heavy"}]}, "weight must be a number"),
     ({"dtype": "float8"}, "dtype 'float8' is not one of"),
+    ({"prompts": ["a portrait <lora:chr:1>"]}, r"prompt: tag <lora:chr:1>: the spec has no LoRA named 'chr'; its LoRAs: char, style"),
+    ({"prompts": ["x <lora:char:1:lbw=SOME>"]}, r"tag <lora:char:1:lbw=SOME>: lbw=SOME is neither a preset"),
+    ({"loras": [{"path": "x.safetensors", "lbw": [1, 2]}]}, r"LoRA x: lbw: block weights need 12, 17, 20 or 26 values"),
+    ({"regions": [{"mask": "left", "loras": ["nobody"]}]}, r"region 1 \(left\): LoRA 'nobody' is not one of this spec's LoRAs"),
+    ({"regions": [{"mask": "elsewhere.png", "prompt": "x"}]}, r"region 1 \(elsewhere.png\): mask image .*: no such file"),
+    ({"regions": [{"mask": "left", "prompt": "x"}], "methods": ["cmlora"]}, r"method 'cmlora' has no meaning for regions"),
 ])
 def test_bad_spec_errors(tmp_path, lora_files, bad, msg, monkeypatch):
     """Refused when the spec is read, before any model loads."""

@@ -22,6 +22,7 @@ from loraloom.pipelines.spec import (
     GenerationSpec,
     LoRARef,
     Provenance,
+    RegionRef,
     a1111_line,
     a1111_name,
     a1111_quote,
@@ -222,3 +223,27 @@ def test_sd_parsers_reads_it_back(tmp_path, width, height):
     _, _, fields = read_a1111(Image.open(path).text["parameters"])
     assert fields["Lora hashes"] == f"char: {loras[0].sha256[20:32]}, stylev2: {loras[1].sha256[20:32]}, bg: {loras[2].sha256[20:32]}"
     assert fields["Model hash"] == "0123456789" and fields["Size"] == f"{width}x{height}"
+
+
+# --- controls in the tags (issue 23): the same guarantees ------------------------------------------------------------
+def test_control_tags_keep_the_text_to_its_lines_and_fields(tmp_path):
+    vector = "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0"
+    loras = [LoRARef("/loras/c.safetensors", 1.0, name="c:h,a<r>", te=0.5, lbw=vector, start=2, stop=10),
+             LoRARef("/loras/s.safetensors", 0.7, name="s", lbw="outd", mask="left", keyframes=[[0, 0], [0.5, 1]])]
+    spec = GenerationSpec(model="runwayml/stable-diffusion-v1-5", prompt=HOSTILE, negative_prompt=HOSTILE_NEGATIVE,
+                          loras=loras, regions=[RegionRef("right", prompt=HOSTILE, negative_prompt=HOSTILE_NEGATIVE)],
+                          base_weight=0.3, steps=20, seed=7)
+    text = spec.a1111_parameters()
+    assert len(text.split("\n")) == 3 and len(text.splitlines()) == 3
+    prompt, negative, fields = read_a1111(text)
+    tags = f"<lora:char:0.4:0.8:lbw={vector}:start=2:stop=10> <lora:s:0.56:lbw=OUTD>"
+    assert prompt == f"{a1111_line(HOSTILE)} {tags}" and negative == a1111_line(HOSTILE_NEGATIVE)
+    assert (fields["Steps"], fields["Seed"], fields["Sampler"]) == ("20", "7", "DPM++ 2M") and "Size" not in fields
+    path = save_png(Image.new("RGB", (64, 64)), tmp_path / "x.png", spec, WritePolicy.at(tmp_path))
+    (sampler,) = ParserManager().parse(path).samplers
+    assert sampler.prompts[0].value == f"{a1111_line(HOSTILE)} {tags}"
+    assert {k: sampler.parameters[k] for k in ("steps", "cfg_scale", "seed")} == {"steps": "20", "cfg_scale": "7.5", "seed": "7"}
+    # the loraloom chunk holds everything, the regions' prompts exactly
+    recorded = json.loads(Image.open(path).text["loraloom"])
+    assert recorded["regions"][0]["prompt"] == HOSTILE and recorded["base_weight"] == 0.3
+    assert GenerationSpec.from_dict(recorded) == spec
