@@ -321,13 +321,14 @@ class GenerationService:
                 cp = self.cache.get(spec)
                 self._refresh_stale(cp)
                 out = generate_image(cp, spec, self.config.output_dir, callback=on_step)
+                if not cancel.is_set():  # the hashes of the bytes loaded, every parameter in effect (under the lock)
+                    spec, provenance = self.cache.recorded(spec, out)
             finally:
                 self._cancel = None
         if cancel.is_set():
             raise Cancelled("stopped; nothing was saved")
         image = out.images[0]
-        spec = dataclasses.replace(spec, height=image.height, width=image.width)
-        path = save_png(image, spec.file_name(), spec, self.write_policy)
+        path = save_png(image, spec.file_name(), spec, self.write_policy, provenance)
         return GenerationResult(path=path, image=image, spec=spec, seconds=out.seconds)
 
     def interrupt(self) -> None:
