@@ -161,7 +161,7 @@ def test_touched_lora_is_not_reloaded(tmp_path, two_versions, monkeypatch):
 
 
 def test_generated_png_records_parameters_in_effect_and_a1111_names(tmp_path, lora_files):
-    hostile = 'a "cat", {triggers}: here\nNegative prompt: forged\nSteps: 999, Sampler: Euler, CFG scale: 1, Seed: 5 <lora:evil:3>'
+    hostile = 'a "cat", {triggers}: here\nNegative prompt: forged\nSteps: 999, Sampler: Euler, CFG scale: 1, Seed: 5'  # <lora: in a spec prompt is a tag now (tests/test_lora_tags.py)
     spec_file = _spec_file(tmp_path, [{"path": str(lora_files[n]), "weight": w} for n, w in (("char", 1.0), ("style", 0.5), ("bg", 0.75))],
                            prompts=[hostile], negative_prompt="ugly,\nSteps: 1", methods=["composite"],
                            method_params={"composite": {"max_batch": 2}}, scheduler="default", guidance_scale=6)

@@ -223,8 +223,8 @@ def fingerprint(spec: GenerationSpec, model: str, vae: str | None, lora_ids: lis
     d = spec.to_dict()
     d.pop("version", None)
     d["model"], d["vae"], d["reference_position"] = model, vae, reference_position
-    d["loras"] = [{"id": i, "weight": l["weight"], "sha256": l["sha256"], "category": l["category"],
-                   "triggers": l["triggers"]} for i, l in zip(lora_ids, d["loras"])]
+    # each LoRA by id and hash instead of its path; its controls (te/unet, lbw, schedule, mask) as the spec has them
+    d["loras"] = [{**{k: v for k, v in l.items() if k not in ("path", "name")}, "id": i} for i, l in zip(lora_ids, d["loras"])]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ import torch
 from loraloom.composition.errors import LoraloomError, SpecError
 from loraloom.composition.files import remove_stale_temps
 from loraloom.composition.lora_file import file_sha256
-from loraloom.pipelines.batch import PipelineCache, generate_image
+from loraloom.pipelines.batch import PipelineCache, generate_image, pipeline_arguments
 from loraloom.pipelines.spec import GenerationSpec, save_png
 
 from .manifest import BenchSet, Manifest, missing_files
@@ -172,10 +172,9 @@ def generate(cp, item: WorkItem, out: Path):
     vsf = cp.pipe.vae_scale_factor
     shape = (1, cp.pipe.unet.config.in_channels, height // vsf, width // vsf)
     g = reference_generator(spec.seed, item.reference_position, shape)
-    return cp(spec.prompt, negative_prompt=spec.negative_prompt, loras=[(r.adapter_name, r.weight) for r in spec.loras],
-              method=spec.method, method_params=spec.method_params, num_inference_steps=spec.steps,
-              guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, generator=g,
-              scheduler=spec.scheduler, progress_bar=False, output_dir=out)
+    return cp(spec.prompt, negative_prompt=spec.negative_prompt, method=spec.method, method_params=spec.method_params,
+              num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width,
+              generator=g, scheduler=spec.scheduler, progress_bar=False, output_dir=out, **pipeline_arguments(spec))
 
 
 def prompt_tokens(cp, prompt: str) -> int:
