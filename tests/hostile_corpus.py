@@ -51,7 +51,7 @@ def lora_corpus(folder: Path, good: Path) -> list[Hostile]:
     put("not_a_lora.safetensors", "does not contain LoRA weights", lambda p: save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3)}, str(p)))
     put("loha.safetensors", "LoHa", lambda p: save_file({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}, str(p)))
     put("unknown_keys.safetensors", "understand", lambda p: save_file({"unet.x.lora_A.weight": torch.zeros(2, 2), "unet.x.weird": torch.zeros(1)}, str(p)))
-    put("pickle.ckpt", "pickled checkpoint", lambda p: torch.save(tensors, p))
+    put("pickle.ckpt", "pickled checkpoint|pickles can run code", lambda p: torch.save(tensors, p))
     put("fifo.safetensors", "not a regular file", lambda p: os.mkfifo(p))
     put("folder.safetensors", "is a folder", lambda p: p.mkdir())
     xl = build_tiny_sdxl()

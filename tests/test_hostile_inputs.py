@@ -62,6 +62,7 @@ def guarded(world):
     folders = [world["lora_dir"], world["root"] / "bad_loras"]
     before = [_tree_hash(f) for f in folders], weights_hash(cp.pipe.unet) + weights_hash(cp.pipe.text_encoder)
     yield
+    (folders[0] / "sdxl.safetensors").unlink(missing_ok=True)  # the one upload that was accepted (a sound file)
     after = [_tree_hash(f) for f in folders], weights_hash(cp.pipe.unet) + weights_hash(cp.pipe.text_encoder)
     assert after == before, "a file outside the output folder or a base weight changed"
     assert not (world["root"] / "elsewhere").exists()
@@ -182,3 +183,81 @@ def test_python_api_method_paths_never_write_model_or_lora_files(world, guarded,
         cp.remove_lora("resident")
         cp.remove_lora("resident_style")
     assert COUNTS["python path param"] >= 8  # clora.mask_dir, cmlora.profile_cache, ziplora.save_merged, ziplora.coefficients
+
+
+# --- the web UI's API -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    from loraloom.app.ui.sandbox import serve, tiny_ui_world
+
+    root = tmp_path_factory.mktemp("hostile-ui")
+    config = tiny_ui_world(root, clip=False)
+    with serve(config) as (demo, url):
+        yield {"config": config, "demo": demo, "client": Client(url, verbose=False, download_files=str(root / "dl"))}
+
+
+def _ui_outcome(call) -> str:
+    """The text a UI user sees: the error message, or the status line of a result."""
+    from gradio_client.exceptions import AppError
+
+    try:
+        result = call()
+    except AppError as err:
+        return "error: " + str(err)
+    values = result if isinstance(result, (list, tuple)) else [result]
+    return "ok: " + " ".join(str(v) for v in values if isinstance(v, str))
+
+
+def test_ui_api_answers_every_hostile_input_clearly(ui, world, one_thread_module):
+    from conftest import weights_hash
+    from gradio_client import handle_file
+
+    client, config = ui["client"], ui["config"]
+    service = ui["demo"].service
+    cp = service.pipeline(config.models[0])
+    folders = [Path(d) for d in config.lora_dirs]
+    (folders[0] / "sdxl.safetensors").unlink(missing_ok=True)  # a previous run's accepted upload
+    before = [_tree_hash(f) for f in folders], weights_hash(cp.pipe.unet) + weights_hash(cp.pipe.text_encoder)
+    seen = []
+    for item in world["loras"]:
+        if not item.path.is_file():
+            continue  # a FIFO or a folder cannot be uploaded
+        text = _ui_outcome(lambda item=item: client.predict(handle_file(item.path), api_name="/add_lora"))
+        if text.startswith("ok:"):  # a sound LoRA of another family may join the library; using it here is refused
+            assert "sdxl" in text, (item.name, text)
+            name = item.path.stem
+            text = _ui_outcome(lambda name=name: client.predict(config.models[0], "p", "", [[name, 1.0]], "merge", {}, 2, 7.5,
+                                                                32, 32, "ddim", 0, api_name="/generate"))
+        seen.append(("lora", item.name, text))
+        assert text.startswith("error:") and re.search(item.expect, text), (item.name, text)
+        COUNTS["ui lora"] += 1
+    for item in world["pngs"]:
+        text = _ui_outcome(lambda item=item: client.predict(handle_file(item.path), api_name="/reproduce"))
+        seen.append(("png", item.name, text))
+        assert re.search(f"{item.expect}|[Nn]ot restored|refused|cannot be read as a PNG|is not a PNG image", text), (item.name, text)
+        COUNTS["ui png"] += 1
+    for params, expect in (({"mask_dir": "/tmp/elsewhere"}, "outside the folders"), ({"mask_dir": str(folders[0])}, "outside the folders"),
+                           ({"mask_dir": "../up"}, r"'\.\.'"), ({"refine_iterations": "many"}, "must be a whole number"), ({"max_iterations": 3}, "has no parameter")):
+        text = _ui_outcome(lambda params=params: client.predict(config.models[0], "a portrait, {triggers}", "", [["tiny_character", 1.0]],
+                                                                "clora", params, 2, 7.5, 32, 32, "ddim", 0, api_name="/generate"))
+        seen.append(("generate", str(params), text))
+        assert text.startswith("error:") and re.search(expect, text), (params, text)
+        COUNTS["ui generate"] += 1
+    for _, _, text in seen:
+        assert "Traceback" not in text and "/tmp/gradio" not in text
+    (folders[0] / "sdxl.safetensors").unlink(missing_ok=True)  # the one upload that was accepted (a sound file)
+    after = [_tree_hash(f) for f in folders], weights_hash(cp.pipe.unet) + weights_hash(cp.pipe.text_encoder)
+    assert after == before
+    ok = _ui_outcome(lambda: client.predict(config.models[0], "a portrait, {triggers}", "", [["tiny_character", 1.0]], "merge", {},
+                                            2, 7.5, 32, 32, "ddim", 0, api_name="/generate"))
+    assert "done" in ok  # still serving
+
+
+def test_zz_counts(capsys):
+    """The suite's size, for the closing note (runs last in this file)."""
+    with capsys.disabled():
+        print("\nhostile inputs x entry points:", dict(COUNTS), "total", sum(COUNTS.values()))
+    assert sum(COUNTS.values()) >= 80 or not COUNTS

@@ -59,14 +59,15 @@ def check_png_upload(path: str | os.PathLike, max_bytes: int, name: str | None =
 
 
 def check_lora_upload(path: str | os.PathLike, max_bytes: int, name: str | None = None) -> Path:
-    """A .safetensors file no larger than `max_bytes` whose header describes a LoRA; raises `UploadRefused`."""
+    """A .safetensors file no larger than `max_bytes` that loads as a LoRA (every tensor read: NaN/Inf refused here,
+    not at the first generation that uses it); raises `UploadRefused`."""
     from loraloom.composition.errors import LoRAFileError
-    from loraloom.composition.lora import read_lora_info
+    from loraloom.composition.lora import load_lora
 
     path, label = _first_checks(path, max_bytes, name, ".safetensors",
                                 "only safetensors LoRAs are accepted (pickles can run code).")
     try:
-        read_lora_info(path)  # header only: no tensor is loaded
+        load_lora(path)
     except LoRAFileError as err:
         raise UploadRefused(f"{label} is not a usable LoRA: {err.problem}" + (f" Fix: {err.fix}" if err.fix else "")) from None
     return path
