@@ -261,3 +261,28 @@ def test_zz_counts(capsys):
     with capsys.disabled():
         print("\nhostile inputs x entry points:", dict(COUNTS), "total", sum(COUNTS.values()))
     assert sum(COUNTS.values()) >= 80 or not COUNTS
+
+
+def test_written_files_get_the_umask_mode_and_stale_temps_of_dead_processes_go(tmp_path):
+    """PNGs and other files are created as open() would create them (0644 under the usual umask 022), not 0600; a
+    temporary file a killed process left is removed, one of a live process is kept."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from loraloom.composition.files import TEMP_PREFIX, WritePolicy, remove_stale_temps
+    from loraloom.pipelines.spec import GenerationSpec, save_png
+
+    old = os.umask(0o022)
+    try:
+        path = save_png(Image.new("RGB", (8, 8)), "x.png", GenerationSpec(model="tiny:sd1", prompt="p"), WritePolicy.at(tmp_path))
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / f"{TEMP_PREFIX}{dead}-abc.png").write_bytes(b"half")
+    (tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def.png").write_bytes(b"mine")
+    removed = remove_stale_temps(tmp_path)
+    assert [p.name for p in removed] == [f"{TEMP_PREFIX}{dead}-abc.png"] and (tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def.png").exists()

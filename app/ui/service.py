@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loraloom.composition.errors import LoRAFileError, LoraloomError, SpecError
-from loraloom.composition.files import WritePolicy, WriteRefused, write_file, write_text
+from loraloom.composition.files import WritePolicy, WriteRefused, remove_stale_temps, write_file, write_text
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.library import scan_loras
 from loraloom.composition.lora import LoRAInfo, read_lora_info
@@ -100,6 +100,7 @@ class GenerationService:
         # Everything the UI writes for a generation stays in the output folder; model and LoRA folders are never written.
         self.write_policy = WritePolicy.at(config.output_dir, allowed=[cache_folder()],
                                            protected=[*config.lora_dirs, *config.model_roots])
+        remove_stale_temps(config.output_dir)  # half-written PNGs of a server that was killed
 
     # --- models ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
