@@ -47,6 +47,16 @@ def register(sub) -> None:
     c.add_argument("--images", help="also save contact sheets of every probe group into this folder")
     c.add_argument("--steps", type=int, help="sampling steps (default: the world's own, from its benchmark.yaml)")
     c.add_argument("--guidance-scale", type=float, help="CFG scale (default: the world's own, from its benchmark.yaml)")
+    c.add_argument("--regions", action="store_true",
+                   help="instead of the quality bars: Merge, Switch and Composite on the set probes (N = 2, 3, 4), without "
+                        "and with each LoRA in its concept's region (regions.yaml); prints plain_all_concepts_N and "
+                        "regions_all_concepts_N last")
+    c.add_argument("--sizes", type=int, nargs="+", help="with --regions: set sizes N (default: 2 3 4)")
+    c.add_argument("--sets", help="with --regions: sets per size, evenly spaced, or 'all' (default: all 24 of N = 2, "
+                                  "48 of N = 3 and of N = 4)")
+    c.add_argument("--seeds-per-set", type=int, help="with --regions: seeds per set (default: 4 for N = 2, else 2)")
+    c.add_argument("--methods", help="with --regions: comma-separated methods (default: merge,switch,composite)")
+    c.add_argument("--records", help="with --regions: write one JSON line per image here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=run_check)
 
@@ -93,10 +103,50 @@ def run_train(args) -> int:
     return 0
 
 
+def region_settings(args):
+    """`RegionCheckSettings` of `toyworld check --regions` and its options (--quick / --smoke shrink the default)."""
+    from loraloom.evaluation.toyworld.quality import REGION_METHODS, RegionCheckSettings
+
+    settings = RegionCheckSettings(workers=args.workers)
+    if args.quick:
+        settings.max_sets, settings.seeds = dict.fromkeys(range(2, 6), 12), dict.fromkeys(range(2, 6), 1)
+    if args.smoke:
+        settings.max_sets, settings.seeds = dict.fromkeys(range(2, 6), 1), dict.fromkeys(range(2, 6), 1)
+    if args.sizes:
+        bad = [n for n in args.sizes if n not in range(2, 6)]
+        if bad:
+            raise SystemExit(f"loraloom toyworld check: --sizes {bad}: the toy world's sets have 2 to 5 LoRAs")
+        settings.sizes = tuple(args.sizes)
+    if args.sets:
+        if args.sets != "all" and not (args.sets.isdigit() and int(args.sets) > 0):
+            raise SystemExit(f"loraloom toyworld check: --sets {args.sets!r}: a positive number or 'all'")
+        settings.max_sets = dict.fromkeys(range(2, 6), None if args.sets == "all" else int(args.sets))
+    if args.seeds_per_set:
+        settings.seeds = dict.fromkeys(range(2, 6), args.seeds_per_set)
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in methods if m not in REGION_METHODS]
+        if bad or not methods:
+            raise SystemExit(f"loraloom toyworld check: --methods {args.methods!r}: choose from {', '.join(REGION_METHODS)} "
+                             "(the methods that take regions)")
+        settings.methods = methods
+    return settings
+
+
 def run_check(args) -> int:
     from loraloom.evaluation.toyworld.quality import CheckSettings
     from loraloom.evaluation.toyworld.quality import run_check as check
 
+    if args.regions:
+        from loraloom.evaluation.toyworld.quality import run_region_check
+
+        run_region_check(args.assets, region_settings(args), steps=args.steps, guidance_scale=args.guidance_scale,
+                         progress=not args.no_progress, out_dir=Path(args.images) if args.images else None,
+                         records_path=Path(args.records) if args.records else None)
+        return 0
+    only = [f"--{n.replace('_', '-')}" for n in ("sizes", "sets", "seeds_per_set", "methods", "records") if getattr(args, n)]
+    if only:
+        raise SystemExit(f"loraloom toyworld check: {', '.join(only)} only go with --regions")
     settings = CheckSettings(workers=args.workers)
     if args.quick:
         settings = CheckSettings(base_seeds=1, lora_images=8, leak_images=8, merge2_seeds=1, merge4_sets=12, merge4_seeds=1,

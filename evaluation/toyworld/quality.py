@@ -9,6 +9,7 @@ recipe's CFG scale, 32x32).
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class Probe:
     expect: dict[str, str] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
     group: str = ""
+    method: str = ""  # the composition method ("" = the generator's)
+    regions: dict = field(default_factory=dict)  # {LoRA id: region} (`regions.py`); empty = every LoRA everywhere
+    set_id: str = ""  # the benchmark set the probe comes from (`benchmark.yaml`'s ids)
 
 
 def base_probes(seeds_per_prompt: int = 4) -> list[Probe]:
@@ -68,15 +72,16 @@ def leak_probes(spec: S.ConceptLoRA, n: int = 24, seed: int = CHECK_SEED + 20_00
 
 def merge_probes(n: int, seeds_per_set: int, max_sets: int | None = None, seed: int = CHECK_SEED + 30_000) -> list[Probe]:
     sets = composition_sets(n)
+    pick = list(range(len(sets)))
     if max_sets is not None and max_sets < len(sets):
-        pick = np.linspace(0, len(sets) - 1, max_sets).round().astype(int)
-        sets = [sets[i] for i in pick]
+        pick = [int(i) for i in np.linspace(0, len(sets) - 1, max_sets).round().astype(int)]
     out = []
-    for i, loras in enumerate(sets):
+    for i, index in enumerate(pick):
+        loras = sets[index]
         colour = set_colour(i)
         for k in range(seeds_per_set):
             out.append(Probe(set_prompt(loras, colour), seed + 1000 * n + seeds_per_set * i + k, tuple(l.id for l in loras),
-                             expect={l.attribute: l.value for l in loras}, group=f"merge{n}"))
+                             expect={l.attribute: l.value for l in loras}, group=f"merge{n}", set_id=f"n{n}-{index:03d}"))
     return out
 
 
@@ -105,12 +110,16 @@ class ComposedGenerator:
         self.steps, self.guidance_scale, self.method = steps, guidance_scale, method
 
     def __call__(self, probes: list[Probe], progress=None) -> np.ndarray:
+        from .regions import generation_regions, only_cross_attention_regions
+
         images = []
         for p in probes:
-            out = self.cp(p.prompt, loras=[(i, 1.0) for i in p.loras], method=self.method,
-                          method_params={"lora_scale": 1.0}, num_inference_steps=self.steps,
-                          guidance_scale=self.guidance_scale, height=S.SIZE, width=S.SIZE, seed=p.seed,
-                          scheduler="default", progress_bar=False)
+            regions = generation_regions(p.loras, p.regions)[1] if p.regions else ()
+            with only_cross_attention_regions(self.cp) if regions else nullcontext():
+                out = self.cp(p.prompt, loras=[(i, 1.0) for i in p.loras], method=p.method or self.method,
+                              method_params={"lora_scale": 1.0}, num_inference_steps=self.steps,
+                              guidance_scale=self.guidance_scale, height=S.SIZE, width=S.SIZE, seed=p.seed,
+                              scheduler="default", progress_bar=False, regions=regions)
             images.append(np.asarray(out.images[0]))
             if progress is not None:
                 progress.update(1)
@@ -249,3 +258,163 @@ def save_check_images(folder: Path, probes: list[Probe], images: np.ndarray, ok)
             sheet[r * 36 : r * 36 + 36, c * 36 : c * 36 + 36] = frame
             sheet[r * 36 + 2 : r * 36 + 34, c * 36 + 2 : c * 36 + 34] = images[i]
         Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(folder / f"{g.replace(':', '_')}.png")
+
+
+# --- regions: the set probes with and without each LoRA bound to its concept's region ------------------------------
+REGION_METHODS = ("merge", "switch", "composite")
+SET_ATTRIBUTES = ("shape", "clothing", "style", "background", "object")
+
+
+@dataclass
+class RegionCheckSettings:
+    """`toyworld check --regions`: the set probes of sizes `sizes` (`max_sets[n]` of the n-LoRA sets, evenly spaced,
+    None = all; `seeds[n]` seeds each, the check's merge-probe seeds), each run by every method of `methods` without
+    regions and with every LoRA bound to its region (`regions.yaml`). The defaults are the check's merge probes
+    (N = 2: 24 sets x 4 seeds; N = 4: 48 of 96 sets x 2) plus N = 3 like N = 4 (48 of 72 sets x 2)."""
+
+    sizes: tuple[int, ...] = (2, 3, 4)
+    max_sets: dict = field(default_factory=lambda: {2: None, 3: 48, 4: 48, 5: None})
+    seeds: dict = field(default_factory=lambda: {2: 4, 3: 2, 4: 2, 5: 2})
+    methods: tuple[str, ...] = REGION_METHODS
+    workers: int = 2
+
+
+def region_probes(settings: RegionCheckSettings, regions_by_set: dict[str, dict]) -> list[Probe]:
+    """Every set probe once per method and per variant ("plain": no regions; "regions": each LoRA in its region),
+    on the same seeds; group `"<variant>:<method>:<n>"`."""
+    out = []
+    for n in settings.sizes:
+        for p in merge_probes(n, settings.seeds.get(n, 2), settings.max_sets.get(n)):
+            for method in settings.methods:
+                out.append(Probe(p.prompt, p.seed, p.loras, dict(p.expect), group=f"plain:{method}:{n}", method=method,
+                                 set_id=p.set_id))
+                out.append(Probe(p.prompt, p.seed, p.loras, dict(p.expect), group=f"regions:{method}:{n}", method=method,
+                                 regions=dict(regions_by_set[p.set_id]), set_id=p.set_id))
+    return out
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a rate k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def region_records(probes: list[Probe], predictions: list[dict[str, str]]) -> list[dict]:
+    """One record per image: variant, method, n, set, seed, all concepts right, and each expected attribute's hit."""
+    ok = judge(probes, predictions)
+    out = []
+    for p, pred, good in zip(probes, predictions, ok):
+        variant, method, n = p.group.split(":")
+        out.append({"variant": variant, "method": method, "n": int(n), "set": p.set_id, "seed": p.seed, "ok": bool(good),
+                    "hits": {a: pred[a] == v for a, v in p.expect.items()}, "predicted": dict(pred)})
+    return out
+
+
+def summarize_regions(records: list[dict], printer=print) -> dict[str, float]:
+    """Per N, method and variant: the all-concepts rate (95 % Wilson interval) and each attribute's; then the result
+    lines `plain_all_concepts_<n>` and `regions_all_concepts_<n>` (the best method of each variant), which it returns."""
+    sizes = sorted({r["n"] for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    result: dict[str, float] = {}
+    best: dict[tuple[str, int], tuple[float, str]] = {}
+    for n in sizes:
+        for method in methods:
+            for variant in ("plain", "regions"):
+                rs = [r for r in records if r["n"] == n and r["method"] == method and r["variant"] == variant]
+                if not rs:
+                    continue
+                k = sum(r["ok"] for r in rs)
+                lo, hi = wilson(k, len(rs))
+                attrs = ", ".join(f"{a} {np.mean([r['hits'][a] for r in rs if a in r['hits']]):.2f}"
+                                  for a in SET_ATTRIBUTES if any(a in r["hits"] for r in rs))
+                printer(f"n={n} {method:9s} {variant:7s} all concepts {k / len(rs):.3f} [{lo:.3f}, {hi:.3f}] of {len(rs)}; {attrs}")
+                if k / len(rs) > best.get((variant, n), (-1.0, ""))[0]:
+                    best[(variant, n)] = (k / len(rs), method)
+    for variant in ("plain", "regions"):
+        for n in sizes:
+            if (variant, n) in best:
+                result[f"{variant}_all_concepts_{n}"] = best[(variant, n)][0]
+    printer("best method: " + ", ".join(f"{v} n={n} {m}" for (v, n), (_, m) in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0]))))
+    for k, v in result.items():
+        printer(f"{k} {v:.3f}")
+    return result
+
+
+def run_region_check(assets, settings: RegionCheckSettings | None = None, steps: int | None = None,
+                     guidance_scale: float | None = None, progress: bool = True, out_dir: Path | None = None,
+                     records_path: Path | None = None, printer=print) -> dict[str, float]:
+    """`toyworld check --regions`: Merge, Switch and Composite on the set probes, without regions and with each LoRA
+    in its concept's region (`regions.yaml`, derived from the scene generator's layout), on the same seeds, judged by
+    the checker as the check's merge probes are. Prints per (N, method, variant) rates and the result lines last
+    (`plain_all_concepts_<n>`, `regions_all_concepts_<n>`: the best method with / without regions); returns them.
+    `records_path`: also write one JSON line per image."""
+    import json
+
+    from .checker import Checker
+    from .regions import load_regions
+    from .training import quiet_library_bars
+
+    if not progress:
+        quiet_library_bars()
+    settings = settings or RegionCheckSettings()
+    assets = Path(assets)
+    sampler = sampler_defaults(assets, steps, guidance_scale)
+    steps, guidance_scale = sampler["steps"], sampler["guidance_scale"]
+    printer(f"sampler: {steps} steps, CFG {guidance_scale:g}, {S.SIZE}x{S.SIZE}, LoRA weight 1.0; methods "
+            f"{', '.join(settings.methods)}, each without and with regions (assets regions.yaml)")
+    probes = region_probes(settings, load_regions(assets))
+    images = generate_probes(assets, probes, steps, guidance_scale, settings.workers, progress)
+    preds = Checker.load(assets / "checker").predict(images)
+    records = region_records(probes, preds)
+    if records_path is not None:
+        Path(records_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(records_path).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        printer(f"records: {records_path}")
+    if out_dir is not None:
+        save_check_images(Path(out_dir), probes, images, [r["ok"] for r in records])
+        printer(f"images: {out_dir}")
+    return summarize_regions(records, printer)
+
+
+def region_table(records: list[dict]) -> str:
+    """Markdown tables of `toyworld check --regions` records (`--records`): per N and method, the all-concepts rate
+    without and with regions (95 % Wilson intervals over images), the paired difference (mean over sets of each
+    set's difference, ± 1.96 standard errors over sets: the seeds of a set are not independent), and each expected
+    attribute's rate without -> with regions (± the wider half of the two Wilson intervals)."""
+    sizes = sorted({r["n"] for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+
+    def rate(rs, key=None):
+        vals = [r["ok"] if key is None else r["hits"][key] for r in rs if key is None or key in r["hits"]]
+        if not vals:
+            return ""
+        lo, hi = wilson(sum(vals), len(vals))
+        return f"{sum(vals) / len(vals):.2f} [{lo:.2f}, {hi:.2f}]"
+
+    lines = ["| N | method | images | all concepts, plain | all concepts, regions | regions - plain (sets) |",
+             "|---|---|---|---|---|---|"]
+    attr_lines = ["| N | method | " + " | ".join(SET_ATTRIBUTES) + " |", "|---|---|" + "---|" * len(SET_ATTRIBUTES)]
+    for n in sizes:
+        for method in methods:
+            plain = [r for r in records if r["n"] == n and r["method"] == method and r["variant"] == "plain"]
+            reg = {(r["set"], r["seed"]): r for r in records if r["n"] == n and r["method"] == method and r["variant"] == "regions"}
+            per_set: dict[str, list[float]] = {}
+            for r in plain:
+                if (r["set"], r["seed"]) in reg:
+                    per_set.setdefault(r["set"], []).append(float(reg[(r["set"], r["seed"])]["ok"]) - float(r["ok"]))
+            diffs = np.array([np.mean(v) for v in per_set.values()])
+            half = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+            lines.append(f"| {n} | {method} | {len(plain)} | {rate(plain)} | {rate(list(reg.values()))} | "
+                         f"{diffs.mean():+.2f} ± {half:.2f} ({len(diffs)}) |")
+            cells = []
+            for a in SET_ATTRIBUTES:
+                p = [r["hits"][a] for r in plain if a in r["hits"]]
+                q = [r["hits"][a] for r in reg.values() if a in r["hits"]]
+                half = max((hi - lo) / 2 for lo, hi in (wilson(sum(p), len(p)), wilson(sum(q), len(q)))) if p else 0.0
+                cells.append(f"{np.mean(p):.2f} → {np.mean(q):.2f} ±{half:.2f}" if p else "—")
+            attr_lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(attr_lines) + "\n"

@@ -106,9 +106,12 @@ class Scene:
 
 
 # --- sampling --------------------------------------------------------------------------------------------
+# The ranges the shape's geometry is drawn from (output pixels); the concept regions (`regions.py`) derive from them.
+GEOMETRY_RANGES: dict[str, tuple[float, float]] = {"cx": (14.0, 18.0), "cy": (16.5, 19.0), "r": (7.0, 9.5), "phase": (0.0, 8.0)}
+
+
 def sample_geometry(rng: np.random.Generator) -> dict:
-    return {"cx": float(rng.uniform(14.0, 18.0)), "cy": float(rng.uniform(16.5, 19.0)),
-            "r": float(rng.uniform(7.0, 9.5)), "phase": float(rng.uniform(0.0, 8.0))}
+    return {k: float(rng.uniform(*GEOMETRY_RANGES[k])) for k in ("cx", "cy", "r", "phase")}
 
 
 def sample_scene(rng: np.random.Generator, values: dict[str, tuple[str, ...]] | None = None) -> Scene:
@@ -247,6 +250,38 @@ def background_image(name: str, phase: float = 0.0, scale: int = SCALE) -> np.nd
     raise ValueError(f"unknown background {name!r}; known: {ATTRIBUTES['background']}")
 
 
+def halo_mask(scene: Scene, scale: int = SCALE) -> np.ndarray:
+    """The halo ring around the shape (drawn under it) at `SIZE * scale`, whatever `scene.clothing` is."""
+    x, y = _grid(SIZE * scale, scale)
+    d = np.hypot(x - scene.cx, y - scene.cy)
+    return np.abs(d - 1.25 * scene.r) <= 0.85
+
+
+def hat_mask(scene: Scene, shape: np.ndarray | None = None, scale: int = SCALE) -> np.ndarray:
+    """The top hat sitting on the shape's highest point at `SIZE * scale` (`shape`: the shape's mask, if at hand)."""
+    x, y = _grid(SIZE * scale, scale)
+    mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.r, scale) if shape is None else shape
+    rows = np.nonzero(mask.any(axis=1))[0]
+    top = (rows[0] + 0.5) / scale if len(rows) else scene.cy - scene.r
+    r = scene.r
+    brim_h, crown_h = max(1.2, 0.2 * r), 0.45 * r
+    brim = (np.abs(x - scene.cx) <= 0.6 * r) & (y >= top - brim_h + 0.6) & (y <= top + 0.6)
+    crown = (np.abs(x - scene.cx) <= 0.32 * r) & (y >= top - brim_h - crown_h + 0.6) & (y <= top - brim_h + 0.6)
+    return brim | crown
+
+
+def object_mask(name: str, scale: int = SCALE) -> np.ndarray:
+    """A corner object's pixels at `SIZE * scale`: the moon's crescent (top right) or the box (bottom left)."""
+    x, y = _grid(SIZE * scale, scale)
+    if name == "moon":  # a crescent in the top-right corner
+        c = np.hypot(x - 27.0, y - 5.0) <= 3.6
+        cut = np.hypot(x - 28.6, y - 3.9) <= 2.9
+        return c & ~cut
+    if name == "box":  # a small box in the bottom-left corner
+        return (np.abs(x - 5.0) <= 3.0) & (np.abs(y - 27.0) <= 3.0)
+    raise ValueError(f"unknown object {name!r}; known: {ATTRIBUTES['object']}")
+
+
 def render_large(scene: Scene, scale: int = SCALE) -> np.ndarray:
     """The scene at `SIZE * scale` resolution, float32 RGB in [0, 255]."""
     n = SIZE * scale
@@ -254,9 +289,7 @@ def render_large(scene: Scene, scale: int = SCALE) -> np.ndarray:
     x, y = _grid(n, scale)
     colour = np.array(RGB[scene.colour], np.float32)
     if scene.clothing == "halo":  # a ring around the shape, under it
-        d = np.hypot(x - scene.cx, y - scene.cy)
-        ring = np.abs(d - 1.25 * scene.r) <= 0.85
-        img[ring] = RGB["halo"]
+        img[halo_mask(scene, scale)] = RGB["halo"]
     mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.r, scale)
     if scene.style == "plain":
         img[mask] = colour
@@ -271,22 +304,9 @@ def render_large(scene: Scene, scale: int = SCALE) -> np.ndarray:
     else:
         raise ValueError(f"unknown style {scene.style!r}; known: {ATTRIBUTES['style']}")
     if scene.clothing == "hat":  # a top hat sitting on the shape's highest point
-        rows = np.nonzero(mask.any(axis=1))[0]
-        top = (rows[0] + 0.5) / scale if len(rows) else scene.cy - scene.r
-        r = scene.r
-        brim_h, crown_h = max(1.2, 0.2 * r), 0.45 * r
-        brim = (np.abs(x - scene.cx) <= 0.6 * r) & (y >= top - brim_h + 0.6) & (y <= top + 0.6)
-        crown = (np.abs(x - scene.cx) <= 0.32 * r) & (y >= top - brim_h - crown_h + 0.6) & (y <= top - brim_h + 0.6)
-        img[brim | crown] = RGB["hat"]
-    if scene.object == "moon":  # a crescent in the top-right corner
-        c = np.hypot(x - 27.0, y - 5.0) <= 3.6
-        cut = np.hypot(x - 28.6, y - 3.9) <= 2.9
-        img[c & ~cut] = RGB["moon"]
-    elif scene.object == "box":  # a small box in the bottom-left corner
-        box = (np.abs(x - 5.0) <= 3.0) & (np.abs(y - 27.0) <= 3.0)
-        img[box] = RGB["box"]
-    elif scene.object != "none":
-        raise ValueError(f"unknown object {scene.object!r}; known: {ATTRIBUTES['object']}")
+        img[hat_mask(scene, mask, scale)] = RGB["hat"]
+    if scene.object != "none":
+        img[object_mask(scene.object, scale)] = RGB[scene.object]
     return img
 
 
