@@ -43,11 +43,13 @@ def generate(client, loras=PAIR, method="merge", params=None, steps=2, height=32
 def test_serves_on_localhost_with_named_endpoints(world):
     assert world["url"].startswith("http://127.0.0.1:")
     api = world["client"].view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/generate", "/compare", "/reproduce", "/library", "/save_metadata", "/add_lora", "/load_model"):
+    for name in ("/generate", "/compare", "/reproduce", "/library", "/save_metadata", "/add_lora", "/load_model",
+                 "/grid", "/history", "/history_settings", "/score", "/make_preview", "/set_preview"):
         assert name in api
     params = [p["parameter_name"] for p in api["/generate"]["parameters"]]
+    # issue 22/23 added regions, base_weight and batch_count at the end (with defaults: old calls still work)
     assert params == ["model", "prompt", "negative_prompt", "loras", "method", "method_params", "steps",
-                      "guidance_scale", "height", "width", "scheduler", "seed"]
+                      "guidance_scale", "height", "width", "scheduler", "seed", "regions", "base_weight", "batch_count"]
 
 
 def test_only_the_output_folder_is_served(world):
@@ -108,8 +110,9 @@ def test_reproduce_restores_settings_and_pixels(world):
     out = client.predict(handle_file(png), api_name="/reproduce")
     spec = json.loads(out[-1])
     assert spec["seed"] == 11 and spec["method"] == "switch"
-    model, prompt, negative = out[:3]
-    names, weights = out[3:8], out[8:13]
+    settings = out[0]  # issue 22: /reproduce returns the settings (a dict), the note and the spec; the page fills the form
+    model, prompt, negative = settings["model"], settings["prompt"], settings["negative_prompt"]
+    names, weights = [e["name"] for e in settings["loras"]], [e["weight"] for e in settings["loras"]]
     assert model == "tiny:sd1" and negative == "blurry"
     assert list(names[:2]) == ["tiny_style", "tiny_character"] and list(weights[:2]) == [0.6, 1.2]
     assert "restored the settings" in out[-2]

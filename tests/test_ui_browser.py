@@ -105,7 +105,7 @@ def test_browser_generates_an_image(tmp_path):
                 # Reproduce: dropping the PNG fills the form again (the upload is checked and deleted by the handler)
                 made = tmp_path / "made.png"
                 made.write_bytes(data)
-                page.get_by_role("tab", name="Reproduce").click()
+                page.get_by_role("tab", name="Import").click()  # issue 22: Reproduce became Import (loraloom and A1111 PNGs)
                 page.locator("#png-drop input[type=file]").set_input_files(str(made))
                 expect(page.locator("#restore-status")).to_contain_text("restored the settings of", timeout=WAIT)
                 expect(page.locator("#restore-status")).to_contain_text("made.png", timeout=WAIT)

@@ -125,16 +125,20 @@ def _edited_png(src: str, dst: Path, **changes) -> Path:
 
 
 def _outputs(out) -> dict:
-    """The /reproduce outputs by name (model, prompt, negative, 5 LoRA slots, 5 weights, method, the method
-    controls, steps, cfg, height, width, scheduler, seed, note, spec)."""
-    from loraloom.app.ui.params import method_fields
-    from loraloom.composition.methods import available_methods
-
-    fields = [f"{f.method}.{f.name}" for m in available_methods() for f in method_fields(m)]
-    names = ["model", "prompt", "negative", *[f"lora{k}" for k in range(5)], *[f"weight{k}" for k in range(5)],
-             "method", *fields, "steps", "cfg", "height", "width", "scheduler", "seed", "note", "spec"]
-    assert len(names) == len(out)
-    return dict(zip(names, out))
+    """The /reproduce outputs by name (model, prompt, negative, LoRA names and weights, method, the method parameters
+    as "method.name", steps, cfg, height, width, scheduler, seed, note, spec). Since issue 22 /reproduce returns the
+    settings to restore (a dict: what it leaves out is not restored), the note and the spec; the page fills the form
+    from the settings in a step of its own."""
+    settings, note, spec = out
+    loras = settings.get("loras") or []
+    named = {"model": settings.get("model"), "prompt": settings.get("prompt"), "negative": settings.get("negative_prompt"),
+             **{f"lora{k}": e["name"] for k, e in enumerate(loras)}, **{f"weight{k}": e["weight"] for k, e in enumerate(loras)},
+             "method": settings.get("method"), "steps": settings.get("steps"), "cfg": settings.get("guidance_scale"),
+             "height": settings.get("height"), "width": settings.get("width"), "scheduler": settings.get("scheduler"),
+             "seed": settings.get("seed"), "note": note, "spec": spec}
+    for method, params in (settings.get("method_params") or {}).items():
+        named.update({f"{method}.{k}": v for k, v in params.items()})
+    return named
 
 
 def test_reproduce_restores_what_it_can_when_the_model_is_not_here(world, tmp_path):
@@ -150,7 +154,7 @@ def test_reproduce_restores_what_it_can_when_the_model_is_not_here(world, tmp_pa
     assert "base model not restored" in note and "someone/not-here-v1" in note
     assert "steps not restored: steps must be" in note and "'abc'" in note
     assert "switch.switch_interval not restored" in note and "'often'" in note
-    assert out["model"] != "someone/not-here-v1" and out["steps"] != "abc" and out["switch.switch_interval"] != "often"
+    assert out["model"] != "someone/not-here-v1" and out["steps"] != "abc" and out.get("switch.switch_interval") != "often"
     assert json.loads(out["spec"])["steps"] == "abc"  # the spec as the PNG carries it
 
 
@@ -168,8 +172,8 @@ def test_reproduce_lists_file_parameters_the_write_policy_refuses(world, tmp_pat
     note = out["note"]
     assert "ziplora.save_merged not restored" in note and "/etc/cron.d/loraloom" in note
     assert "ziplora.coefficients not restored" in note and "c.pt" in note
-    assert out["ziplora.save_merged"] != "/etc/cron.d/loraloom"
-    assert out["ziplora.coefficients"] != str(lora_dir / "c.pt")
+    assert out.get("ziplora.save_merged") != "/etc/cron.d/loraloom"
+    assert out.get("ziplora.coefficients") != str(lora_dir / "c.pt")
     assert out["method"] == "ziplora" and out["seed"] == 22
 
 

@@ -1,13 +1,17 @@
-"""The Gradio workbench: Compose (left) with Generate / Compare / Reproduce (right), and the LoRA Library.
+"""The Gradio workbench: Compose (left) with Generate / Compare X-Y-Z / LoRAs / History / Import / Score (right),
+and the LoRA Library.
 
 `build_app` assembles the tabs, each laid out and wired in its own module (tab_*.py). Every action is an API
-endpoint (`/generate`, `/compare`, `/reproduce`, `/library`, `/save_metadata`, `/add_lora`, `/load_model`); those
-that use the model share one queue (`concurrency_id="model"`, limit 1). `launch` serves the app.
+endpoint (`/generate`, `/grid`, `/compare`, `/reproduce`, `/history`, `/history_settings`, `/score`,
+`/make_preview`, `/set_preview`, `/library`, `/save_metadata`, `/add_lora`, `/load_model`); those that use the
+model share one queue (`concurrency_id="model"`, limit 1). `launch` serves the app.
 """
 
 from __future__ import annotations
 
+import html
 import os
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -19,22 +23,46 @@ from loraloom.composition.methods import available_methods  # noqa: E402
 from .config import UIConfig  # noqa: E402
 from .http_limits import UploadLimits  # noqa: E402
 from .service import GenerationService  # noqa: E402
-from .tab_compare import compare_tab, wire_compare  # noqa: E402
-from .tab_compose import compose_panel, insert_triggers, wire_compose, wire_model_loading  # noqa: E402
+from .tab_browser import browser_tab, wire_browser  # noqa: E402
+from .tab_compose import METHOD_DOCS, compose_panel, insert_triggers, wire_compose, wire_model_loading  # noqa: E402
 from .tab_generate import generate_tab, wire_generate, wire_stop  # noqa: E402
+from .tab_grid import grid_tab, wire_grid  # noqa: E402
+from .tab_history import history_tab, wire_history  # noqa: E402
 from .tab_library import library_rows, library_tab, wire_library  # noqa: E402
 from .tab_reproduce import reproduce_tab, wire_reproduce  # noqa: E402
-from .wiring import error_message  # noqa: E402
+from .tab_score import score_tab, wire_score  # noqa: E402
+from .wiring import PRIVATE, error_message, register_roots  # noqa: E402
 
 CSS = """
-#status { min-height: 1.5em; }
+#status, #grid-status, #restore-status, #history-status, #browser-status, #score-status, #form-status { min-height: 1.5em; }
 /* small model outputs (the toy world's are 32 px) are shown enlarged with crisp pixels */
-#gallery img, #compare-gallery img, #preview img { image-rendering: pixelated; }
+#gallery img, #grid-image img, #preview img, #history-gallery img, #lora-cards img, #mask-preview img { image-rendering: pixelated; }
 #preview img { height: 200px; width: auto; max-width: 100%; object-fit: contain; }
 #lib-previews img { image-rendering: pixelated; }
-/* Compare: the whole caption (method, CLIPScore, seconds) under each image, not cut off */
-#compare-gallery .caption-label { white-space: normal; max-width: 100%; left: var(--block-label-margin); }
+/* captions under the thumbnails, whole, never over the image */
+#lora-cards .caption-label, #history-gallery .caption-label, #gallery .caption-label {
+  position: static; white-space: normal; max-width: 100%; overflow: visible; text-overflow: clip;
+  background: none; color: var(--body-text-color); font-size: var(--text-sm); padding: 2px 4px; text-align: left; }
+#lora-cards .thumbnail-item, #history-gallery .thumbnail-item { flex-direction: column; height: auto; }
+#grid-image .grid-wrap { max-height: none; }
+.remove-lora { max-width: 40px; }
+#token-count p { font-size: var(--text-sm); margin: 0; }
+/* phones: the actions and the result first, the form after them */
+@media (max-width: 820px) {
+  #workbench { flex-direction: column; }
+  #results { order: -1; }
+}
 """
+
+# Ctrl+Enter (Cmd+Enter) anywhere on the page generates.
+HEAD = """<script>
+document.addEventListener("keydown", function (e) {
+  if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
+    var b = document.querySelector("#generate-btn");
+    if (b) { e.preventDefault(); b.click(); }
+  }
+});
+</script>"""
 
 
 def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.Blocks:
@@ -42,34 +70,60 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
     (loading it only when it is not a diffusers folder, e.g. `tiny:sd1`)."""
     config.check()
     service = service or GenerationService(config)
+    # error messages name the server's folders by their own names (`loras/x.safetensors`), never by their paths
+    register_roots({str(d): Path(d).name for d in [*config.lora_dirs, config.output_dir]})
+    register_roots({str(Path.home()): "~"})
     methods = available_methods()
     items = service.library()
+    names = [i.name for i in items if i.info is not None]
     minutes = config.cache_minutes
     # Gradio's copies of previews, gallery images and uploads: swept every so often once `cache_minutes` old (all of
     # them when the server closes).
     delete_cache = (int(min(3600, max(60, minutes * 60 / 4))), int(minutes * 60)) if minutes and minutes > 0 else None
     with gr.Blocks(title="loraloom", delete_cache=delete_cache) as demo:
-        gr.Markdown(f"## loraloom — compose LoRAs\nModel set: **{config.name}** · outputs in `{config.output_dir}`")
+        gr.Markdown(f"## loraloom — compose LoRAs\nModel set: **{html.escape(config.name)}** · outputs in "
+                    f"`{config.output_dir}` · Ctrl+Enter generates")
         with gr.Tabs():
-            with gr.Tab("Workbench", id="workbench"):
-                with gr.Row(equal_height=False):
+            with gr.Tab("Workbench", id="workbench-tab"):
+                with gr.Row(equal_height=False, elem_id="workbench"):
                     form = compose_panel(config, service, methods, items)
-                    with gr.Column(scale=6):
+                    with gr.Column(scale=6, elem_id="results"):
                         with gr.Tabs():
                             generate = generate_tab()
-                            compare = compare_tab(config, methods)
+                            grid = grid_tab(config, methods, names)
+                            browser = browser_tab(items)
+                            history = history_tab()
                             reproduce = reproduce_tab()
+                            score = score_tab(config.judge is not None)
             library = library_tab(config, items)
-        # Wired in this order so that every event keeps its index (fn_index) in the page's config.
         wire_compose(form, service)
         generate_event = wire_generate(generate, form, service, config)
-        compare_event = wire_compare(compare, form, service, config)
-        wire_stop(generate.stop, service, [generate_event, compare_event])
+        grid_events = wire_grid(grid, form, service, config)
+        wire_stop(generate.stop, generate.status, service, [generate_event, *grid_events])
         wire_reproduce(reproduce, form, service)
         wire_model_loading(form, generate.status, service)
+        preview_events = wire_browser(browser, form, service, form.last_image)
+        wire_history(history, form, grid, service, [generate_event, grid_events[0], *preview_events])
+        wire_score(score, service, form.last_image, generate.results)
         wire_library(library, form.slot_names, service, config)
+
+        def on_load(model, prompt, *slots):
+            text, _ = service.token_report(model, prompt, [[n, 1.0] for n in slots if n])
+            return text
+
+        demo.load(on_load, [form.model, form.prompt, *form.slot_names], form.tokens, show_progress="hidden", **PRIVATE)
+        demo.load(lambda: history_refresh(service), None, [history.gallery, history.table, history.status, history.names],
+                  show_progress="hidden", **PRIVATE)
     demo.service = service  # for callers that want the engine behind the page (tests, `loraloom ui`)
     return demo
+
+
+def history_refresh(service: GenerationService):
+    from .history import MAX_ITEMS
+
+    items = service.history.items(MAX_ITEMS)
+    return ([(str(i.path), i.caption) for i in items], [i.row() for i in items],
+            f"{len(items)} item(s) in the output folder · click one to load its settings", [i.path.name for i in items])
 
 
 def upload_limits(config: UIConfig) -> Middleware:
@@ -80,6 +134,26 @@ def upload_limits(config: UIConfig) -> Middleware:
     return Middleware(UploadLimits, limits={".png": png, ".safetensors": lora}, default=min(png, lora))
 
 
+def docs_page(page: str):
+    """A docs/methods page as HTML (the method panel links here), or 404."""
+    from starlette.responses import HTMLResponse
+
+    path = METHOD_DOCS / page
+    if "/" in page or not page.endswith(".md") or not path.is_file():
+        return HTMLResponse("no such page", status_code=404)
+    text = path.read_text(encoding="utf-8")
+    try:
+        from markdown_it import MarkdownIt
+
+        body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    except ImportError:  # shown as text
+        body = f"<pre>{html.escape(text)}</pre>"
+    return HTMLResponse(f"<!doctype html><meta charset=utf-8><title>{html.escape(page)}</title>"
+                        "<style>body{max-width:60em;margin:2em auto;font-family:sans-serif;line-height:1.5;padding:0 1em}"
+                        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+                        f"pre,code{{background:#f4f4f4}}</style>{body}")
+
+
 def launch(demo: gr.Blocks, config: UIConfig, host: str = "127.0.0.1", port: int | None = None,
            auth: tuple[str, str] | None = None, share: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
     """Queue (one model, `config.max_queue` waiting) and serve. Only the output folder is served as files; uploads
@@ -87,12 +161,19 @@ def launch(demo: gr.Blocks, config: UIConfig, host: str = "127.0.0.1", port: int
     demo.queue(max_size=config.max_queue, default_concurrency_limit=1)
     limits = upload_limits(config)
     max_bytes = max(limits.kwargs["limits"].values())  # Gradio's own limit, for its other routes that take files
-    return demo.launch(
-        server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=prevent_thread_lock,
+    result = demo.launch(
+        server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=True,
         allowed_paths=[str(config.output_dir)], max_file_size=max_bytes, ssr_mode=False, quiet=quiet,
-        show_error=True, theme=gr.themes.Soft(), css=CSS, footer_links=["api", "settings"],
+        show_error=True, theme=gr.themes.Soft(), css=CSS, head=HEAD, footer_links=["api", "settings"],
         state_session_capacity=max(1, config.max_sessions), app_kwargs={"middleware": [limits]},
     )
+    from starlette.routing import Route
+
+    demo.app.router.routes.insert(0, Route("/loraloom/docs/methods/{page}", lambda request: docs_page(
+        request.path_params["page"]), methods=["GET"]))
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return result
 
 
 __all__ = ["build_app", "error_message", "insert_triggers", "launch", "library_rows"]

@@ -33,7 +33,8 @@ class UIConfig:
     lora_dirs: list[Path]
     output_dir: Path = Path("outputs/ui")
     model_dirs: list[Path] = field(default_factory=list)  # more folders whose models may be picked
-    clip: str | None = None  # transformers CLIP folder for Compare's CLIPScore (None: no score)
+    clip: str | None = None  # transformers CLIP folder for CLIPScore (None: no score; the toy world's own for its images)
+    judge: dict | None = None  # MLLM judge for Score: {kind: openai|transformers, model, base_url, api_key_env}
     prompt: str = ""
     negative_prompt: str = ""
     loras: list[tuple[str, float]] = field(default_factory=list)  # preselected (library name, weight)
@@ -57,7 +58,7 @@ class UIConfig:
     max_queue: int = 64  # requests waiting for the model beyond this are refused ("queue full")
     max_sessions: int = 100  # client sessions whose page state the server keeps (least recently used dropped first)
     cache_minutes: float = 24 * 60  # files Gradio copied to its temp folder (previews, gallery, uploads) live this long
-    max_loras: int = 5
+    max_loras: int = 8  # LoRA rows the form can show (two at first, "+ LoRA" adds one)
     name: str = "custom"  # shown in the page header: "toy world", "tiny random model", …
 
     @property

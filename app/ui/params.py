@@ -74,13 +74,19 @@ class ParamField:
                 try:
                     return json.loads(raw) if raw.strip() else None
                 except json.JSONDecodeError as err:
-                    raise SpecError(f"{where} is not valid JSON ({err.msg})") from None
+                    example = {"list": '["word, word", "word"]', "dict": '{"name": "word, word"}'}.get(
+                        type(self.default).__name__, json.dumps(self.default))
+                    raise SpecError(f"{where} is not valid JSON ({err.msg}): {raw.strip()[:80]!r}. Fix: write it as "
+                                    f"JSON, e.g. {example} (the default is {json.dumps(self.default)})") from None
             return raw
         return None if (raw in (None, "") and self.optional) else str(raw or "")
 
     def _check_range(self, value) -> None:
         if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
-            raise SpecError(f"{self.method}.{self.name} must lie in [{self.minimum}, {self.maximum}], got {value}")
+            low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+            high = "inf" if self.maximum is None else f"{self.maximum:g}"
+            raise SpecError(f"{self.method}.{self.name} must lie in [{low}, {high}], got {value:g}. Fix: a value in "
+                            "that range")
 
 
 def _kind(type_text: str) -> tuple[str, bool]:
@@ -120,21 +126,64 @@ def path_values(method: str, params: dict) -> dict[str, tuple[str, bool]]:
     return out
 
 
+# The parameters each method's paper tunes (at most four): shown in the method's panel; the others are under
+# "advanced" (collapsed). A method not listed here (one registered later) shows its first parameters that are not
+# files (at most four) as basic.
+BASIC_PARAMS: dict[str, tuple[str, ...]] = {
+    "merge": ("lora_scale",),
+    "switch": ("switch_interval", "lora_scale", "order"),
+    "composite": ("lora_scale",),
+    "klora": ("alpha", "beta", "top_k", "time_pattern"),
+    "ziplora": ("steps", "lam", "lr", "roles"),
+    "clora": ("concepts", "lora_scale", "step_size", "temperature"),
+    "cmlora": ("intervals", "late_phase_start", "cache_interval", "lora_scale"),
+    "hypernet": ("lora_scale", "roles", "checkpoint"),
+    "loratorio": ("patch_size", "temperature", "recenter", "top_k"),
+    "tokenroute": ("concepts", "collect_fraction", "mask_mode", "lora_scale"),
+}
+MAX_BASIC = 4
+
+
+def basic_fields(method: str, fields: list[ParamField]) -> set[str]:
+    """The names of `method`'s basic parameters (see BASIC_PARAMS)."""
+    names = [f.name for f in fields]
+    if method in BASIC_PARAMS:
+        return {n for n in BASIC_PARAMS[method] if n in names}
+    return {f.name for f in fields if not f.path and f.kind != "json"}.intersection(
+        [f.name for f in fields if not f.path][:MAX_BASIC])
+
+
+_EMPHASIS_UNDERSCORE = re.compile(r"(?<!\w)_|_(?!\w)")
+
+
+def plain_markdown(text: str) -> str:
+    """`text` as Gradio's `info` line shows it as written. That line is rendered by a small Markdown renderer that
+    knows no backslash escapes: `1.5 * 0.85` loses its `*` and `_x_` its underscores. So `*` becomes `∗` (U+2217,
+    the same glyph) and an underscore at the edge of a word `ˍ` (U+02CD); underscores inside words (`lora_scale`)
+    and backticks (code) stay."""
+    return _EMPHASIS_UNDERSCORE.sub("\u02cd", (text or "").replace("*", "\u2217"))
+
+
 def make_control(f: ParamField, value: Any = None):
-    """The Gradio control of one field, showing `value` (default: the dataclass default) and the help text."""
+    """The Gradio control of one field, showing `value` (default: the dataclass default) and the help text (shown
+    as written). Numbers are number boxes without bounds: a value out of the field's range is refused by name when
+    the form is read (`from_control`), never clamped by the page."""
     import gradio as gr
 
     value = f.default if value is None else value
-    common = dict(label=f.name, info=f.help or None, elem_id=f.elem_id)
+    info = plain_markdown(f.help) if f.help else None
+    if f.kind in NUMBER_TYPES and (f.minimum is not None or f.maximum is not None):
+        low = "" if f.minimum is None else f"{f.minimum:g}"
+        high = "" if f.maximum is None else f"{f.maximum:g}"
+        info = (info + " " if info else "") + f"(range {low} to {high})".replace("range  to", "at most").replace(" to )", " or more)")
+    common = dict(label=f.name, info=info, elem_id=f.elem_id)
     if f.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if f.kind == "choice":
         return gr.Dropdown(choices=list(f.choices), value=value, **common)
     if f.kind in NUMBER_TYPES:
-        if f.minimum is not None and f.maximum is not None and value is not None:
-            step = 1 if f.kind == "int" else (f.maximum - f.minimum) / 100
-            return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=step, value=value, **common)
-        return gr.Number(value=value, precision=0 if f.kind == "int" else None, minimum=f.minimum, maximum=f.maximum, **common)
+        step = 1 if f.kind == "int" else 0.01
+        return gr.Number(value=value, precision=0 if f.kind == "int" else None, step=step, **common)
     if f.kind == "json":
         return gr.Textbox(value=f.to_control(value), lines=1, **{**common, "label": f"{f.name} (JSON)"})
     return gr.Textbox(value=f.to_control(value), lines=1, **common)

@@ -9,8 +9,10 @@ through `pipelines.batch` (`PipelineCache`, `generate_image`, `complete_lora_ref
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
+import random
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -23,13 +25,16 @@ from loraloom.composition.files import WritePolicy, WriteRefused, remove_stale_t
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.library import scan_loras
 from loraloom.composition.lora import LoRAInfo, read_lora_info
-from loraloom.composition.lora_file import file_sha256
+from loraloom.composition.lora_file import file_digest, file_sha256
 from loraloom.composition.metadata import normalise_sidecar, read_sidecar, sidecar_paths
-from loraloom.composition.methods import make_method, written_paths
+from loraloom.composition.methods import available_methods, make_method, written_paths
 from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
-from loraloom.pipelines.spec import SPEC_CHUNK, GenerationSpec, LoRARef, save_png
+from loraloom.pipelines.prompt_tags import apply_tags, has_tags, parse_tags
+from loraloom.pipelines.spec import A1111_CHUNK, SPEC_CHUNK, GenerationSpec, LoRARef, RegionRef, a1111_name, save_png
 
+from .a1111 import import_infotext
 from .config import UIConfig
+from .history import History
 from .params import path_values
 from .paths import PathRefused, is_inside, resolve_inside
 from .uploads import check_lora_upload, check_png_upload, safe_file_name
@@ -39,6 +44,24 @@ log = logging.getLogger(__name__)
 
 class Cancelled(LoraloomError):
     """The generation was stopped before its last step; nothing was saved."""
+
+
+MAX_SEED = 2**32 - 1  # seed -1 draws one from 0 to this (A1111's range)
+LORA_CONTROLS = ("te", "unet", "lbw", "start", "stop", "unit", "keyframes", "mask", "feather")
+
+
+def random_seed() -> int:
+    return random.randint(0, MAX_SEED)
+
+
+@dataclass
+class LoRAEntry:
+    """A LoRA as a form or an API call names it: library name (or a path inside a LoRA folder), weight, and the
+    per-LoRA controls it sets (docs/controls.md: te, unet, lbw, start, stop, unit, keyframes, mask, feather)."""
+
+    name: str
+    weight: float = 1.0
+    controls: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +103,40 @@ class Restored:
     refused: set[str] = field(default_factory=set)
     refused_params: set[str] = field(default_factory=set)
     text: str = ""
+    settings: dict = field(default_factory=dict)  # the form's values to restore (`settings_of`)
+    source: str = "loraloom"  # what wrote the PNG: loraloom, or the A1111 program its text names
+
+
+def lora_entry(name: str, ref: LoRARef) -> dict:
+    """A spec's LoRA as a form's (or /generate's) LoRA entry: name, weight and the controls it sets."""
+    entry = {"name": name, "weight": float(ref.weight)}
+    for key in ("te", "unet", "lbw", "start", "stop", "unit", "keyframes", "mask", "feather"):
+        value = getattr(ref, key)
+        if value not in (None, [], 0.0) and not (key in ("te", "unet") and value == 1.0):
+            entry[key] = value
+    return entry
+
+
+def settings_of(spec: GenerationSpec, model: str | None, loras: list[dict], refused: set[str] = frozenset(),
+                refused_params: set[str] = frozenset()) -> dict:
+    """The form's values for a spec: {model, prompt, negative_prompt, loras, method, method_params {method: {…}},
+    steps, guidance_scale, height, width, scheduler, seed, regions, base_weight}; refused fields left out."""
+    out = {"model": model, "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "loras": loras,
+           "method": spec.method, "method_params": {spec.method: {k: v for k, v in spec.method_params.items()
+                                                                  if k not in refused_params}},
+           "steps": spec.steps, "guidance_scale": spec.guidance_scale, "height": spec.height, "width": spec.width,
+           "scheduler": spec.scheduler, "seed": spec.seed,
+           "regions": [{k: v for k, v in dataclasses.asdict(r).items() if v not in (None, [], 0.0)} for r in spec.regions],
+           "base_weight": spec.base_weight}
+    if model is None:
+        del out["model"]
+    for name in refused:
+        out.pop(name, None)
+        if name == "method":
+            out.pop("method_params", None)
+        if name == "guidance_scale":
+            out.pop("guidance_scale", None)
+    return {k: v for k, v in out.items() if v is not None or k in ("height", "width")}
 
 
 class GenerationService:
@@ -96,11 +153,16 @@ class GenerationService:
         self._stale: set[str] = set()  # resident LoRAs whose sidecar changed
         self._hashes: dict[tuple, str] = {}
         self._clip = None
+        self._judge = None
         self._cancel: threading.Event | None = None
+        self.progress: tuple[int, int] | None = None  # (steps done, steps) of the running generation
+        self._owner: str | None = None
+        self._tokenizers: dict[str, list] = {}
         # Everything the UI writes for a generation stays in the output folder; model and LoRA folders are never written.
         self.write_policy = WritePolicy.at(config.output_dir, allowed=[cache_folder()],
                                            protected=[*config.lora_dirs, *config.model_roots])
         remove_stale_temps(config.output_dir)  # half-written PNGs of a server that was killed
+        self.history = History(config.output_dir)
 
     # --- models ---------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
@@ -179,11 +241,8 @@ class GenerationService:
                     preview = entry.preview
                     item.preview = preview if preview is not None and is_inside(preview, roots) else None
                 items.append(item)
-        stems = [i.name for i in items]
-        for item in items:  # the same file name in two folders: qualify both by their folder
-            if stems.count(item.name) > 1:
-                root = next(Path(r) for r in roots if item.path.absolute().is_relative_to(Path(r).absolute()))
-                item.name = f"{root.name}/{item.path.absolute().relative_to(Path(root).absolute()).with_suffix('').as_posix()}"
+        for item, name in zip(items, library_names([i.path for i in items], roots)):
+            item.name = name
         return items
 
     def lora(self, name_or_path: str) -> LibraryItem:
@@ -264,18 +323,68 @@ class GenerationService:
         self.library(refresh=True)
         return self.lora(target.stem)
 
+    # --- previews -------------------------------------------------------------------------------------------
+    def _preview_target(self, item: LibraryItem) -> Path:
+        """Where the LoRA's preview is written: the preview it has when loraloom made it, else `name.png` beside it.
+        A preview the user put there (not made by loraloom) is never replaced."""
+        from loraloom.composition.files import loraloom_made
+
+        current = item.preview
+        if current is not None:
+            if current.is_symlink() or not loraloom_made(current):
+                raise LoRAFileError(current, "is a preview image that loraloom did not make; it is left as it is.",
+                                    "move it away to let loraloom write the LoRA's preview.")
+            return current if current.suffix.lower() == ".png" else item.path.with_name(item.path.stem + ".png")
+        return item.path.with_name(item.path.stem + ".png")
+
+    def set_preview(self, name: str, png: str | Path) -> Path:
+        """Make a PNG of the output folder (`png`, with its spec) the preview image of LoRA `name`, written beside the
+        LoRA through the write policy of its folder (never over a preview loraloom did not make)."""
+        item = self.lora(name)
+        source = resolve_inside(str(png), [self.config.output_dir], "image")
+        if source.suffix.lower() != ".png" or not source.is_file():
+            raise SpecError(f"{source.name} is not a PNG of the output folder. Fix: generate an image first")
+        target = self._preview_target(item)
+        policy = WritePolicy.at(self._lora_folder(item.path), protected=[item.path, *self.config.model_roots])
+        written = write_file(target, lambda tmp: shutil.copyfile(source, tmp), policy, what="preview image")
+        self.library(refresh=True)
+        return written
+
+    def preview_spec(self, name: str, model: str | None = None) -> GenerationSpec:
+        """The spec of a LoRA's preview: the LoRA alone (merge, weight 1) on the form's default prompt (its
+        `{triggers}` = the LoRA's trigger words; a prompt without the placeholder: the trigger words alone), seed 0,
+        the form's default sampler settings."""
+        prompt = self.config.prompt if "{triggers}" in (self.config.prompt or "") else "{triggers}"
+        c = self.config
+        return self.make_spec(model or c.models[0], prompt, c.negative_prompt, [[name, 1.0]], "merge",
+                              dict(c.method_params.get("merge", {})), c.steps,
+                              c.guidance_scale, c.height, c.width, c.scheduler, 0)
+
     # --- specs ----------------------------------------------------------------------------------------------
     def make_spec(self, model: str, prompt: str, negative_prompt: str, loras, method: str, method_params: dict | None,
                   steps: int, guidance_scale: float, height: int | None, width: int | None, scheduler: str,
-                  seed: int) -> GenerationSpec:
-        """The GenerationSpec of a form (or API call). `loras`: [[name or path, weight], …] or [{name, weight}, …]."""
+                  seed: int, regions=None, base_weight: float | None = 0.0) -> GenerationSpec:
+        """The GenerationSpec of a form (or API call). `loras`: [[name or path, weight], …] or [{name, weight, te, unet,
+        lbw, start, stop, …}, …]. `<lora:name:w>` tags in the prompt choose and weight LoRAs (A1111's syntax, read by
+        `prompt_tags`): a tag naming a library LoRA that `loras` lacks adds it; the tags leave the prompt.
+        `regions`: [{mask, prompt, negative_prompt, loras, feather}, …] (docs/controls.md)."""
         model = self.resolve_model(model)
-        pairs = parse_loras(loras)
-        if not 1 <= len(pairs) <= self.config.max_loras:
-            raise SpecError(f"choose between 1 and {self.config.max_loras} LoRAs (got {len(pairs)}).")
-        items = [(self.lora(name), weight) for name, weight in pairs]
+        entries = parse_lora_entries(loras)
+        if has_tags(negative_prompt):
+            raise SpecError("the negative prompt has a LoRA tag; LoRA tags are read from the prompt only (as A1111 "
+                            "does). Fix: move the tag to the prompt, or remove it")
+        _, tags = parse_tags(prompt or "", "prompt")
+        for tag in tags:  # a tag may name a LoRA that no slot holds: it is chosen by the tag (weight from the tag)
+            if not any(tag.name in (e.name, a1111_name(e.name)) for e in entries):
+                entries.append(LoRAEntry(self.lora_for_tag(tag.name, tag.text).name))
+        if not 1 <= len(entries) <= self.config.max_loras:
+            raise SpecError(f"choose between 1 and {self.config.max_loras} LoRAs (got {len(entries)}). Fix: pick a LoRA in "
+                            "a slot, or name one in the prompt as <lora:name:1>.")
+        items = [(self.lora(e.name), e) for e in entries]
         if len({i.name for i, _ in items}) != len(items):
-            raise SpecError("the same LoRA is chosen twice; pick each LoRA once.")
+            twice = sorted({i.name for i, _ in items if sum(j.name == i.name for j, _ in items) > 1})
+            raise SpecError(f"LoRA {', '.join(twice)} is chosen twice; pick each LoRA once (a prompt tag sets the "
+                            "weight of a LoRA a slot holds).")
         if method_params is not None and not isinstance(method_params, dict):
             raise SpecError(f"method_params must be a JSON object of parameter names and values, got {method_params!r}")
         params = dict(method_params or {})
@@ -291,33 +400,148 @@ class GenerationService:
             what = f"{method}.{name}"
             params[name] = str(self.write_policy.resolve(value, what) if writes else
                                resolve_inside(value, [self.config.output_dir, *self.config.lora_dirs, *self.config.model_roots], what))
-        refs = complete_lora_refs([LoRARef(path=str(i.path), weight=float(w), name=i.name) for i, w in items])
-        if int(seed) < 0:
-            raise SpecError(f"seed must be 0 or more, got {seed}")
+        refs = []
+        for item, e in items:
+            controls = dict(e.controls)
+            if "mask" in controls:
+                controls["mask"] = self._mask(controls["mask"], f"LoRA {item.name}")
+            try:
+                refs.append(LoRARef(path=str(item.path), weight=e.weight, name=item.name, **controls))
+            except TypeError as err:
+                raise SpecError(f"LoRA {item.name}: {err}") from None
+        refs = complete_lora_refs(refs)
+        text, refs = apply_tags(prompt or "", refs, "prompt")
+        region_refs = self._regions(regions)
+        if seed is None or (isinstance(seed, (int, float)) and int(seed) == -1):
+            seed = random_seed()
+        if isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed < 0:
+            raise SpecError(f"seed must be 0 or more (or -1 for a random seed), got {seed:g}")
+        for name, value in (("steps", steps), ("guidance_scale", guidance_scale), ("seed", seed)):
+            if value is None or value == "":
+                raise SpecError(f"{name} is empty. Fix: a number")
         return GenerationSpec(
-            model=model, prompt=expand_prompt(prompt or "", refs), negative_prompt=negative_prompt or "",
-            loras=refs, method=method, method_params=params, steps=int(steps), guidance_scale=float(guidance_scale),
-            height=int(height) if height else None, width=int(width) if width else None, scheduler=scheduler,
-            seed=int(seed), dtype=self.config.dtype,
+            model=model, prompt=expand_prompt(text, refs), negative_prompt=negative_prompt or "",
+            loras=refs, method=method, method_params=params, steps=_number(steps), guidance_scale=_number(guidance_scale),
+            height=_number(height) if height else None, width=_number(width) if width else None, scheduler=scheduler,
+            seed=_number(seed), dtype=self.config.dtype, regions=region_refs, base_weight=_number(base_weight or 0.0),
         )
+
+    def lora_for_tag(self, name: str, tag: str) -> LibraryItem:
+        """The library LoRA a prompt tag names (its library name, or that name as A1111 text writes it); a
+        `SpecError` naming the closest names when there is none."""
+        items = [i for i in self.library() if i.info is not None]
+        for item in items:
+            if name in (item.name, a1111_name(item.name)):
+                return item
+        names = [i.name for i in items]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
+            name.lower(), [n.lower() for n in names], n=1, cutoff=0.0)
+        hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
+        raise SpecError(f"prompt: tag {tag}: no LoRA named {name!r} in the library.{hint} Fix: name a LoRA of the "
+                        "library (the names in the LoRA slots' lists), e.g. <lora:" + (close[0] if close else "name") + ":1>")
+
+    def _mask(self, mask, where: str):
+        """A mask as a form or API call gives it: a named region or a box as it is; an image path inside the output or
+        LoRA folders made absolute (a mask drawn in the page is saved in the output folder)."""
+        if isinstance(mask, str) and mask.strip() and Path(mask.strip()).suffix:
+            path = resolve_inside(mask.strip(), [self.config.output_dir, *self.config.lora_dirs], f"{where}: mask")
+            return str(path)
+        if isinstance(mask, dict) and isinstance(mask.get("image"), str):
+            path = resolve_inside(mask["image"], [self.config.output_dir, *self.config.lora_dirs], f"{where}: mask")
+            return {**mask, "image": str(path)}
+        return mask
+
+    def _regions(self, regions) -> list[RegionRef]:
+        if regions in (None, "", []):
+            return []
+        if isinstance(regions, str):
+            try:
+                regions = json.loads(regions)
+            except json.JSONDecodeError:
+                raise SpecError(f"regions must be a JSON list of regions, got {regions!r}") from None
+        if not isinstance(regions, list):
+            raise SpecError(f"regions must be a list of regions such as [{{\"mask\": \"left\", \"prompt\": \"…\"}}], "
+                            f"got {regions!r}")
+        out = []
+        for i, item in enumerate(regions):
+            region = RegionRef.from_mapping(item, f"region {i + 1}")
+            region.mask = self._mask(region.mask, f"region {i + 1}")
+            out.append(region)
+        return out
+
+    def token_report(self, model: str, prompt: str, loras) -> tuple[str, bool]:
+        """(Markdown, truncated?) saying how many tokens each text encoder reads of the prompt as it will be encoded
+        (tags taken out, `{triggers}` expanded) and what it cuts off, trigger words named. ('', False) when the
+        model's tokenizers are not at hand (a model that is not loaded and is not a diffusers folder)."""
+        try:
+            tokenizers = self.tokenizers(model)
+            entries = parse_lora_entries(loras)
+            text, tags = parse_tags(prompt or "", "prompt")
+        except LoraloomError as err:
+            return f"⚠ {err}", True
+        if not tokenizers:
+            return "", False
+        lib = {i.name: i for i in self.library() if i.info is not None}
+        names = [e.name for e in entries if e.name in lib]
+        for tag in tags:
+            names += [i.name for i in lib.values() if tag.name in (i.name, a1111_name(i.name)) and i.name not in names]
+        triggers = [(t, n) for n in names for t in lib[n].triggers]
+        text = text.replace("{triggers}", ", ".join(t for t, _ in triggers))
+        return token_lines(tokenizers, text, triggers)
+
+    def truncation(self, spec: GenerationSpec) -> str:
+        """A warning when the text encoders cut off part of `spec`'s prompt (trigger words named), else ''."""
+        try:
+            tokenizers = self.tokenizers(spec.model)
+        except LoraloomError:
+            return ""
+        triggers = [(t, r.adapter_name) for r in spec.loras for t in r.triggers]
+        text, cut = token_lines(tokenizers, spec.prompt, triggers)
+        return " · ".join(p for p in text.split(" · ") if p.startswith("⚠")) if cut else ""
+
+    def tokenizers(self, model: str) -> list[tuple[str, Any]]:
+        """[(label, tokenizer)] of `model`'s text encoders: the loaded pipeline's, else read from a diffusers folder."""
+        model = self.resolve_model(model)
+        cp = self.cache.pipeline
+        if cp is not None and self.cache._key is not None and self.cache._key[0] == model:
+            toks = [getattr(cp.pipe, name, None) for name in ("tokenizer", "tokenizer_2")]
+        else:
+            folder = Path(model)
+            if not (folder / "model_index.json").is_file():
+                return []
+            key = str(folder)
+            if key not in self._tokenizers:
+                from transformers import CLIPTokenizer
+
+                self._tokenizers[key] = [CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
+                                         for sub in ("tokenizer", "tokenizer_2") if (folder / sub).is_dir()]
+            toks = self._tokenizers[key]
+        toks = [t for t in toks if t is not None]
+        if len(toks) == 1:
+            return [("CLIP", toks[0])]
+        return [(f"CLIP {k + 1}", t) for k, t in enumerate(toks)]
 
     # --- generation -----------------------------------------------------------------------------------------
     def generate(self, spec: GenerationSpec, callback: Callable | None = None,
-                 cancel: threading.Event | None = None) -> GenerationResult:
+                 cancel: threading.Event | None = None, owner: str | None = None) -> GenerationResult:
         """Generate and save one image (waits for the model). `callback(pipeline, step, timestep, kwargs)` per step;
-        setting `cancel` stops after the current step and raises `Cancelled` (nothing is saved)."""
+        setting `cancel` stops after the current step and raises `Cancelled` (nothing is saved). `owner`: who asked
+        (a page session), so that only they stop it (`interrupt`)."""
         cancel = cancel or threading.Event()
+
+        self.progress = (0, int(spec.steps))
 
         def on_step(cp, i, t, kwargs):
             if cancel.is_set():
                 cp.interrupt()
                 return None
+            self.progress = (min(i + 1, int(spec.steps)), int(spec.steps))
             return callback(cp, i, t, kwargs) if callback else None
 
         with self.lock:
             if cancel.is_set():
                 raise Cancelled("stopped before it started")
-            self._cancel = cancel
+            self._cancel, self._owner = cancel, owner
             try:
                 cp = self.cache.get(spec)
                 self._refresh_stale(cp)
@@ -325,17 +549,21 @@ class GenerationService:
                 if not cancel.is_set():  # the hashes of the bytes loaded, every parameter in effect (under the lock)
                     spec, provenance = self.cache.recorded(spec, out)
             finally:
-                self._cancel = None
+                self._cancel, self._owner = None, None
         if cancel.is_set():
-            raise Cancelled("stopped; nothing was saved")
+            done, total = self.progress or (0, int(spec.steps))
+            raise Cancelled(f"stopped at step {done}/{total}, nothing saved")
         image = out.images[0]
         path = save_png(image, spec.file_name(), spec, self.write_policy, provenance)
         return GenerationResult(path=path, image=image, spec=spec, seconds=out.seconds)
 
-    def interrupt(self) -> None:
-        """Stop the generation that holds the model now (if any) after its current step."""
-        if self._cancel is not None:
+    def interrupt(self, owner: str | None = None) -> tuple[int, int] | None:
+        """Stop the generation that holds the model now (if any, and if `owner` asked for it when given) after its
+        current step; returns (steps done, steps) of that generation, or None when none was stopped."""
+        if self._cancel is not None and (owner is None or owner == self._owner):
             self._cancel.set()
+            return self.progress
+        return None
 
     def _refresh_stale(self, cp) -> None:
         """A sidecar edited while the LoRA was resident: give the resident LoRA the new category/triggers."""
@@ -346,17 +574,126 @@ class GenerationService:
             self._stale.discard(name)
 
     # --- scores ---------------------------------------------------------------------------------------------
-    def clip_score(self, result: GenerationResult) -> float | None:
-        """CLIPScore of the image against its LoRAs' trigger words (the prompt when they have none); None without CLIP."""
+    def clip_folder(self, model: str) -> str | None:
+        """The CLIP that scores `model`'s images (`loraloom.evaluation.scoring`'s rule): the toy world's own CLIP for
+        the shipped toy world, else the configured one (`--clip`); None: no CLIPScore."""
         if not self.config.clip:
             return None
-        from loraloom.evaluation.clipscore import CLIPScorer
+        from loraloom.evaluation.scoring import is_toyworld_model
+
+        if is_toyworld_model(model):
+            from loraloom.evaluation import toyworld
+
+            if Path(toyworld.CLIP).is_dir():
+                return str(toyworld.CLIP)
+        return self.config.clip
+
+    def scorer(self, model: str):
+        folder = self.clip_folder(model)
+        if folder is None:
+            return None
+        with self._library_lock:
+            if self._clip is None or self._clip[0] != folder:
+                from loraloom.evaluation.clipscore import CLIPScorer
+
+                self._clip = (folder, CLIPScorer.from_transformers(folder, device=self.config.device))
+            return self._clip[1]
+
+    def clip_score(self, result: GenerationResult) -> float | None:
+        """CLIPScore of the image against its LoRAs' trigger words (the prompt when they have none); None without CLIP."""
+        scores = self.clip_scores([result.image], [result.spec])
+        return scores[0] if scores else None
+
+    def clip_scores(self, images: list, specs: list[GenerationSpec]) -> list[float] | None:
+        """CLIPScores of images against their specs' trigger words (as `loraloom eval`); None without a CLIP."""
         from loraloom.evaluation.scoring import clip_text
 
-        if self._clip is None:
-            self._clip = CLIPScorer.from_transformers(self.config.clip, device=self.config.device)
-        text = clip_text(result.spec, "triggers") or result.spec.prompt
-        return float(self._clip.score([result.image], [text])[0])
+        if not specs:
+            return []
+        scorer = self.scorer(specs[0].model)
+        if scorer is None:
+            return None
+        texts = [clip_text(s, "triggers") or s.prompt for s in specs]
+        return [float(x) for x in scorer.score(images, texts)]
+
+    def judge(self):
+        """The MLLM judge configured for this UI (`UIConfig.judge`: {kind: openai|transformers, model, base_url,
+        api_key_env, …}), built once; None when none is configured."""
+        spec = self.config.judge
+        if not spec:
+            return None
+        with self._library_lock:
+            if self._judge is None:
+                kind = spec.get("kind", "openai")
+                if kind == "openai":
+                    from loraloom.evaluation.judges.openai_chat import OpenAIChatJudge
+
+                    self._judge = OpenAIChatJudge(spec["model"], base_url=spec.get("base_url", "https://api.openai.com/v1"),
+                                                  api_key_env=spec.get("api_key_env", "OPENAI_API_KEY"),
+                                                  timeout=float(spec.get("timeout", 120.0)),
+                                                  max_retries=int(spec.get("retries", 3)))
+                else:
+                    from loraloom.evaluation.judges.local_vlm import TransformersVLMJudge
+
+                    self._judge = TransformersVLMJudge(spec["model"], device=self.config.device)
+            return self._judge
+
+    def score(self, files: Sequence[str], use_judge: bool = True) -> tuple[list[list], list[list], str]:
+        """Score images of the output folder (file names or paths inside it): CLIPScore each against its LoRAs'
+        trigger words (`clip_scores`), and with a judge configured compare the images of one set and seed pairwise
+        (ComposLoRA's protocol, as `loraloom eval --pairwise`). Returns (CLIPScore rows [file, method, seed,
+        CLIPScore], judge rows [method a, method b, seed, per dimension a/b/outcome, error], note)."""
+        from PIL import Image
+
+        from loraloom.evaluation.scoring import GeneratedImage, comparison_pairs, method_label
+        from loraloom.pipelines.spec import read_png_spec
+
+        paths = []
+        for f in dict.fromkeys(str(f) for f in files or [] if f):
+            path = resolve_inside(f if "/" in f else str(self.config.output_dir / f), [self.config.output_dir], "image")
+            if not path.is_file():
+                raise SpecError(f"no image {Path(f).name!r} in the output folder")
+            paths.append(path)
+        if not paths:
+            raise SpecError("no image to score. Fix: generate one first (or pick images in the History)")
+        images = []
+        for path in paths:
+            try:
+                images.append(GeneratedImage(path, read_png_spec(path)))
+            except LoraloomError:
+                continue  # a grid image or a PNG from elsewhere: not scored
+        if not images:
+            raise SpecError("none of these images carries a loraloom spec (X/Y/Z grids are scored per cell)")
+        pics = []
+        for img in images:
+            with Image.open(img.path) as im:
+                pics.append(im.convert("RGB"))
+        scores = self.clip_scores(pics, [i.spec for i in images])
+        clip_rows = [[i.path.name, method_label(i.spec), i.spec.seed, None if scores is None else round(scores[k], 2)]
+                     for k, i in enumerate(images)]
+        note = f"{len(images)} image(s) scored" + ("" if scores is not None else " (no CLIP configured: no CLIPScore)")
+        judge_rows: list[list] = []
+        judge = self.judge() if use_judge else None
+        if judge is not None:
+            from loraloom.evaluation.cache import JudgeCache
+            from loraloom.evaluation.parsing import PAIRWISE_DIMENSIONS
+            from loraloom.evaluation.protocols import ComposLoRAPairwise
+            from loraloom.evaluation.scoring import run_pairwise
+
+            pairs = comparison_pairs(images)
+            if pairs:
+                protocol = ComposLoRAPairwise(judge, JudgeCache(None))
+                rows, _ = run_pairwise(pairs, protocol, root=self.config.output_dir)
+                for r in rows:
+                    judge_rows.append([r["method_a"], r["method_b"], r["seed"],
+                                       *[r[f"{d}_{x}"] for d in PAIRWISE_DIMENSIONS for x in ("a", "b", "outcome")],
+                                       r["error"] or ""])
+                note += f"; judge {judge.model}: {len(pairs)} comparison(s)"
+            else:
+                note += "; the judge compares images of one prompt, LoRA set and seed made by different methods: none here"
+        elif use_judge and self.config.judge is None:
+            note += "; no MLLM judge configured (loraloom ui --judge …)"
+        return clip_rows, judge_rows, note
 
     # --- PNG settings ---------------------------------------------------------------------------------------
     def restore(self, png: str | Path, original_name: str | None = None) -> Restored:
@@ -374,6 +711,10 @@ class GenerationService:
             raise SpecError(f"{label}: the '{SPEC_CHUNK}' metadata is not valid JSON ({err.msg}).") from None
         if not isinstance(data, dict):
             raise SpecError(f"{label}: the '{SPEC_CHUNK}' metadata is not a generation spec (a JSON object).")
+        return self._restored(data, text)
+
+    def _restored(self, data: dict, text: str) -> Restored:
+        """`restore`'s mapping of a spec's data onto this UI (see there)."""
         spec, refused, refused_params, warnings = _checked_spec(data)
         self._check_param_paths(spec, refused_params, warnings)
         model = None
@@ -389,8 +730,91 @@ class GenerationService:
                 warnings.append(f"LoRA {ref.adapter_name!r} ({Path(ref.path).name}) is not in this library; left out.")
             else:
                 loras.append((item.name, float(ref.weight)))
+        entries = []
+        for ref in spec.loras:
+            item = self._find_lora(ref)
+            if item is not None:
+                entries.append(lora_entry(item.name, ref))
         return Restored(spec=spec, model=model, loras=loras, warnings=warnings, refused=refused,
-                        refused_params=refused_params, text=text)
+                        refused_params=refused_params, text=text,
+                        settings=settings_of(spec, model, entries, refused, refused_params))
+
+    def from_output(self, name: str) -> tuple[Restored, list[str] | None]:
+        """The settings of a PNG in the output folder (the History), as `restore` maps them, and for an X/Y/Z grid
+        its axes (["method=merge,switch", "seed=0-3", None]); a grid's settings are its base spec's."""
+        item = self.history.find(name)
+        if item is None:
+            raise SpecError(f"no image called {Path(str(name)).name!r} in the output folder. Fix: pick one from the "
+                            "History (press Refresh)")
+        if item.kind == "grid":
+            base = item.data.get("base") or {}
+            axes = [a.get("text") if isinstance(a, dict) else None for a in item.data.get("axes") or []]
+            return self._restored(dict(base), json.dumps(item.data, sort_keys=True)), (axes + [None, None, None])[:3]
+        return self._restored(dict(item.data), json.dumps(item.data, sort_keys=True)), None
+
+    def import_png(self, png: str | Path, original_name: str | None = None) -> Restored:
+        """The settings of a loraloom PNG (`restore`) or of a PNG with A1111's `parameters` text (A1111, Forge, …):
+        prompt, negative prompt, steps, sampler, CFG, seed, size, model and LoRAs (by name, else by their A1111
+        AutoV3 hash) are restored; what has no loraloom setting is listed in `warnings`."""
+        from PIL import Image
+
+        label = original_name or Path(png).name
+        path = check_png_upload(png, int(self.config.max_png_mb * 1e6), original_name)
+        try:
+            with Image.open(path) as im:
+                chunks = dict(getattr(im, "text", {}) or {})
+        except (OSError, SyntaxError, ValueError) as err:
+            raise SpecError(f"{label}: cannot be read as an image ({err}).") from None
+        if chunks.get(SPEC_CHUNK):
+            return self.restore(path, original_name)
+        text = chunks.get(A1111_CHUNK)
+        if not text:
+            raise SpecError(f"{label}: has no '{SPEC_CHUNK}' metadata nor A1111 '{A1111_CHUNK}' text; it was not made by "
+                            "loraloom nor by A1111 (or the metadata was stripped). Fix: drop a PNG that loraloom or A1111 "
+                            "wrote.")
+        imported = import_infotext(text, self._lora_by_a1111, self._model_by_a1111)
+        settings = imported.settings
+        method = settings.get("method")
+        if method is not None and method not in available_methods():
+            imported.warnings.append(f"method {method!r} is not available here; method left as it was.")
+            settings.pop("method")
+        spec = GenerationSpec(model=self.config.models[0], prompt=settings.get("prompt", ""))
+        return Restored(spec=spec, model=settings.get("model"), loras=[(e["name"], e["weight"]) for e in settings["loras"]],
+                        warnings=imported.warnings, text=text, settings=settings, source=imported.source)
+
+    def _lora_by_a1111(self, name: str, autov3: str | None) -> str | None:
+        """The library name of the LoRA an A1111 text names: by name (as A1111 writes it), else by AutoV3 hash."""
+        usable = [i for i in self.library() if i.info is not None]
+        for item in usable:
+            if name in (item.name, a1111_name(item.name), item.path.stem):
+                return item.name
+        if autov3:
+            for item in usable:
+                if self._autov3(item.path) == autov3.lower():
+                    return item.name
+        return None
+
+    def _model_by_a1111(self, name: str, model_hash: str | None) -> str | None:
+        """A model this UI offers that an A1111 text names (by A1111's name of it, else by the AutoV2 of a file)."""
+        from loraloom.pipelines.spec import a1111_model_name
+
+        for model in self.model_choices():
+            if name and name in (model, a1111_model_name(model)):
+                return model
+            p = Path(model)
+            if model_hash and p.is_file() and self._digest(p).autov2 == model_hash.lower()[:10]:
+                return model
+        return None
+
+    def _autov3(self, path: Path) -> str:
+        return self._digest(path).autov3
+
+    def _digest(self, path: Path):
+        st = path.stat()
+        key = ("digest", str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = file_digest(path)
+        return self._hashes[key]
 
     def _check_param_paths(self, spec: GenerationSpec, refused: set[str], warnings: list[str]) -> None:
         """Drop (and list) the method's file parameters this UI would refuse: files the method writes outside what
@@ -430,6 +854,43 @@ class GenerationService:
         if key not in self._hashes:
             self._hashes[key] = file_sha256(path)
         return self._hashes[key]
+
+
+def library_names(paths: Sequence[Path], roots: Sequence[Path]) -> list[str]:
+    """One readable, unique name per LoRA file: its file name without the extension (`character_1`); when several
+    files share that stem, the one nearest the top of the first LoRA folder keeps it and the others name their
+    folder in brackets (`character_1 (kohya)`, the folder under the LoRA folder, else the LoRA folder's own name).
+    The same name is used everywhere: slots, prompt tags, specs (the LoRA's adapter name), the PNG's A1111 text."""
+
+    def place(path: Path) -> tuple[int, Path]:
+        for k, root in enumerate(roots):
+            root = Path(root).expanduser().absolute()
+            if path.absolute().is_relative_to(root):
+                return k, path.absolute().relative_to(root)
+        return len(roots), Path(path.name)
+
+    where = [place(Path(p)) for p in paths]
+    names = [Path(p).stem for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    for stem, members in groups.items():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda i: (where[i][0], len(where[i][1].parts), where[i][1].as_posix()))
+        for i in members[1:]:
+            k, rel = where[i]
+            folder = rel.parent.as_posix() if rel.parent != Path(".") else (
+                Path(roots[k]).name if k < len(roots) else "elsewhere")
+            names[i] = f"{stem} ({folder})"
+    taken: dict[str, int] = {}
+    for i, name in enumerate(names):  # still the same (two roots whose folders share a name): number them
+        if name in taken:
+            taken[name] += 1
+            names[i] = f"{name} ({taken[name]})"
+        else:
+            taken[name] = 1
+    return names
 
 
 def _png_spec_text(path: Path, label: str) -> str:
@@ -519,6 +980,52 @@ def _checked_spec(data: dict) -> tuple[GenerationSpec, set[str], set[str], list[
             kept["loras"] = good_loras
         spec = GenerationSpec.from_dict({**_PROBE, **kept})
     return spec, refused, refused_params, warnings
+
+
+def token_lines(tokenizers, text: str, triggers: list[tuple[str, str]]) -> tuple[str, bool]:
+    """(one line per text encoder: tokens read / its limit, and what it cuts off, trigger words named; truncated?)."""
+    parts, cut_any = [], False
+    for label, tok in tokenizers:
+        limit = int(tok.model_max_length) - 2  # the start and end tokens take two places
+        ids = tok(text, add_special_tokens=False, truncation=False)["input_ids"]
+        line = f"{label}: {len(ids)}/{limit} tokens"
+        if len(ids) > limit:
+            cut_any = True
+            kept = tok.decode(ids[:limit]).lower()
+            lost = tok.decode(ids[limit:]).strip()
+            lost_triggers = [f"{t} ({n})" for t, n in triggers if t.lower() in text.lower() and t.lower() not in kept]
+            line = f"⚠ {line}: the text encoder cuts off “{lost[:120]}”"
+            if lost_triggers:
+                line += f"; trigger words lost: {', '.join(lost_triggers)}"
+            line += ". Fix: a shorter prompt, or the trigger words first"
+        parts.append(line)
+    return " · ".join(parts), cut_any
+
+
+def _number(value):
+    """A form's number as the spec takes it: whole floats as int (spec checks name the field when it is no number)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def parse_lora_entries(loras) -> list[LoRAEntry]:
+    """`LoRAEntry`s from [[name, weight], …], [{"name": …, "weight": …, "te": …, …}, …] or ["name", …] (weight 1)."""
+    if isinstance(loras, list) and any(isinstance(i, dict) for i in loras):
+        out = []
+        for item in loras:
+            if not isinstance(item, dict):
+                out.extend(parse_lora_entries([item]))
+                continue
+            unknown = sorted(set(item) - {"name", "weight", *LORA_CONTROLS})
+            if "name" not in item or unknown:
+                raise SpecError(f"bad LoRA entry {item!r}: " + (f"unknown key(s) {unknown}; known: name, weight, "
+                                f"{', '.join(LORA_CONTROLS)}" if unknown else "it needs a name"))
+            (name, weight), = parse_loras([[item["name"], item.get("weight", 1.0)]])
+            controls = {k: item[k] for k in LORA_CONTROLS if k in item and item[k] is not None}
+            out.append(LoRAEntry(name, weight, controls))
+        return out
+    return [LoRAEntry(n, w) for n, w in parse_loras(loras)]
 
 
 def parse_loras(loras) -> list[tuple[str, float]]:

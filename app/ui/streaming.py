@@ -23,7 +23,7 @@ class StepEvent:
 
 
 def stream_generation(service: GenerationService, spec: GenerationSpec, preview_every: int = 1,
-                      min_interval: float = 0.0) -> Iterator[StepEvent | GenerationResult]:
+                      min_interval: float = 0.0, owner: str | None = None) -> Iterator[StepEvent | GenerationResult]:
     """Yield a StepEvent per denoising step, then the GenerationResult; errors of the run are raised here.
 
     `preview_every`: decode the latents into a preview every N steps (0: never). `min_interval`: skip the events
@@ -31,7 +31,8 @@ def stream_generation(service: GenerationService, spec: GenerationSpec, preview_
     model is not slowed down by its own progress reports; the first and the last step are always sent.
 
     Closing the iterator early (the user pressed Stop, the client went away) stops the run after its current
-    step and waits for it, so the model is free again when this returns.
+    step and waits for it, so the model is free again when this returns. `owner`: the page session asking (only it
+    may stop the run with `GenerationService.interrupt`).
     """
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
@@ -52,7 +53,7 @@ def stream_generation(service: GenerationService, spec: GenerationSpec, preview_
 
     def work():
         try:
-            events.put(service.generate(spec, callback=on_step, cancel=cancel))
+            events.put(service.generate(spec, callback=on_step, cancel=cancel, owner=owner))
         except BaseException as err:  # handed to the consumer, which raises it in its own thread
             events.put(err)
 

@@ -13,7 +13,7 @@ from loraloom.composition.metadata import CATEGORIES
 from .config import UIConfig
 from .service import GenerationService, LibraryItem
 from .uploads import UploadRefused, discard_upload, upload_path
-from .wiring import ON_MODEL_QUEUE, PRIVATE, fail, guarded, upload_folder
+from .wiring import ON_MODEL_QUEUE, PRIVATE, fail, guarded, show_failures, upload_folder
 
 LIBRARY_HEADERS = ["name", "family", "rank", "category", "triggers", "suggested triggers", "preview", "file", "error"]
 
@@ -157,11 +157,16 @@ def wire_library(tab: LibraryTab, slot_names: list[gr.Dropdown], service: Genera
     """Refresh (`/library`), select a row, save (`/save_metadata`) and upload (`/add_lora`, on the model queue)."""
     outputs = [tab.table, tab.gallery, tab.status, *slot_names]
     n = len(slot_names)
-    tab.refresh_btn.click(refresh_action(service, config, n), None, outputs, api_name="library")
-    tab.table.select(select_action(service), None,
-                     [tab.sel_name, tab.sel_category, tab.sel_triggers, tab.sel_suggestions, tab.sel_preview],
-                     **PRIVATE)
-    tab.save_btn.click(save_action(service, n), [tab.sel_name, tab.sel_category, tab.sel_triggers], outputs,
-                       api_name="save_metadata")
-    tab.upload.upload(add_action(service, config, n), tab.upload, outputs, api_name="add_lora", preprocess=False,
-                      **ON_MODEL_QUEUE)  # the handler checks the file itself and deletes it in every case
+    local = dict(show_progress_on=[tab.status])  # progress and errors show on the status line, not on every output
+    ev = tab.refresh_btn.click(refresh_action(service, config, n), None, outputs, api_name="library", **local)
+    show_failures(ev, tab.status, "refresh")
+    ev = tab.table.select(select_action(service), None,
+                          [tab.sel_name, tab.sel_category, tab.sel_triggers, tab.sel_suggestions, tab.sel_preview],
+                          show_progress="hidden", **PRIVATE)
+    show_failures(ev, tab.status, "select")
+    ev = tab.save_btn.click(save_action(service, n), [tab.sel_name, tab.sel_category, tab.sel_triggers], outputs,
+                            api_name="save_metadata", **local)
+    show_failures(ev, tab.status, "save")
+    ev = tab.upload.upload(add_action(service, config, n), tab.upload, outputs, api_name="add_lora", preprocess=False,
+                           **local, **ON_MODEL_QUEUE)  # the handler checks the file itself and deletes it in every case
+    show_failures(ev, tab.status, "add LoRA")

@@ -1,4 +1,6 @@
-"""The Reproduce tab: drop a PNG that loraloom made and its embedded settings fill the Compose form again."""
+"""The Import tab: drop a PNG made by loraloom or by A1111 (or Forge, or anything that writes A1111's `parameters`
+text) and what maps onto this UI fills the Compose form: prompt, negative prompt, steps, sampler, CFG, seed, size,
+model and LoRAs (by name, else by the A1111 AutoV3 hash of the library's files). What does not map is listed."""
 
 from __future__ import annotations
 
@@ -6,11 +8,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from .params import control_values
 from .service import GenerationService
-from .tab_compose import ComposeForm
+from .tab_compose import ComposeForm, apply_settings
 from .uploads import discard_upload, upload_path
-from .wiring import guarded, upload_folder
+from .wiring import INSTANT, guarded, show_failures, upload_folder
 
 
 @dataclass
@@ -18,66 +19,64 @@ class ReproduceTab:
     png: gr.File
     status: gr.Markdown
     spec: gr.Code
+    settings: gr.JSON
 
 
 def reproduce_tab() -> ReproduceTab:
-    with gr.Tab("Reproduce", id="reproduce"):
-        png = gr.File(label="Drop a PNG made by loraloom", file_types=[".png"], type="filepath", elem_id="png-drop")
+    with gr.Tab("Import", id="reproduce"):
+        png = gr.File(label="Drop a PNG made by loraloom or A1111 (its settings fill the form)", file_types=[".png"],
+                      type="filepath", elem_id="png-drop")
         status = gr.Markdown("", elem_id="restore-status")
-        spec = gr.Code(language="json", label="Spec in the PNG", elem_id="restored-spec")
-    return ReproduceTab(png, status, spec)
+        spec = gr.Code(language="json", label="Settings in the PNG (loraloom spec, or A1111 text)",
+                       elem_id="restored-spec")
+        settings = gr.JSON(None, visible=False, label="settings")
+    return ReproduceTab(png, status, spec, settings)
 
 
-def restore_outputs(tab: ReproduceTab, form: ComposeForm) -> list:
-    """What `/reproduce` fills, in its order: the whole Compose form, then this tab's note and spec."""
-    return [form.model, form.prompt, form.negative, *form.slot_names, *form.slot_weights, form.method, *form.controls,
-            form.steps, form.cfg, form.height, form.width, form.scheduler, form.seed, tab.status, tab.spec]
+def restore_note(name: str, r) -> str:
+    s = r.settings
+    what = (f"restored the settings of `{name}` (method {s.get('method', r.spec.method)}, seed {s.get('seed', '?')})"
+            if r.source == "loraloom" else
+            f"imported the settings of `{name}` ({r.source}: seed {s.get('seed', '?')}, "
+            f"{len(s.get('loras', []))} LoRA(s))")
+    if r.warnings:
+        what += "\n\n**Not restored** (left as it was):\n" + "\n".join(f"- {w}" for w in r.warnings)
+    return what
 
 
-def reproduce_action(form: ComposeForm, service: GenerationService, n_outputs: int):
-    """The `/reproduce` endpoint's function; returns `n_outputs` values in `restore_outputs` order."""
-    max_loras = len(form.slot_names)
+def reproduce_action(service: GenerationService, methods: list[str]):
+    """The `/reproduce` endpoint's function: (settings, note, spec text)."""
 
     @guarded("reproduce")
     def reproduce(file):
-        """Read the settings a loraloom PNG carries into the form (the spec is the last output). What cannot be
-        restored is listed in the note and left as it was in the form."""
+        """Read the settings a loraloom or A1111 PNG carries. Returns (settings, note, spec): `settings` holds the
+        form's values to restore ({model, prompt, negative_prompt, loras: [{name, weight, …}], method,
+        method_params: {method: {…}}, steps, guidance_scale, height, width, scheduler, seed, …}; keys left out are
+        not restored), `note` says what was and lists what was not, `spec` is the text as the PNG carries it."""
         upload = upload_path(file)
         if upload is None:
-            return [gr.skip()] * n_outputs
+            return gr.skip(), gr.skip(), gr.skip()
         path, name = upload
         try:
-            r = service.restore(path, name)
+            r = service.import_png(path, name)
         finally:  # the upload's temporary file goes, whether it was refused or read
             discard_upload(path, upload_folder())
-        s = r.spec
-        warnings = list(r.warnings)
-        method_ok = "method" not in r.refused and s.method in form.methods
-        if "method" not in r.refused and s.method not in form.methods:
-            warnings.append(f"method {s.method!r} is not available here; method left as it was.")
-
-        def value(name, v):
-            return gr.skip() if name in r.refused or v is None else v
-
-        lnames = [n for n, _ in r.loras] + [""] * (max_loras - len(r.loras))
-        lweights = [w for _, w in r.loras] + [1.0] * (max_loras - len(r.loras))
-        values = control_values(form.fields, {s.method: s.method_params})
-        values = [gr.skip() if "method" in r.refused or (f.method == s.method and f.name in r.refused_params) else v
-                  for f, v in zip(form.fields, values, strict=True)]
-        note = f"restored the settings of `{name}` (method {s.method}, seed {s.seed})"
-        if warnings:
-            note += "\n\n**Not restored** (left as it was):\n" + "\n".join(f"- {w}" for w in warnings)
-        return [r.model or gr.skip(), value("prompt", s.prompt), value("negative_prompt", s.negative_prompt),
-                *lnames[:max_loras], *lweights[:max_loras], s.method if method_ok else gr.skip(), *values,
-                value("steps", s.steps), value("guidance_scale", s.guidance_scale), value("height", s.height),
-                value("width", s.width), value("scheduler", s.scheduler), value("seed", s.seed), note, r.text]
+        settings = dict(r.settings)
+        if settings.get("method") is not None and settings["method"] not in methods:
+            r.warnings.append(f"method {settings['method']!r} is not available here; method left as it was.")
+            settings.pop("method")
+            settings.pop("method_params", None)
+        return settings, restore_note(name, r), r.text
 
     return reproduce
 
 
 def wire_reproduce(tab: ReproduceTab, form: ComposeForm, service: GenerationService) -> None:
-    """Dropping a PNG calls `/reproduce` (not on the model queue: it reads the PNG and the library, no model). Without
-    Gradio's preprocessing: the handler checks the file itself (type, size, content) and deletes it in every case."""
-    outputs = restore_outputs(tab, form)
-    tab.png.upload(reproduce_action(form, service, len(outputs)), tab.png, outputs, api_name="reproduce",
-                   preprocess=False)
+    """Dropping a PNG calls `/reproduce` (not on the model queue: it reads the PNG and the library, no model), then
+    the settings fill the form (a step of their own: a refused PNG touches nothing in the form). Without Gradio's
+    preprocessing: the handler checks the file itself (type, size, content) and deletes it in every case."""
+    event = tab.png.upload(reproduce_action(service, form.methods), tab.png, [tab.settings, tab.status, tab.spec],
+                           api_name="reproduce", preprocess=False, show_progress_on=[tab.status])
+    show_failures(event, tab.status, "reproduce")
+    max_rows = len(form.rows)
+    event.success(lambda s: apply_settings(form, s, max_rows), tab.settings, form.settings_outputs(), **INSTANT)

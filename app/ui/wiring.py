@@ -16,6 +16,8 @@ import inspect
 import logging
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -24,11 +26,36 @@ from loraloom.composition.errors import LoraloomError
 
 log = logging.getLogger(__name__)
 MODEL_QUEUE = "model"  # one concurrency group: one generation (or model load) at a time
-# Form-only steps: no API endpoint, and no wait behind a running generation.
-PRIVATE = dict(api_visibility="private", queue=False)
+# Form-only steps: no API endpoint, and no wait behind a running generation. They go through the queue all the same
+# (with no concurrency limit): a step outside the queue that fails is a bare HTTP 500 the page does not show.
+PRIVATE = dict(api_visibility="private", queue=True, concurrency_limit=None)
+# Steps that cannot fail and change nothing but the page (a panel shown, a value copied): no queue round trip.
+INSTANT = dict(api_visibility="private", queue=False)
 ON_MODEL_QUEUE = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
 EXPECTED_ERRORS = (LoraloomError,)  # a user's mistake, worded for the user: shown as it is, not logged
 MAX_MESSAGE = 2000  # characters of one error message (a message quoting a huge input is cut)
+
+
+# Folders whose paths an error message shows by their short name (`register_roots`): the server's folders are
+# nobody's business but the operator's, and the user knows them by these names.
+_ROOTS: dict[str, str] = {}
+_LAST_ERRORS: OrderedDict[str, str] = OrderedDict()  # session hash -> the last error message shown to it
+_LAST_LOCK = threading.Lock()
+MAX_REMEMBERED = 1000
+
+
+def register_roots(roots: dict[str, str]) -> None:
+    """Show paths inside these folders as `label/relative/path` in error messages ({folder: label})."""
+    for folder, label in roots.items():
+        for text in {str(Path(folder).expanduser()), str(Path(folder).expanduser().resolve())}:
+            _ROOTS[text.rstrip("/")] = label
+
+
+def _short_paths(text: str) -> str:
+    for folder in sorted(_ROOTS, key=len, reverse=True):
+        label = _ROOTS[folder]
+        text = re.sub(re.escape(folder) + r"(?=/|\b|$)", label, text)
+    return text
 
 
 def upload_folder() -> Path:
@@ -57,9 +84,9 @@ def error_message(err: BaseException, action: str = "the action", ref: str | Non
     """What the user (page or API caller) reads for a failed action, as plain text on one line. `ref`: the log
     reference of an unexpected error (see `report`)."""
     if isinstance(err, gr.Error):
-        return one_line(_without_upload_paths(str(err.message)))
+        return one_line(_short_paths(_without_upload_paths(str(err.message))))
     if isinstance(err, EXPECTED_ERRORS):
-        return one_line(_without_upload_paths(str(err)))
+        return one_line(_short_paths(_without_upload_paths(str(err))))
     if "out of memory" in str(err).lower():
         return (f"{action} ran out of memory. Fix: smaller images, fewer LoRAs, fewer steps of a method that keeps "
                 "per-step tensors, or composite's max_batch.")
@@ -92,31 +119,98 @@ def fail(err: BaseException, action: str = "the action") -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def remember(request, message: str) -> None:
+    """Keep `message` as the last error of the session that made `request` (for its status line, `show_failures`)."""
+    key = getattr(request, "session_hash", None)
+    if not key:
+        return
+    with _LAST_LOCK:
+        _LAST_ERRORS[key] = message
+        _LAST_ERRORS.move_to_end(key)
+        while len(_LAST_ERRORS) > MAX_REMEMBERED:
+            _LAST_ERRORS.popitem(last=False)
+
+
+def last_error(request) -> str | None:
+    """The last error message of this request's session, once (it is forgotten when read)."""
+    key = getattr(request, "session_hash", None)
+    with _LAST_LOCK:
+        return _LAST_ERRORS.pop(key, None) if key else None
+
+
 def guarded(action: str):
     """Decorator for an endpoint's function (plain or generator): any exception that escapes it becomes `fail(err)`,
-    so no raw exception reaches the user, whichever line raised it. Keeps the signature Gradio reads the API from."""
+    so no raw exception reaches the user, whichever line raised it. The message is also kept for the session's
+    status line (`show_failures`). Keeps the signature Gradio reads the API from, plus a `gr.Request` parameter
+    that Gradio fills in (not part of the API)."""
 
     def wrap(fn):
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        rest = [p for p in params if p not in positional]
+        variadic = any(p.kind == p.VAR_POSITIONAL for p in params)  # *values: the request goes first
+        n = len(positional)
+
+        def split(args, kwargs):
+            kwargs = dict(kwargs)
+            request = kwargs.pop("_request", None)
+            if variadic:
+                if args:
+                    request, args = args[0], args[1:]
+            elif len(args) > n:
+                args, request = args[:n], args[n]
+            return args, kwargs, request
+
+        def failed(err, request):
+            error = fail(err, action)
+            remember(request, str(error.message))
+            return error
+
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def gen(*args, **kwargs):
+                args, kwargs, request = split(args, kwargs)
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as err:
-                    raise fail(err, action) from None
+                    raise failed(err, request) from None
 
-            return gen
+            wrapper = gen
+        else:
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                args, kwargs, request = split(args, kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as err:
+                    raise failed(err, request) from None
 
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:
-                raise fail(err, action) from None
-
-        return call
+            wrapper = call
+        extra = inspect.Parameter("_request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                  annotation=gr.Request)
+        if variadic:
+            extra = extra.replace(default=inspect.Parameter.empty)
+            wrapper.__signature__ = sig.replace(parameters=[extra, *[p.replace(default=inspect.Parameter.empty)
+                                                                     if p.kind == p.POSITIONAL_OR_KEYWORD else p
+                                                                     for p in positional], *rest])
+        else:
+            wrapper.__signature__ = sig.replace(parameters=[*positional, extra, *rest])
+        wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "_request": gr.Request}
+        return wrapper
 
     return wrap
+
+
+def show_failures(event, status, action: str = "the action"):
+    """When `event` fails, its session's last error message goes to the `status` line (Markdown) as well as the
+    toast, so it stays on the page. Returns the failure step."""
+
+    def on_failure(request: gr.Request):
+        message = last_error(request)
+        return error_markdown(message or f"{action} failed; the notice at the top right says why.")
+
+    return event.failure(on_failure, None, status, show_progress="hidden", **PRIVATE)
 
 
 def error_markdown(message: str) -> str:
