@@ -203,6 +203,17 @@ class RoutedLayer:
         return y
 
 
+def reads_text(modules: Mapping[str, nn.Module], path: str) -> bool:
+    """True for a layer whose input is the text conditioning, not the image's tokens: the keys and values of a
+    cross-attention module (`attn2`, and `attn1` of diffusers' `only_cross_attention` blocks, which attend to the
+    prompt instead of the image)."""
+    parent, _, leaf = path.rpartition(".")
+    attention = modules.get(parent)
+    if attention is not None and hasattr(attention, "is_cross_attention"):
+        return bool(attention.is_cross_attention) and leaf in ("to_k", "to_v")
+    return path.endswith(TEXT_INPUT_LAYERS)
+
+
 class LoRARouter:
     """Routes the resident LoRAs of one model (a UNet or a text encoder)."""
 
@@ -301,6 +312,7 @@ class LoRARouter:
             routed = self.layers.get(path)
             if routed is None:
                 routed = RoutedLayer(modules[path], path)
+                routed.reads_text = reads_text(modules, path)
                 self.layers[path] = routed
             routed.factors[lora.name] = layer
         self.adapters[lora.name] = lora

@@ -64,8 +64,9 @@ class RegionalCrossAttention:
 
 
 def cross_attention_modules(unet) -> list:
-    """The UNet's cross-attention modules (`attn2` of every transformer block)."""
-    return [m for name, m in unet.named_modules() if name.endswith("attn2") and hasattr(m, "set_processor")]
+    """The UNet's cross-attention modules: `attn2` of every transformer block, and `attn1` of diffusers'
+    `only_cross_attention` blocks (which attend to the prompt instead of the image)."""
+    return [m for m in unet.modules() if getattr(m, "is_cross_attention", False) and hasattr(m, "set_processor")]
 
 
 @contextmanager
