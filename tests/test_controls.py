@@ -333,3 +333,26 @@ def test_masks_set_during_a_run_gate_the_unet_and_are_lifted_after(two, one_thre
     torch.testing.assert_close(zeros, kv_only, atol=1e-6, rtol=0)
     assert (plain - zeros).abs().max() > 1e-3
     assert not router.gates
+
+
+def test_only_cross_attention_blocks_are_text_side_and_get_regions(one_thread):
+    """The toy model's first and last blocks are diffusers `only_cross_attention`: their attn1 attends to the prompt.
+    Its keys/values read the text (masked LoRAs gate them by prompt span, not as an image grid), and the regional
+    processor sits on it too; a masked LoRA there runs."""
+    from loraloom.evaluation.toyworld import LORAS_DIR, MODEL
+    from loraloom.pipelines.regions import cross_attention_modules
+
+    cp = ComposedPipeline.from_pretrained(str(MODEL))
+    cp.load_lora(LORAS_DIR / "clothing_1.safetensors", "hat")
+    unet = cp.pipe.unet
+    attn1_cross = [n for n, m in unet.named_modules() if n.endswith("attn1") and m.is_cross_attention]
+    assert attn1_cross
+    router = cp.routers["unet"]
+    for name in attn1_cross:
+        for leaf in ("to_k", "to_v"):
+            if f"{name}.{leaf}" in router.layers:
+                assert router.layers[f"{name}.{leaf}"].reads_text
+    assert {id(unet.get_submodule(n)) for n in attn1_cross} <= {id(m) for m in cross_attention_modules(unet)}
+    out = cp("a red circle, topha, white background", loras=[{"name": "hat", "mask": [0, 0, 1, 0.5]}], method="merge",
+             num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="latent", progress_bar=False)
+    assert torch.isfinite(out.latents).all()
