@@ -1,6 +1,6 @@
 """Composition methods, registered by name. Importing this package registers the built-in ones."""
 
-from . import clora, cmlora, composite, hypernet, klora, merge, switch, ziplora  # noqa: F401  (registration)
+from . import clora, cmlora, composite, hypernet, klora, loratorio, merge, switch, tokenroute, ziplora  # noqa: F401  (registration)
 from .base import (
     REGISTRY,
     ActiveLoRA,
