@@ -97,7 +97,8 @@ def browser_tab(items: list[LibraryItem]) -> BrowserTab:
         with gr.Row():
             make_preview = gr.Button("Make preview (the LoRA alone, seed 0)", size="sm", elem_id="make-preview")
             use_last = gr.Button("Use the last image as its preview", size="sm", elem_id="use-as-preview")
-    return BrowserTab(search, category, gallery, gr.State(names), status, selected, details, make_preview, use_last)
+        card_names = gr.State(names)
+    return BrowserTab(search, category, gallery, card_names, status, selected, details, make_preview, use_last)
 
 
 def details_of(item: LibraryItem) -> str:

@@ -70,7 +70,7 @@ def axis_text(kind: str | None, values: str | None) -> str:
 
 def grid_tab(config: UIConfig, methods: list[str], lora_names: list[str]) -> GridTab:
     kinds = axis_kinds(methods, lora_names)
-    with gr.Tab("Compare / X-Y-Z", id="grid"):
+    with gr.Tab("X/Y/Z plot", id="grid"):
         gr.Markdown("Vary the form along one or two axes (and Z: one page per value). Values: a list `a, b, c` or a "
                     "range `1-5`, `1-9 (+2)`, `0.5-1.5 [3]`; `method=*` is every method. Cells already made are "
                     "reused.", elem_id="grid-help")
