@@ -9,7 +9,6 @@ recipe's CFG scale, 32x32).
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,16 +109,15 @@ class ComposedGenerator:
         self.steps, self.guidance_scale, self.method = steps, guidance_scale, method
 
     def __call__(self, probes: list[Probe], progress=None) -> np.ndarray:
-        from .regions import generation_regions, only_cross_attention_regions
+        from .regions import generation_regions
 
         images = []
         for p in probes:
             regions = generation_regions(p.loras, p.regions)[1] if p.regions else ()
-            with only_cross_attention_regions(self.cp) if regions else nullcontext():
-                out = self.cp(p.prompt, loras=[(i, 1.0) for i in p.loras], method=p.method or self.method,
-                              method_params={"lora_scale": 1.0}, num_inference_steps=self.steps,
-                              guidance_scale=self.guidance_scale, height=S.SIZE, width=S.SIZE, seed=p.seed,
-                              scheduler="default", progress_bar=False, regions=regions)
+            out = self.cp(p.prompt, loras=[(i, 1.0) for i in p.loras], method=p.method or self.method,
+                          method_params={"lora_scale": 1.0}, num_inference_steps=self.steps,
+                          guidance_scale=self.guidance_scale, height=S.SIZE, width=S.SIZE, seed=p.seed,
+                          scheduler="default", progress_bar=False, regions=regions)
             images.append(np.asarray(out.images[0]))
             if progress is not None:
                 progress.update(1)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -183,49 +182,3 @@ def load_regions(assets: str | Path) -> dict[str, dict[str, object]]:
             raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
         return {k: dict(v) for k, v in (data.get("sets") or {}).items()}
     return regions_document()["sets"]
-
-
-def only_cross_attention_layers(unet) -> list[str]:
-    """Names of the UNet's self-attention modules (`attn1`) that attend to the text instead of the image: diffusers'
-    `only_cross_attention` blocks (the toy model's first down block and last up block)."""
-    return [name for name, m in unet.named_modules() if name.endswith("attn1") and getattr(m, "is_cross_attention", False)]
-
-
-@contextmanager
-def only_cross_attention_regions(cp):
-    """Within the block, regions work on a model with `only_cross_attention` blocks, such as the toy model.
-
-    A stopgap for two gaps of the routing layer as of 2d6b852 (reported with issue 23; remove it once
-    `composition/routing.py` and `pipelines/regions.py` handle these blocks): (1) `RoutedLayer.reads_text` holds only
-    for `attn2.to_k`/`attn2.to_v`, so a masked LoRA's delta on such a block's `attn1.to_k`/`to_v` — which read the
-    prompt copies, not the image — was gated as if its text positions were an image grid: a ValueError with 1 or 2
-    regions (32 or 48 text positions are no grid of the 16x16 latent), silently wrong gates with 3 (64 = an 8x8
-    grid); (2) `pipelines.regions.cross_attention_modules` lists only `attn2`, so these layers attended to all the
-    prompt copies in one softmax instead of blending each region's prompt by its mask.
-
-    Here: those layers' `reads_text` is set on the resident LoRAs' routed layers (for good: it is what they are),
-    and `cross_attention_modules` includes them until the block ends. Does nothing where the library does both."""
-    import loraloom.pipelines.regions as PR
-
-    unet = cp.pipe.unet
-    names = set(only_cross_attention_layers(unet))
-    for path, layer in cp.routers["unet"].layers.items():
-        parent, _, leaf = path.rpartition(".")
-        if parent in names and leaf in ("to_k", "to_v"):
-            layer.reads_text = True
-    original = PR.cross_attention_modules
-    listed = {id(m) for m in original(unet)}
-    missing = [m for n, m in unet.named_modules() if n in names and id(m) not in listed and hasattr(m, "set_processor")]
-    if not missing:
-        yield
-        return
-
-    def cross_attention_modules(model):
-        found = original(model)
-        return found + [m for m in missing if m not in found] if model is unet else found
-
-    PR.cross_attention_modules = cross_attention_modules
-    try:
-        yield
-    finally:
-        PR.cross_attention_modules = original
