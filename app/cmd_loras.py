@@ -1,4 +1,5 @@
-"""`loraloom loras DIR`: list the LoRAs in a folder with family, rank, targets, category and trigger words."""
+"""`loraloom loras DIR`: list the LoRAs in a folder with adapter type, family, rank, resident memory, targets,
+category and trigger words."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser("loras", help="list the LoRA files in a folder", description="Describe every LoRA file in a folder "
-                       "from its header (no weights are read): base family, rank, targeted layers, category, trigger words.")
+                       "from its header (no weights are read): adapter type (LoRA, LoCon-Tucker, LoHa, LoKr, DoRA, OFT, "
+                       "BOFT, full, norm; '+' joins the types of a file that mixes them), base family, rank, the memory "
+                       "it takes when loaded (its tensors + the cache its types build: LoHa's rank-r² or dense form, "
+                       "DoRA/OFT vectors and rotations; at the file's dtype), targeted layers, category, trigger words.")
     p.add_argument("folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-recursive", action="store_true", help="only the folder itself, not sub-folders")
@@ -28,6 +32,18 @@ def _short_targets(targets: dict[str, list[str]]) -> str:
     return " ".join(parts)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+def _memory(factor_bytes: int, cache_bytes: int) -> str:
+    """'3.1M' for a LoRA applied through its factors; '1.0M+2.0M' when its types add a cache while resident."""
+    return _size(factor_bytes) + (f"+{_size(cache_bytes)}" if cache_bytes else "")
+
+
 def run(args: argparse.Namespace) -> int:
     from loraloom.composition.library import scan_loras
 
@@ -39,14 +55,15 @@ def run(args: argparse.Namespace) -> int:
             for e in entries
         ], indent=2))
         return 0
-    rows = [("name", "family", "rank", "category", "triggers", "targets")]
+    rows = [("name", "type", "family", "rank", "memory", "category", "triggers", "targets")]
     for e in entries:
         if e.info is None:
-            rows.append((e.path.stem, "ERROR", "", "", e.error or "", ""))
+            rows.append((e.path.stem, "ERROR", "", "", "", "", e.error or "", ""))
             continue
         i = e.info
-        rows.append((i.name, i.family or "?", str(i.rank), i.category or "-", ", ".join(i.triggers) or "-", _short_targets(i.targets)))
-    widths = [min(max(len(r[c]) for r in rows), 48 if c in (4, 5) else 200) for c in range(len(rows[0]))]
+        rows.append((i.name, i.kind, i.family or "?", str(i.rank) if i.rank else "-", _memory(i.factor_bytes, i.cache_bytes),
+                     i.category or "-", ", ".join(i.triggers) or "-", _short_targets(i.targets)))
+    widths = [min(max(len(r[c]) for r in rows), 48 if c in (6, 7) else 200) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join((v if len(v) <= widths[c] else v[: widths[c] - 1] + "…").ljust(widths[c]) for c, v in enumerate(r)).rstrip())
     if not entries:

@@ -1,4 +1,5 @@
-"""A loaded LoRA: its low-rank factors per module (never a dense delta), alpha/rank scaling and metadata."""
+"""A loaded LoRA: one adapter object per module (`composition.adapters`: LoRA/LoCon factors, LoHa, LoKr, DoRA, OFT,
+full and norm diffs; never a dense delta unless the type needs one), alpha/rank scaling and metadata."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import Adapter, AdapterPartsError, LoRALayer, build_adapter
 from .errors import LoRAFileError
 from .lora_file import read_header, read_tensors
 from .lora_formats import Layers, convert_to_layers
@@ -22,37 +24,7 @@ def target_name(module_path: str) -> str:
     return _CONTAINER.sub("", module_path)
 
 
-@dataclass
-class LoRALayer:
-    """Factors of one adapted Linear/Conv2d: update = (alpha / rank) * up @ down (LoRA, Hu et al. 2021, eq. 3)."""
-
-    down: torch.Tensor  # (r, in) for Linear; (r, in, kh, kw) for Conv2d (LoCon)
-    up: torch.Tensor  # (out, r) for Linear; (out, r, 1, 1) for Conv2d
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.ndim == 4
-
-    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense update scale * up @ down in the base weight's layout. Only for fusing and weight-space methods."""
-        down = self.down if dtype is None else self.down.to(dtype)
-        up = self.up if dtype is None else self.up.to(dtype)
-        if self.is_conv:
-            return self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
-        return self.scale * (up @ down)
-
-    @property
-    def nbytes(self) -> int:
-        return self.down.numel() * self.down.element_size() + self.up.numel() * self.up.element_size()
+__all__ = ["Adapter", "LoRA", "LoRAInfo", "LoRALayer", "load_lora", "read_lora_info", "target_name"]
 
 
 @dataclass
@@ -76,10 +48,20 @@ class LoRAInfo:
     # Families the key names and shapes fit (whatever the header says) and why; () when they are not decisive.
     key_families: tuple[str, ...] = ()
     key_evidence: str | None = None
+    # Adapter types per component (`Adapter.kind`: LoRA, LoCon-Tucker, LoHa, LoKr, DoRA, OFT, BOFT, full, norm).
+    types: dict[str, list[str]] = field(default_factory=dict)
+    factor_bytes: int = 0  # the adapters' tensors, at the file's dtype
+    cache_bytes: int = 0  # what becoming resident adds (Khatri-Rao/dense LoHa, DoRA and OFT vectors), at the file's dtype
 
     @property
     def rank(self) -> int:
         return max((r for rs in self.ranks.values() for r in rs), default=0)
+
+    @property
+    def kind(self) -> str:
+        """The file's adapter type(s): 'LoRA', 'LoHa', or 'LoKr+norm' for a file that mixes types."""
+        kinds = sorted({k for ks in self.types.values() for k in ks}, key=lambda k: (k == "norm", k))
+        return "+".join(kinds) if kinds else "LoRA"
 
     def to_dict(self) -> dict:
         return {
@@ -97,26 +79,33 @@ class LoRAInfo:
             "category": self.category,
             "triggers": self.triggers,
             "trigger_suggestions": self.trigger_suggestions,
+            "type": self.kind,
+            "types": self.types,
+            "factor_bytes": self.factor_bytes,
+            "cache_bytes": self.cache_bytes,
         }
 
 
-def _describe(path, name, layout, layers: Layers, metadata, file_size, file_keys=()) -> LoRAInfo:
-    shapes = {c: {m: tuple(l.down.shape) for m, l in mods.items()} for c, mods in layers.items()}
+def _describe(path, name, layout, adapters: dict[str, dict[str, Adapter]], metadata, file_size, file_keys=(),
+              element_size: int | None = None) -> LoRAInfo:
+    shapes = {c: {m: tuple(a.family_shape()) for m, a in mods.items()} for c, mods in adapters.items()}
     key_families, evidence = family_from_keys(shapes, file_keys)
     family, source = family_from_metadata(metadata)
     if family is None and len(key_families) == 1:
         family, source = key_families[0], f"keys: {evidence}"
     sidecar = read_sidecar(path) if path is not None else {}
     suggestions = trigger_suggestions(metadata)
+    every = [a for mods in adapters.values() for a in mods.values()]
+    size = element_size or 4
     return LoRAInfo(
         path=Path(path) if path is not None else None,
         name=name,
         layout=layout,
         family=family,
         family_source=source,
-        ranks={c: sorted({s[0] for s in mods.values()}) for c, mods in shapes.items()},
-        targets={c: sorted({target_name(m) for m in mods}) for c, mods in shapes.items()},
-        num_modules=sum(len(m) for m in layers.values()),
+        ranks={c: sorted({a.producer_rank for a in mods.values() if a.producer_rank}) for c, mods in adapters.items()},
+        targets={c: sorted({target_name(m) for m in mods}) for c, mods in adapters.items()},
+        num_modules=sum(len(m) for m in adapters.values()),
         file_size=file_size,
         metadata=metadata,
         category=sidecar.get("category"),
@@ -125,23 +114,54 @@ def _describe(path, name, layout, layers: Layers, metadata, file_size, file_keys
         sidecar=sidecar,
         key_families=key_families,
         key_evidence=evidence,
+        types={c: sorted({a.kind for a in mods.values()}) for c, mods in adapters.items()},
+        factor_bytes=sum(t.numel() for a in every for t in _own_tensors(a)) * size,
+        cache_bytes=sum(a.cache_elements() for a in every) * size,
     )
+
+
+def _own_tensors(adapter: Adapter):
+    return [*adapter.inner.tensors, adapter.magnitude] if hasattr(adapter, "inner") else list(adapter.tensors)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _adapters(raw: Layers, path) -> dict[str, dict[str, Adapter]]:
+    out: dict[str, dict[str, Adapter]] = {}
+    for comp, mods in raw.items():
+        for module, layer in mods.items():
+            try:
+                out.setdefault(comp, {})[module] = build_adapter(layer.parts, layer.alpha, layer.source)
+            except AdapterPartsError as err:
+                where = layer.source or f"{comp}.{module}"
+                raise LoRAFileError(path, f"{where}: {err}.", "the file is damaged or incomplete; export it again.") from None
+    return out
 
 
 def read_lora_info(path: str | os.PathLike, allow_pickle: bool = False, unet_config=None) -> LoRAInfo:
     """Describe a LoRA file from its header alone (no weight is read for .safetensors)."""
     header = read_header(path, allow_pickle=allow_pickle)
-    meta_tensors = {k: torch.empty(s, device="meta") for k, s in header.shapes.items()}
+    meta_tensors = {k: torch.empty(s, device="meta", dtype=_SAFETENSORS_DTYPES.get(header.dtypes.get(k, ""), torch.float32))
+                    for k, s in header.shapes.items()}
     layout, layers = convert_to_layers(meta_tensors, header.metadata, header.path, unet_config=unet_config)
-    return _describe(header.path, Path(path).stem, layout, layers, header.metadata, header.file_size, header.shapes)
+    adapters = _adapters(layers, header.path)
+    return _describe(header.path, Path(path).stem, layout, adapters, header.metadata, header.file_size, header.shapes,
+                     _element_size(meta_tensors))
+
+
+def _element_size(tensors) -> int | None:
+    floats = [t for t in tensors.values() if t.is_floating_point()]
+    return max((t.element_size() for t in floats), default=None)
 
 
 @dataclass
 class LoRA:
-    """One adapter: `layers[component][module path]` -> factors, plus its description."""
+    """One LoRA file: `layers[component][module path]` -> its adapter (`LoRALayer` for plain LoRA/LoCon, or another
+    `composition.adapters` type), plus its description."""
 
     name: str
-    layers: dict[str, dict[str, LoRALayer]]
+    layers: dict[str, dict[str, Adapter]]
     info: LoRAInfo
 
     @property
@@ -158,14 +178,24 @@ class LoRA:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the adapters' own tensors (the factors as loaded)."""
         return sum(l.nbytes for mods in self.layers.values() for l in mods.values())
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes the routing layer built for the adapters while resident (LoHa's rank-r² or dense form, DoRA's and
+        OFT's vectors and rotations); 0 for plain LoRA/LoCon and before the LoRA is resident."""
+        return sum(l.cache_nbytes for mods in self.layers.values() for l in mods.values())
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({l.kind for mods in self.layers.values() for l in mods.values()})
 
     def to(self, device=None, dtype=None) -> LoRA:
         """Move/cast factors in place (the routing layer then shares these tensors: no second copy)."""
         for mods in self.layers.values():
             for layer in mods.values():
-                layer.down = layer.down.to(device=device, dtype=dtype)
-                layer.up = layer.up.to(device=device, dtype=dtype)
+                layer.to(device=device, dtype=dtype)
         return self
 
 
@@ -179,15 +209,7 @@ def check_finite(state_dict: dict[str, torch.Tensor], path) -> None:
 
 
 def lora_from_layers(name: str, raw: Layers, info: LoRAInfo) -> LoRA:
-    layers = {
-        comp: {m: LoRALayer(l.down, l.up, float(l.alpha) if l.alpha is not None else float(l.down.shape[0])) for m, l in mods.items()}
-        for comp, mods in raw.items()
-    }
-    for comp, mods in layers.items():
-        for module, layer in mods.items():
-            if layer.up.shape[1] != layer.rank:
-                raise LoRAFileError(info.path, f"{comp}.{module}: up factor has rank {layer.up.shape[1]} but down has {layer.rank}.", "the file is damaged; export it again.")
-    return LoRA(name=name, layers=layers, info=info)
+    return LoRA(name=name, layers=_adapters(raw, info.path), info=info)
 
 
 def load_lora(
@@ -198,7 +220,7 @@ def load_lora(
     unet_config=None,
     dtype: torch.dtype | None = None,
 ) -> LoRA:
-    """Load a LoRA file (diffusers/PEFT, old diffusers or kohya/A1111 layout) into factors.
+    """Load a LoRA file (diffusers/PEFT, old diffusers or kohya/A1111/LyCORIS layout) into adapter objects.
 
     `unet_config` lets diffusers remap SDXL kohya block names; `dtype` casts factors (default: as stored).
     Pickled files (.ckpt/.pt/.bin) are refused unless `allow_pickle=True`.
@@ -207,8 +229,10 @@ def load_lora(
     state_dict, metadata = read_tensors(path, allow_pickle=allow_pickle)
     check_finite(state_dict, path)
     layout, raw = convert_to_layers(state_dict, metadata, path, unet_config=unet_config)
-    info = _describe(path, name or path.stem, layout, raw, metadata, path.stat().st_size, state_dict)
-    lora = lora_from_layers(name or path.stem, raw, info)
+    adapters = _adapters(raw, path)
+    info = _describe(path, name or path.stem, layout, adapters, metadata, path.stat().st_size, state_dict,
+                     _element_size(state_dict))
+    lora = LoRA(name=name or path.stem, layers=adapters, info=info)
     if dtype is not None:
         lora.to(dtype=dtype)
     return lora

@@ -8,6 +8,11 @@ columns of A, so the merged update is exactly a LoRA of rank r_c + r_s:
 
 with s = alpha / rank of each source LoRA and w its user weight. Nothing here materialises a dense delta.
 Also here: which of two LoRAs is the subject and which the style, and writing a LoRA as a diffusers-layout file.
+
+Other adapter types (`composition.adapters`) enter a column merge as plain LoRA factors (`plain_lora`): exactly where
+their update is a low-rank product (Tucker LoCon: mid ∘ down; LoHa: its rank-r² Khatri–Rao factors), else only
+when asked, as the truncated SVD of their ΔW to rank `svd_rank` (LoKr, DoRA, OFT, BOFT, full diffs; the relative
+Frobenius error of each layer is reported). Norm-layer and bias diffs have no low-rank form and are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import Adapter, LoHa, TuckerLoCon
 from .errors import LoraloomError
 from .files import WritePolicy, write_file
 from .lora import LoRA, LoRAInfo, LoRALayer, target_name
@@ -81,6 +87,61 @@ def is_attention_projection(module_path: str) -> bool:
     """True for to_q / to_k / to_v / to_out.0 of an attention module (attn1 self-, attn2 cross-attention)."""
     parent = module_path[: -len(projection(module_path))].rstrip(".").rsplit(".", 1)[-1]
     return projection(module_path) in ATTENTION_PROJECTIONS and parent.startswith("attn")
+
+
+# --- other adapter types as plain LoRA factors ------------------------------------------------------------------
+def svd_lora_layer(delta: torch.Tensor, rank: int, source: str | None = None) -> tuple[LoRALayer, float]:
+    """The best rank-`rank` LoRA (LoCon for a conv ΔW) of a dense ΔW (truncated SVD, Eckart–Young) and its relative
+    Frobenius error ||ΔW - ΔW_r|| / ||ΔW||."""
+    d = delta.float()
+    flat = d.reshape(d.shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    r = max(1, min(int(rank), s.numel()))
+    root = s[:r].sqrt()
+    up, down = u[:, :r] * root, root[:, None] * vh[:r]
+    total = float(s.pow(2).sum())
+    err = (float(s[r:].pow(2).sum()) / total) ** 0.5 if total > 0 else 0.0
+    if d.ndim == 4:
+        return LoRALayer(down.reshape(r, *d.shape[1:]), up.reshape(d.shape[0], r, 1, 1), float(r), source=source), err
+    return LoRALayer(down, up, float(r), source=source), err
+
+
+def as_lora_layer(layer: Adapter, svd_rank: int = 0, where: str = "") -> tuple[LoRALayer, float]:
+    """(a LoRALayer with the same update, relative error): exact for LoRA/LoCon, Tucker LoCon and LoHa; the truncated
+    SVD of ΔW at `svd_rank` for the other types (0: refused, with the fix)."""
+    if isinstance(layer, LoRALayer):
+        return layer, 0.0
+    if isinstance(layer, TuckerLoCon):
+        return layer.as_locon(), 0.0
+    if isinstance(layer, LoHa):
+        return layer.as_lora_layer(), 0.0
+    if layer.bias_delta() is not None or layer.kind == "norm":
+        raise LoraloomError(f"{where}: a {layer.kind} adapter with norm-layer or bias diffs has no low-rank form, so it "
+                            "cannot be merged column-wise. Fix: compose this LoRA with merge, switch or composite.")
+    if svd_rank <= 0:
+        raise LoraloomError(f"{where}: a {layer.kind} adapter's update is not a low-rank product, so it cannot enter a "
+                            "column-wise merge exactly. Fix: set svd_rank (e.g. 16) to merge the truncated SVD of its ΔW "
+                            "(the relative error per layer is reported), or compose it with merge, switch or composite.")
+    with torch.no_grad():
+        return svd_lora_layer(layer.delta(torch.float32), svd_rank, getattr(layer, "source", None))
+
+
+def plain_lora(lora: LoRA, svd_rank: int = 0) -> tuple[LoRA, dict]:
+    """The LoRA with every layer as plain LoRA factors (`as_lora_layer`), and a report {"converted": n, "svd": n,
+    "max_relative_error": e}. A LoRA that is plain already is returned as it is."""
+    report = {"converted": 0, "svd": 0, "max_relative_error": 0.0}
+    if all(isinstance(l, LoRALayer) for mods in lora.layers.values() for l in mods.values()):
+        return lora, report
+    layers: dict[str, dict[str, LoRALayer]] = {}
+    for comp, mods in lora.layers.items():
+        for path, layer in mods.items():
+            plain, err = as_lora_layer(layer, svd_rank, f"{lora.name} {comp}.{path}")
+            if plain is not layer:
+                report["converted"] += 1
+                report["svd"] += not isinstance(layer, LoRALayer | TuckerLoCon | LoHa)
+                report["max_relative_error"] = max(report["max_relative_error"], err)
+            layers.setdefault(comp, {})[path] = plain
+    return LoRA(name=lora.name, layers=layers, info=lora.info), report
 
 
 # --- column-wise merge -------------------------------------------------------------------------------------
@@ -166,6 +227,9 @@ def lora_state_dict(lora: LoRA, dtype: torch.dtype | None = torch.float32) -> di
     out = {}
     for comp, mods in lora.layers.items():
         for path, layer in mods.items():
+            if not isinstance(layer, LoRALayer):
+                raise LoraloomError(f"{lora.name}: {comp}.{path} is a {layer.kind} adapter; only plain LoRA factors are "
+                                    "written in the diffusers layout. Fix: convert it first (merging.plain_lora).")
             down, up = layer.down.detach(), layer.up.detach() * layer.scale
             if dtype is not None:
                 down, up = down.to(dtype), up.to(dtype)
@@ -198,8 +262,9 @@ def lora_fingerprint(lora: LoRA) -> str:
     for comp in sorted(lora.layers):
         for path in sorted(lora.layers[comp]):
             layer = lora.layers[comp][path]
-            h.update(f"{comp}.{path}:{layer.alpha}".encode())
-            for t in (layer.down, layer.up):
+            tag = "" if isinstance(layer, LoRALayer) else f":{layer.kind}"  # plain LoRAs hash as they always did
+            h.update(f"{comp}.{path}:{layer.alpha}{tag}".encode())
+            for t in layer.tensors:
                 h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 

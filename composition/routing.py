@@ -1,12 +1,16 @@
 """The routing layer: every loaded LoRA stays resident as factors; gates say how much of each applies per batch row.
 
 A `LoRARouter` owns one model (UNet or text encoder). It installs a routed forward on each targeted
-`nn.Linear`/`nn.Conv2d` once (the module object, its parameters and its state-dict keys are untouched) and
-computes
+`nn.Linear`/`nn.Conv2d` (and, for LyCORIS norm diffs, `LayerNorm`/`GroupNorm`) once (the module object, its
+parameters and its state-dict keys are untouched) and computes
 
-    y = base(x) + sum_k gate[row, k] * layer_gate[layer, k] * (alpha_k / r_k) * up_k(down_k(x))
+    y = base(x) + sum_k gate[row, k] * layer_gate[layer, k] * delta_k(x)
 
-for the rows each adapter is routed to. Methods change the routing between steps with `set_routing`, which
+for the rows each adapter is routed to, where delta_k is the adapter's change of the layer's output
+(`composition.adapters`): (alpha_k / r_k) * up_k(down_k(x)) for LoRA/LoCon (and LoHa in its exact rank-r² form),
+the adapter's own `term` for the other types (LoKr through reshapes, Tucker through its three convolutions, dense
+diffs, and for the multiplicative types DoRA/OFT/BOFT y' - y computed from the base output). Spatial gates multiply
+every type's delta alike. Methods change the routing between steps with `set_routing`, which
 only rebuilds small per-layer lists: no module surgery, no `set_adapters` walk over the model.
 Rows are given as contiguous blocks (`RowBlock`), so a batch whose rows use different LoRAs computes each
 adapter on its own rows only.
@@ -28,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import Adapter
 from .errors import AdapterNameError, IncompatibleLoRA
-from .lora import LoRA, LoRALayer
+from .lora import LoRA
 from .module_paths import resolve_module_path
 from .spatial import resize_mask, token_grid
 
@@ -98,6 +103,9 @@ class SpatialGate:
 
     `on(delta, reads_text)` gives the multiplier for a delta of a layer: (1, 1, h, w) for a feature map, (1, n, 1)
     for n image tokens (the latent downsampled to h·w = n), (1, t, 1) for t text positions, or None (no gate).
+    A layer without positions (the time embedding, a resnet's time projection: (batch, features)) has no inside or
+    outside: a masked adapter's delta there is scaled by the mask's mean (the share of the image it covers; exact for
+    an empty or full mask, an approximation in between: that change reaches every position).
     Resized masks are cached per shape.
     """
 
@@ -116,6 +124,10 @@ class SpatialGate:
                 for span in self.spans:
                     g[span] = 1.0
                 self._cache[key] = g.view(1, -1, 1)
+        elif delta.ndim == 2:
+            key = ("none",)
+            if key not in self._cache:
+                self._cache[key] = self.mask.mean().reshape(1, 1)
         elif delta.ndim == 4:
             key = ("map", delta.shape[2], delta.shape[3])
             if key not in self._cache:
@@ -133,14 +145,18 @@ class SpatialGate:
 
 @dataclass
 class RoutedLayer:
-    """One routed module: the factors of every adapter that targets it and the terms active for this call."""
+    """One routed module: the adapters that target it and the terms active for this call.
+
+    A term is (down, up, weight, rows, gate) for an adapter applied through low-rank factors (the fast paths below),
+    or (None, adapters.Term, weight, rows, gate) for every other type."""
 
     module: nn.Module
     name: str
-    factors: dict[str, LoRALayer] = field(default_factory=dict)
+    factors: dict[str, Adapter] = field(default_factory=dict)
     active: list = field(default_factory=list)  # [(down, up, weight, rows, gate or None)]
     grouped: tuple | None = None  # (lo, hi, k, down^T stacked [k, in, r], weight * up^T stacked [k, r, out])
     installed: bool = False
+    needs_output: bool = False  # some active term reads the base output (DoRA, OFT, BOFT)
 
     def __post_init__(self):
         self.is_conv = isinstance(self.module, nn.Conv2d)
@@ -157,10 +173,11 @@ class RoutedLayer:
         self.installed = on
 
     def set_terms(self, terms: list) -> None:
-        """Active terms [(down, up, weight, rows, gate)]; equal-sized one-adapter row blocks without gates become one
-        grouped term."""
+        """Active terms [(down, up, weight, rows, gate)]; equal-sized one-adapter row blocks of low-rank Linear terms
+        without gates become one grouped term."""
         self.active, self.grouped = terms, None
-        if len(terms) >= 2 and not self.is_conv and all(t[4] is None for t in terms):
+        self.needs_output = any(t[0] is None and t[1].reads_output for t in terms)
+        if len(terms) >= 2 and not self.is_conv and all(t[4] is None and t[0] is not None and t[0].ndim == 2 for t in terms):
             rows = [t[3] for t in terms]
             ranks = {t[0].shape[0] for t in terms}
             if all(r is not None and r.step in (None, 1) for r in rows) and len(ranks) == 1:
@@ -178,6 +195,13 @@ class RoutedLayer:
             return F.conv2d(h * weight, up)
         return F.linear(F.linear(x, down) * weight, up)
 
+    def _base_output(self, y: torch.Tensor) -> torch.Tensor:
+        """y0: the base output without its bias (a new tensor: deltas are added into y in place)."""
+        bias = getattr(self.module, "bias", None)
+        if bias is None:
+            return y.clone()
+        return y - (bias.view(1, -1, 1, 1) if y.ndim == 4 else bias)
+
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_forward(x, *args, **kwargs)
         if self.grouped is not None and y.is_contiguous():
@@ -187,8 +211,18 @@ class RoutedLayer:
             h = torch.bmm(xs.reshape(k, -1, xs.shape[-1]), down_t)
             ys.view(k, -1, ys.shape[-1]).baddbmm_(h, up_t)
             return y
+        y0 = self._base_output(y) if self.needs_output else None
         for down, up, weight, rows, gate in self.active:
             xs, ys = (x, y) if rows is None else (x[rows], y[rows])
+            if down is None:  # another adapter type: its own term (up)
+                y0s = None if y0 is None else (y0 if rows is None else y0[rows])
+                if gate is None:
+                    up.add_(xs, ys, y0s)
+                    continue
+                delta = up.delta(xs, y0s)
+                g = gate.on(delta, self.reads_text)
+                ys += delta if g is None else delta * g
+                continue
             if gate is not None:  # the delta only where the gate is open: outside it the output is the base's exactly
                 delta = self.low_rank(xs, down, up, weight)
                 g = gate.on(delta, self.reads_text)
@@ -201,6 +235,11 @@ class RoutedLayer:
             else:  # y += weight * (x A^T) B^T in one fused in-place op
                 ys.view(-1, ys.shape[-1]).addmm_(F.linear(xs, down).reshape(-1, down.shape[0]), up.t(), alpha=weight)
         return y
+
+
+def _underscored(modules) -> dict[str, str]:
+    """{module path with `.` as `_`: path} of a model, to match kohya/LyCORIS module names diffusers cannot spell."""
+    return {name.replace(".", "_"): name for name in modules if name}
 
 
 def reads_text(modules: Mapping[str, nn.Module], path: str) -> bool:
@@ -233,14 +272,22 @@ class LoRARouter:
         """Map each of the LoRA's module paths for this model to the model's own name for that module.
 
         Returns ({LoRA path: model path}, problems). Naming variants (`text_model.` or not) are bridged by
-        `module_paths.resolve_module_path`; a module that is missing or shaped differently is a problem.
+        `module_paths.resolve_module_path`; a kohya/LyCORIS module whose path diffusers' converter could not spell
+        (norm layers, some embeddings) is found by its file name (`source`) among the model's module names. A module
+        that is missing or that the adapter does not fit (`Adapter.check`) is a problem.
         """
         problems: list[str] = []
         names: dict[str, str] = {}
         taken: set[str] = set()
         modules = dict(self.model.named_modules())
+        underscored = None
         for path, layer in lora.layers.get(self.component, {}).items():
             resolved = resolve_module_path(path, modules)
+            if resolved is None and getattr(layer, "source", None):
+                underscored = underscored if underscored is not None else _underscored(modules)
+                src = layer.source
+                resolved = next((underscored[c] for c in (src, src.removeprefix("text_model_"), "text_model_" + src)
+                                 if c in underscored), None)
             if resolved is None:
                 problems.append(f"{path}: no such module")
                 continue
@@ -249,22 +296,9 @@ class LoRARouter:
                 continue
             names[path] = resolved
             taken.add(resolved)
-            module = modules[resolved]
-            if isinstance(module, nn.Linear):
-                expected = (module.out_features, module.in_features)
-                got = (layer.up.shape[0], layer.down.shape[1])
-                if layer.is_conv:
-                    problems.append(f"{path}: conv factors for a Linear layer")
-                elif got != expected:
-                    problems.append(f"{path}: LoRA is {got[1]}->{got[0]}, model layer is {expected[1]}->{expected[0]}")
-            elif isinstance(module, nn.Conv2d):
-                expected = (module.out_channels, module.in_channels // module.groups)
-                if not layer.is_conv:
-                    problems.append(f"{path}: linear factors for a Conv2d layer")
-                elif (layer.up.shape[0], layer.down.shape[1]) != expected or tuple(layer.down.shape[2:]) != tuple(module.kernel_size):
-                    problems.append(f"{path}: LoRA shape {tuple(layer.down.shape)} does not fit conv {tuple(module.weight.shape)}")
-            else:
-                problems.append(f"{path}: is a {type(module).__name__}, not Linear/Conv2d")
+            problem = layer.check(modules[resolved])
+            if problem:
+                problems.append(f"{path}: {problem}")
         return names, problems
 
     def check(self, lora: LoRA, model_family: str | None = None, lora_family: str | None = None) -> dict[str, str]:
@@ -306,12 +340,15 @@ class LoRARouter:
             layers = lora.layers[self.component] = {names[path]: layer for path, layer in layers.items()}
         modules = dict(self.model.named_modules())
         for path, layer in layers.items():
-            weight = modules[path].weight
-            layer.down = layer.down.to(device=weight.device, dtype=weight.dtype)
-            layer.up = layer.up.to(device=weight.device, dtype=weight.dtype)
+            module = modules[path]
+            weight = module.weight
+            layer.to(device=weight.device, dtype=weight.dtype)
+            # Types that depend on the base weight (DoRA, OFT) are taken against the weights as loaded, not fused ones.
+            base = self._fused[path] if self._fused and path in self._fused else weight.data
+            layer.bind(module, base)
             routed = self.layers.get(path)
             if routed is None:
-                routed = RoutedLayer(modules[path], path)
+                routed = RoutedLayer(module, path)
                 routed.reads_text = reads_text(modules, path)
                 self.layers[path] = routed
             routed.factors[lora.name] = layer
@@ -324,7 +361,9 @@ class LoRARouter:
             return
         for path in list(self.layers):
             routed = self.layers[path]
-            routed.factors.pop(name, None)
+            layer = routed.factors.pop(name, None)
+            if layer is not None:
+                layer.unbind()  # its caches (LoHa's dense form, DoRA/OFT vectors) go with it
             if not routed.factors:
                 routed.set_terms([])
                 del self.layers[path]
@@ -380,7 +419,11 @@ class LoRARouter:
                         g *= layer_gates.get(path, {}).get(name, 1.0)
                     if g == 0.0:
                         continue
-                    terms[path].append((layer.down, layer.up, g * layer.scale, block.rows, self.gates.get(name)))
+                    low = layer.lowrank()
+                    if low is not None:
+                        terms[path].append((low[0], low[1], g * low[2], block.rows, self.gates.get(name)))
+                    else:
+                        terms[path].append((None, layer.term(routed.module, g), g, block.rows, self.gates.get(name)))
         for path, routed in self.layers.items():
             routed.set_terms(terms[path])
         self._routing = routing
@@ -389,11 +432,12 @@ class LoRARouter:
     # --- fusing ---------------------------------------------------------------------------------------------
     @contextmanager
     def fused(self, gates: Mapping[str, float]):
-        """Run with gate * delta of the given adapters added into the base weights; restore them bit-exactly on exit.
+        """Run with gate * delta of the given adapters added into the base weights (and biases, for full and norm
+        diffs); restore them bit-exactly on exit.
 
         The fused weight is a new tensor swapped in for the run; the original tensor is kept aside untouched and
         swapped back, so no fuse/unfuse drift is possible. While fused, routing is cleared (the adapters are in
-        the weights).
+        the weights). Every adapter's ΔW is taken against the original weights (DoRA and OFT depend on them).
         """
         if self._fused is not None:
             raise RuntimeError(f"{self.component}: already fused")
@@ -403,6 +447,7 @@ class LoRARouter:
                              "into the weights; run unfused.")
         saved_routing = self._routing
         self._fused = {}
+        biases: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 for path, routed in self.layers.items():
@@ -411,16 +456,25 @@ class LoRARouter:
                     terms = [(layer, g) for layer, g in terms if g != 0.0]
                     if not terms:
                         continue
-                    weight = routed.module.weight
-                    delta = sum(g * layer.delta(torch.float32) for layer, g in terms)
-                    self._fused[path] = weight.data
-                    weight.data = (weight.data.float() + delta).to(weight.dtype)
+                    module = routed.module
+                    weight = module.weight
+                    original = weight.data
+                    delta = sum(g * layer.delta(torch.float32, original).reshape(original.shape) for layer, g in terms)
+                    bias_terms = [(g, d) for layer, g in terms if (d := layer.bias_delta(torch.float32)) is not None]
+                    self._fused[path] = original
+                    weight.data = (original.float() + delta).to(weight.dtype)
+                    if bias_terms:
+                        bias = module.bias
+                        biases[path] = bias.data
+                        bias.data = (bias.data.float() + sum(g * d for g, d in bias_terms)).to(bias.dtype)
             self.invalidate()
             self.set_routing(None)
             yield self
         finally:
             for path, original in (self._fused or {}).items():
                 self.layers[path].module.weight.data = original
+            for path, original in biases.items():
+                self.layers[path].module.bias.data = original
             self._fused = None
             self.invalidate()
             self.set_routing(saved_routing)

@@ -191,25 +191,51 @@ def test_safetensors_that_is_not_a_lora(tmp_path, tiny_sd):
 
 
 @pytest.mark.parametrize("key,kind", [
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1", "LoKr"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
-    ("unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector", "DoRA"),
-    ("lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight", "Tucker"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.on_input", "IA3"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.a1.weight", "GLoRA"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lambda_layer", "T-LoRA"),
+    ("unet.down_blocks.0.attentions.0.proj_in.oft_r", "OFT \\(PEFT\\)"),
+    ("unet.down_blocks.0.attentions.0.proj_in.ia3_l", "IA3"),
 ])
 def test_unsupported_adapter_types_are_named(tmp_path, key, kind):
+    """Types loraloom cannot apply are refused by name, never dropped."""
     path = tmp_path / "x.safetensors"
     save_file({key: torch.zeros(2, 2), "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2),
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(UnsupportedLoRAFormat, match=kind) as err:
         load_lora(path)
     assert str(path) in str(err.value)
+    with pytest.raises(UnsupportedLoRAFormat, match=kind):
+        read_lora_info(path)
 
 
-def test_dora_in_adapter_metadata_is_refused(tmp_path, lora_files):
+@pytest.mark.parametrize("key,kinds", [
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoRA and LoHa"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w1", "LoRA and LoKr"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.diff", "LoRA and full-diff"),
+])
+def test_one_module_mixing_types_is_refused_naming_both(tmp_path, key, kinds):
+    path = tmp_path / "x.safetensors"
+    save_file({key: torch.zeros(2, 2), "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(LoRAFileError, match=kinds) as err:
+        load_lora(path)
+    assert str(path) in str(err.value) and "down_blocks_0_attentions_0_proj_in" in str(err.value)
+
+
+def test_lycoris_keys_in_the_peft_layout_are_named(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.hada_w1_a": torch.zeros(2, 2),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 2),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(UnsupportedLoRAFormat, match="LoHa"):
+        load_lora(path)
+
+
+def test_dora_in_adapter_metadata_without_magnitudes_is_refused(tmp_path, lora_files):
     sd = load_file(str(lora_files["char"]))
     save_file(sd, str(tmp_path / "d.safetensors"), metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True, "unet.r": 4})})
-    with pytest.raises(UnsupportedLoRAFormat, match="DoRA"):
+    with pytest.raises(LoRAFileError, match="DoRA.*lora_magnitude_vector"):
         load_lora(tmp_path / "d.safetensors")
 
 

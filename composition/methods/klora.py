@@ -145,7 +145,7 @@ _SCORES: dict[tuple, tuple[list, tuple]] = {}
 def _remembered(kind: str, subject: Sequence[LoRALayer], style: Sequence[LoRALayer], k, compute):
     """compute(), remembered per factor tensors (weak references plus in-place version counters: a changed or freed
     tensor never hits), so the next generation with the same LoRAs skips the work."""
-    tensors = [t for l in (*subject, *style) for t in (l.down, l.up)]
+    tensors = [t for l in (*subject, *style) for t in l.tensors]  # every adapter type's tensors (DoRA/OFT: with the base weight)
     key = (kind, tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
            tuple(l.alpha for l in (*subject, *style)), len(subject), k)
     hit = _SCORES.get(key)

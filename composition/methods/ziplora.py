@@ -34,6 +34,7 @@ from ..merging import (
     load_coefficients,
     lora_fingerprint,
     merged_lora,
+    plain_lora,
     save_coefficients,
     save_lora_file,
     subject_and_style,
@@ -61,6 +62,10 @@ class MergedLoRAMethod(Method):
     def prepare(self, ctx: DenoiseContext) -> None:
         p = self.params
         subject, style = subject_and_style(list(ctx.loras), p.roles, self.title)
+        # Other adapter types as plain factors: exact for LoCon-Tucker and LoHa, an SVD at svd_rank for LoKr, DoRA,
+        # OFT, BOFT and full diffs (refused when svd_rank is 0). Each LoRA's own prediction still uses its real adapters.
+        (subject, rep_c), (style, rep_s) = (self._plain(a, p.svd_rank) for a in (subject, style))
+        self.build_extras = {}
         if p.save_merged:  # refused before any work when the path may not be written
             ctx.write_policy.resolve(p.save_merged, f"{self.name}.save_merged")
         merged = self.build(ctx, subject, style)
@@ -77,6 +82,18 @@ class MergedLoRAMethod(Method):
             self.routing = Routing.uniform(gates)
         self.extras = {self.name: {"subject": subject.name, "style": style.name, "merged": merged.name,
                                    **getattr(self, "build_extras", {})}}
+        if rep_c["converted"] or rep_s["converted"]:
+            self.extras[self.name]["plain_factors"] = {subject.name: rep_c, style.name: rep_s}
+
+    @staticmethod
+    def _plain(active: ActiveLoRA, svd_rank: int) -> tuple[ActiveLoRA, dict]:
+        lora, report = plain_lora(active.lora, svd_rank)
+        if lora is active.lora:
+            return active, report
+        if report["svd"]:
+            log.info("%s: %d layers merged as rank-%d SVDs of their ΔW (largest relative error %.3g)", active.name,
+                     report["svd"], svd_rank, report["max_relative_error"])
+        return ActiveLoRA(active.name, active.weight, lora, active.controls), report
 
     def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
         eps_u, eps_c = ctx.predict(torch.cat([latents, latents]), step, self.cond, self.routing).chunk(2)
@@ -142,6 +159,10 @@ class MergedLoRAParams:
                                     "style/background; given order when undecided) or 'given' (first = subject).",
                        choices=["category", "given"])
     fuse: bool = param(True, "Fuse the merged LoRA into the UNet weights for the run (restored bit-exactly after).")
+    svd_rank: int = param(0, "LoKr, DoRA, OFT, BOFT and full-diff layers have no low-rank factors to merge column-wise: "
+                             "0 refuses them; r > 0 merges the truncated rank-r SVD of their ΔW (an approximation; the "
+                             "largest relative error is reported in the extras). LoRA, LoCon, Tucker LoCon and LoHa "
+                             "merge exactly.", min=0)
 
 
 @dataclass
