@@ -170,11 +170,14 @@ class FileHashes:
 
 def build_plan(manifest: Manifest, sets: list[BenchSet], variants: list[MethodVariant], *, seeds: int | None = None,
                reference_seeding: bool = False, lora_dir=None, overrides: dict | None = None, dtype: str = "float32",
-               hashes: FileHashes | None = None) -> list[WorkItem]:
+               hashes: FileHashes | None = None, variant_overrides: dict[str, dict] | None = None) -> list[WorkItem]:
     """Every (set × method × seed) in canonical order: sets in manifest order, then methods as given, then seeds.
-    `overrides` replace sampler settings for every set (e.g. {"steps": 10} for a quick run)."""
+    `overrides` replace sampler settings for every set (e.g. {"steps": 10} for a quick run); `variant_overrides`
+    ({method label: {"guidance_scale": 7, "steps": 50}}, what `bench tune` chose) replace them per method, after
+    `overrides`."""
     hashes = hashes or FileHashes()
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    variant_overrides = variant_overrides or {}
     items = []
     for s in sets:
         st = dataclasses.replace(manifest.settings(s), **overrides)
@@ -191,6 +194,7 @@ def build_plan(manifest: Manifest, sets: list[BenchSet], variants: list[MethodVa
                                 sha256=hashes(path) if path.is_file() else None))
         bm = manifest.base_models[s.base_model]
         for v in variants:
+            vst = dataclasses.replace(st, **variant_overrides[v.label]) if v.label in variant_overrides else st
             params = dict(st.method_params.get(v.name, {}))
             if v.has_lora_scale:
                 params.setdefault("lora_scale", st.lora_scale)
@@ -204,8 +208,8 @@ def build_plan(manifest: Manifest, sets: list[BenchSet], variants: list[MethodVa
                     seed, position = derived_seed(s.id, seed_value), None
                 spec = GenerationSpec(
                     model=manifest.model_ref(s.base_model), prompt=prompt, negative_prompt=st.negative_prompt,
-                    loras=[dataclasses.replace(r) for r in refs], method=v.name, method_params=dict(params), steps=st.steps,
-                    guidance_scale=st.guidance_scale, height=st.height, width=st.width, scheduler=st.scheduler, seed=seed,
+                    loras=[dataclasses.replace(r) for r in refs], method=v.name, method_params=dict(params), steps=vst.steps,
+                    guidance_scale=vst.guidance_scale, height=st.height, width=st.width, scheduler=vst.scheduler, seed=seed,
                     family=bm.family, dtype=dtype,
                 )
                 items.append(WorkItem(

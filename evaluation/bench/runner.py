@@ -51,6 +51,7 @@ class RunOptions:
     reference_seeding: bool = False
     lora_dir: str | Path | None = None
     overrides: dict = field(default_factory=dict)  # sampler settings replaced for every set (quick runs)
+    variant_overrides: dict = field(default_factory=dict)  # {method label: sampler settings}: `bench run --tuned`
     device: str = "auto"
     dtype: str = "float32"
     allow_download: bool = False
@@ -219,7 +220,8 @@ def run_benchmark(opts: RunOptions) -> RunSummary:
 def _run(opts: RunOptions, dist: Distributed) -> RunSummary:
     started = time.perf_counter()
     plan = build_plan(opts.manifest, opts.sets, opts.variants, seeds=opts.seeds, reference_seeding=opts.reference_seeding,
-                      lora_dir=opts.lora_dir, overrides=opts.overrides, dtype=opts.dtype, hashes=FileHashes())
+                      lora_dir=opts.lora_dir, overrides=opts.overrides, dtype=opts.dtype, hashes=FileHashes(),
+                      variant_overrides=opts.variant_overrides)
     out = Path(opts.out)
     store = Store(out)  # every process opens it at once: Store waits out the others' schema and WAL switch
     meta = store.claim_meta({"format": "loraloom-bench-store/1", "seeding": seeding_mode(opts), "manifest_name": opts.manifest.name,
