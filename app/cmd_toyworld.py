@@ -60,6 +60,21 @@ def register(sub) -> None:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=run_check)
 
+    cc = tw.add_parser("compose-check", help="a quick composition check: each method on 4 sets per N = 2, 3, 4",
+                       description="Each method on a fixed subset of the toy benchmark (4 sets per N = 2, 3, 4, 2 seeds; "
+                                   "klora/ziplora/hypernet on the N = 2 sets), read by the checker; prints "
+                                   "compose_<method>_<N> <all-concepts share> last. Resumable; the folder opens in "
+                                   "`loraloom bench report`. About 5-15 minutes on 2 CPU cores.")
+    cc.add_argument("--assets", default=str(DEFAULT_ASSETS))
+    cc.add_argument("--methods", help="comma-separated methods, NAME or NAME(key=value,...) "
+                                      "(default: merge,switch,composite,clora,cmlora,loratorio,tokenroute)")
+    cc.add_argument("--seed-offset", type=int, default=0, help="seed values K, K+1 (default: 0); another K: fresh images")
+    cc.add_argument("--sets-per-n", type=int, default=4, help="sets per N (default: %(default)s)")
+    cc.add_argument("--seeds", type=int, default=2, help="seeds per set (default: %(default)s)")
+    cc.add_argument("--out", help="output folder (default: outputs/compose-check/seed-offset-K)")
+    cc.add_argument("--no-progress", action="store_true")
+    cc.set_defaults(func=run_compose_check)
+
     g = tw.add_parser("grid", help="a PNG grid: base model, each LoRA alone, merged sets")
     g.add_argument("--assets", default=str(DEFAULT_ASSETS))
     g.add_argument("--out", default="outputs/toyworld-grid.png")
@@ -176,4 +191,14 @@ def run_scenes(args) -> int:
     from loraloom.evaluation.toyworld.grid import scene_sheet
 
     print(scene_sheet(args.out))
+    return 0
+
+
+def run_compose_check(args) -> int:
+    from loraloom.evaluation.toyworld.compose_check import METHODS
+    from loraloom.evaluation.toyworld.compose_check import run_compose_check as check
+
+    methods = (args.methods,) if args.methods else METHODS  # parse_methods splits at commas outside parentheses
+    check(args.assets, methods, seed_offset=args.seed_offset, out=args.out, per_n=args.sets_per_n, seeds=args.seeds,
+          progress=not args.no_progress)
     return 0
