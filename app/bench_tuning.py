@@ -1,4 +1,4 @@
-"""`loraloom bench tune` and `bench run --tuned`: each method's sampler settings chosen on held-out sets and seeds
+"""The `tune` action of `loraloom bench` and `bench run --tuned` (registered by cmd_bench): each method's sampler settings chosen on held-out sets and seeds
 (evaluation/bench/tune.py; docs/benchmarks.md#tuning)."""
 
 from __future__ import annotations
