@@ -34,6 +34,11 @@ def register(sub) -> None:
     r.add_argument("--reference-seeding", action="store_true",
                    help="reproduce the ComposLoRA reference's noise: one CPU generator per (group, N, method) run, "
                         "drawn in set order (default: each image's seed is a function of its set and seed)")
+    r.add_argument("--regions", nargs="?", const="", metavar="FILE",
+                   help="bind each LoRA to its set's region (methods that take regions: merge, switch, composite; "
+                        "labels NAME+regions): the set's own `regions:` entry, else FILE, else regions.yaml beside the "
+                        "manifest (the toy world ships one). Run once without and once with into the same --out to "
+                        "compare them in one report")
     r.add_argument("--steps", type=int, help="override the sampler steps of every set (quick runs)")
     r.add_argument("--guidance-scale", type=float, help="override the CFG scale of every set")
     r.add_argument("--height", type=int, help="override the height of every set")
@@ -113,21 +118,28 @@ def _load(args, sets_needed: bool = True):
 
 def run_cmd(args: argparse.Namespace) -> int:
     from loraloom.evaluation.bench.manifest import missing_files
-    from loraloom.evaluation.bench.plan import build_plan, parse_methods
+    from loraloom.evaluation.bench.plan import build_plan, parse_methods, with_regions
+    from loraloom.evaluation.bench.regions import load_bench_regions
     from loraloom.evaluation.bench.runner import MissingFilesError, RunOptions, run_benchmark
 
     variants = parse_methods(args.methods)
+    regions = None
+    if args.regions is not None:
+        variants = with_regions(variants)  # refuses the methods where regions have no meaning, before anything loads
     manifest, sets = _load(args)
+    if args.regions is not None:
+        regions = load_bench_regions(manifest, sets, args.regions or None)
     overrides = {"steps": args.steps, "guidance_scale": args.guidance_scale, "height": args.height, "width": args.width,
                  "scheduler": args.scheduler}
     if args.dry_run:
         missing = missing_files(manifest, sets, args.lora_dir)
         plan = build_plan(manifest, sets, variants, seeds=args.seeds, reference_seeding=args.reference_seeding,
                           lora_dir=args.lora_dir, overrides=overrides, dtype=args.dtype,
-                          hashes=lambda p: None)
+                          hashes=lambda p: None, regions=regions)
         _print_counts(manifest, sets)
         print(f"{len(plan)} images: {len(sets)} sets x {len(variants)} methods ({', '.join(v.label for v in variants)}) "
-              f"x {len(plan) // max(1, len(sets) * len(variants))} seed(s)")
+              f"x {len(plan) // max(1, len(sets) * len(variants))} seed(s)"
+              + (f"; each LoRA in its region ({regions.source})" if regions is not None else ""))
         if missing:
             raise MissingFilesError(missing.message(manifest, manifest.lora_folder(args.lora_dir)))
         return 0
@@ -135,7 +147,7 @@ def run_cmd(args: argparse.Namespace) -> int:
                       reference_seeding=args.reference_seeding, lora_dir=args.lora_dir, overrides=overrides,
                       device=args.device, dtype=args.dtype, allow_download=args.allow_download,
                       retry_failed=not args.no_retry_failed, progress=not args.no_progress, threads=args.threads,
-                      argv=sys.argv[1:])
+                      argv=sys.argv[1:], regions=regions)
     s = run_benchmark(opts)
     rate = s.generated / s.wall_seconds if s.wall_seconds else math.nan
     who = f"process {s.process_index + 1}/{s.num_processes}: " if s.num_processes > 1 else ""

@@ -32,7 +32,7 @@ SETTING_KEYS = {"steps", "guidance_scale", "scheduler", "height", "width", "lora
 BASE_MODEL_KEYS = {"model", "family", "vae"} | SETTING_KEYS
 DEFAULTS_KEYS = {"base_model"} | SETTING_KEYS
 LORA_KEYS = {"id", "name", "category", "triggers", "file", "weight", "url", "concept"}
-SET_KEYS = {"id", "loras", "base_model", "group", "scoring_text", "expected", "tags"} | SETTING_KEYS
+SET_KEYS = {"id", "loras", "base_model", "group", "scoring_text", "expected", "tags", "regions"} | SETTING_KEYS
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class BenchSet:
     expected: dict | None = None
     tags: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # the set's own overrides
+    regions: dict = field(default_factory=dict)  # {LoRA id: region}, used by `bench run --regions` (bench/regions.py)
 
     @property
     def n(self) -> int:
@@ -339,6 +340,15 @@ def _set_loras(path: Path, where: str, entry, loras: dict[str, LoRAEntry]) -> li
     return refs
 
 
+def _set_regions(path: Path, where: str, entry, lora_ids: list[str]) -> dict:
+    """A set's own `regions:` ({LoRA id: named region or box}, every LoRA of the set), checked now; {} without."""
+    if entry.get("regions") is None:
+        return {}
+    from .regions import checked_set_regions
+
+    return checked_set_regions(entry["regions"], lora_ids, f"{path}: {where}.regions")
+
+
 def _set_base_model(path: Path, where: str, entry, default_bm: str | None, base_models: dict[str, BaseModel]) -> str:
     """A set's base model key: its own, else `defaults.base_model`; one of `base_models`."""
     bm = entry.get("base_model", default_bm)
@@ -365,7 +375,8 @@ def _sets(path: Path, entries, loras: dict[str, LoRAEntry], base_models: dict[st
         key = (group, len(refs))
         sets.append(BenchSet(id=sid, loras=tuple(refs), base_model=bm, group=group, index=i, run_position=positions[key],
                              scoring_text=entry.get("scoring_text"), expected=entry.get("expected"),
-                             tags=dict(entry.get("tags") or {}), settings=_check_settings(path, where, entry)))
+                             tags=dict(entry.get("tags") or {}), settings=_check_settings(path, where, entry),
+                             regions=_set_regions(path, where, entry, [r[0] for r in refs])))
         positions[key] += 1
     if not sets:
         raise _err(path, "sets", "is empty", "list at least one composition set")

@@ -23,10 +23,11 @@ import yaml
 
 from loraloom.composition.errors import SpecError
 from loraloom.composition.lora_file import file_sha256
-from loraloom.composition.methods import get_method, make_method
+from loraloom.composition.methods import available_methods, get_method, make_method
 from loraloom.pipelines.spec import GenerationSpec, LoRARef
 
 from .manifest import BenchSet, Manifest
+from .regions import BenchRegions, region_refs
 
 _VARIANT = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\((.*)\))?\s*$")
 
@@ -37,12 +38,14 @@ class MethodVariant:
 
     name: str
     params: tuple[tuple[str, object], ...] = ()
+    regions: bool = False  # each LoRA bound to its set's region (`bench run --regions`; label `NAME+regions`)
 
     @property
     def label(self) -> str:
-        if not self.params:
-            return self.name
-        return f"{self.name}(" + ",".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in self.params) + ")"
+        label = self.name
+        if self.params:
+            label += "(" + ",".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in self.params) + ")"
+        return label + ("+regions" if self.regions else "")
 
     @property
     def has_lora_scale(self) -> bool:
@@ -94,6 +97,18 @@ def parse_methods(text: str | list[str]) -> list[MethodVariant]:
     if not out:
         raise SpecError("--methods is empty; e.g. --methods merge,switch,composite")
     return out
+
+
+def with_regions(variants: list[MethodVariant]) -> list[MethodVariant]:
+    """The variants with each LoRA bound to its region (`--regions`); SpecError, before any model loads, for a method
+    where regions have no meaning (`Method.supports_regions`)."""
+    refused = [v.label for v in variants if not get_method(v.name).supports_regions]
+    if refused:
+        takes = sorted(n for n in available_methods() if get_method(n).supports_regions)
+        raise SpecError(f"--regions: {', '.join(refused)} cannot bind a LoRA to a region (the method has no meaning for "
+                        f"regions). Fix: run those methods without --regions; the methods that take regions are "
+                        f"{', '.join(takes)}.")
+    return [dataclasses.replace(v, regions=True) for v in variants]
 
 
 def derived_seed(set_id: str, seed: int) -> int:
@@ -170,12 +185,16 @@ class FileHashes:
 
 def build_plan(manifest: Manifest, sets: list[BenchSet], variants: list[MethodVariant], *, seeds: int | None = None,
                reference_seeding: bool = False, lora_dir=None, overrides: dict | None = None, dtype: str = "float32",
-               hashes: FileHashes | None = None, variant_overrides: dict[str, dict] | None = None) -> list[WorkItem]:
+               hashes: FileHashes | None = None, variant_overrides: dict[str, dict] | None = None,
+               regions: BenchRegions | None = None) -> list[WorkItem]:
     """Every (set × method × seed) in canonical order: sets in manifest order, then methods as given, then seeds.
     `overrides` replace sampler settings for every set (e.g. {"steps": 10} for a quick run); `variant_overrides`
     ({method label: {"guidance_scale": 7, "steps": 50}}, what `bench tune` chose) replace them per method, after
-    `overrides`."""
+    `overrides`. A variant with `regions` (label `NAME+regions`) binds each LoRA of a set to its region in `regions`
+    (`bench/regions.py`: the spec's `RegionRef`s; a LoRA whose region is the whole image acts unmasked)."""
     hashes = hashes or FileHashes()
+    if any(v.regions for v in variants) and regions is None:
+        raise SpecError("a method variant binds LoRAs to regions, but the plan was given no regions (load_bench_regions)")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     variant_overrides = variant_overrides or {}
     items = []
@@ -193,8 +212,16 @@ def build_plan(manifest: Manifest, sets: list[BenchSet], variants: list[MethodVa
             refs.append(LoRARef(path=str(path), weight=w, name=lid, category=entry.category, triggers=list(entry.triggers),
                                 sha256=hashes(path) if path.is_file() else None))
         bm = manifest.base_models[s.base_model]
+        set_regions = []
+        if any(v.regions for v in variants):
+            mapping = regions.of(s.id)
+            if mapping is None:
+                raise SpecError(f"--regions: set {s.id} has no regions ({regions.source}). Fix: add them, or leave the set out")
+            set_regions = region_refs(s.lora_ids, mapping)
         for v in variants:
-            vst = dataclasses.replace(st, **variant_overrides[v.label]) if v.label in variant_overrides else st
+            # per-method settings (bench tune) by the variant's label; a +regions variant takes its method's
+            tuned = variant_overrides.get(v.label, variant_overrides.get(dataclasses.replace(v, regions=False).label))
+            vst = dataclasses.replace(st, **tuned) if tuned else st
             params = dict(st.method_params.get(v.name, {}))
             if v.has_lora_scale:
                 params.setdefault("lora_scale", st.lora_scale)
@@ -210,7 +237,7 @@ def build_plan(manifest: Manifest, sets: list[BenchSet], variants: list[MethodVa
                     model=manifest.model_ref(s.base_model), prompt=prompt, negative_prompt=st.negative_prompt,
                     loras=[dataclasses.replace(r) for r in refs], method=v.name, method_params=dict(params), steps=vst.steps,
                     guidance_scale=vst.guidance_scale, height=st.height, width=st.width, scheduler=vst.scheduler, seed=seed,
-                    family=bm.family, dtype=dtype,
+                    family=bm.family, dtype=dtype, regions=set_regions if v.regions else [],
                 )
                 items.append(WorkItem(
                     item_id=item_id(s.id, v.label, k), set=s, variant=v, seed_index=k, seed_value=seed_value, seed=seed,

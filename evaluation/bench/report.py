@@ -341,6 +341,17 @@ def _report_name(d: ReportData) -> str:
     return d.manifest.name if d.manifest else d.meta.get("manifest_name", "benchmark")
 
 
+def regions_note(d: ReportData) -> str:
+    """'regions: ...' when some method ran with each LoRA in its region (`bench run --regions`: labels NAME+regions),
+    naming where the regions came from; '' otherwise."""
+    labels = [m for m in d.methods if m.endswith("+regions")]
+    if not labels:
+        return ""
+    sha = d.meta.get("regions_sha256") or ""
+    return (f"regions: {', '.join(labels)} ran with each LoRA bound to its set's region from "
+            f"{d.meta.get('regions', 'the sets regions')}" + (f" (sha256 {sha[:12]})" if sha else ""))
+
+
 def _html_header(d: ReportData) -> list[str]:
     """The document head with the CSS, the title and the line naming the folder, manifest and time of writing."""
     name = _report_name(d)
@@ -349,7 +360,7 @@ def _html_header(d: ReportData) -> list[str]:
             f"<h1>loraloom benchmark — {escape(name)}</h1>",
             f"<div class='sub'>{escape(str(d.folder.resolve()))} · manifest {escape(d.meta.get('manifest_path', '?'))} "
             f"(sha256 {escape(d.meta.get('manifest_sha256', '?')[:12])}) · seeding: {escape(d.meta.get('seeding', '?'))} · "
-            f"report written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</div>"]
+            + (f"{escape(regions_note(d))} · " if regions_note(d) else "") + f"report written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</div>"]
 
 
 def _html_facts(d: ReportData) -> list[str]:
@@ -496,7 +507,8 @@ def render_markdown(d: ReportData) -> str:
     name = _report_name(d)
     lines = [f"# loraloom benchmark — {name}", "",
              f"{f['images']} images ({f['failed']} failed), {f['sets']} sets, methods {', '.join(d.methods)}, "
-             f"{f['seeds']} seed(s) per set; seeding: {d.meta.get('seeding', '?')}.",
+             f"{f['seeds']} seed(s) per set; seeding: {d.meta.get('seeding', '?')}."
+             + (f" {regions_note(d)[0].upper()}{regions_note(d)[1:]}." if regions_note(d) else ""),
              f"Generation: {_seconds(f['wall_seconds'])} wall over {f['runs']} run(s), "
              + (f"{f['images_per_second']:.2f} images/s" if math.isfinite(f['images_per_second']) else "– images/s")
              + f", {f['devices']} × {f['processes']} process(es).", "",

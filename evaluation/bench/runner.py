@@ -28,6 +28,7 @@ from loraloom.pipelines.spec import GenerationSpec, save_png
 
 from .manifest import BenchSet, Manifest, missing_files
 from .plan import FileHashes, MethodVariant, WorkItem, build_plan, reference_generator, scheduler_draws_noise, shard
+from .regions import BenchRegions
 from .store import Store, now
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class RunOptions:
     lora_dir: str | Path | None = None
     overrides: dict = field(default_factory=dict)  # sampler settings replaced for every set (quick runs)
     variant_overrides: dict = field(default_factory=dict)  # {method label: sampler settings}: `bench run --tuned`
+    regions: BenchRegions | None = None  # the sets' regions, for the variants with `regions` (`bench run --regions`)
     device: str = "auto"
     dtype: str = "float32"
     allow_download: bool = False
@@ -129,7 +131,7 @@ class BenchPipelines:
 
     def model(self, item: WorkItem):
         """Load the base model (errors here stop the run: every item would fail the same way)."""
-        cp = self.cache.get(dataclasses.replace(item.spec, loras=[]))
+        cp = self.cache.get(dataclasses.replace(item.spec, loras=[], regions=[], base_weight=0.0))
         if cp is not self._prepared:
             if item.vae:
                 self._swap_vae(cp, item)
@@ -221,7 +223,7 @@ def _run(opts: RunOptions, dist: Distributed) -> RunSummary:
     started = time.perf_counter()
     plan = build_plan(opts.manifest, opts.sets, opts.variants, seeds=opts.seeds, reference_seeding=opts.reference_seeding,
                       lora_dir=opts.lora_dir, overrides=opts.overrides, dtype=opts.dtype, hashes=FileHashes(),
-                      variant_overrides=opts.variant_overrides)
+                      variant_overrides=opts.variant_overrides, regions=opts.regions)
     out = Path(opts.out)
     store = Store(out)  # every process opens it at once: Store waits out the others' schema and WAL switch
     meta = store.claim_meta({"format": "loraloom-bench-store/1", "seeding": seeding_mode(opts), "manifest_name": opts.manifest.name,
@@ -232,6 +234,9 @@ def _run(opts: RunOptions, dist: Distributed) -> RunSummary:
     if dist.is_main:
         store.set_meta("manifest_path", str(opts.manifest.path))
         store.set_meta("manifest_sha256", opts.manifest.sha256)
+        if opts.regions is not None and any(v.regions for v in opts.variants):  # what the +regions labels used
+            store.set_meta("regions", opts.regions.source)
+            store.set_meta("regions_sha256", opts.regions.sha256 or "")
         _clean_temp_files(out)
     run_id = dist.broadcast(uuid.uuid4().hex[:12] if dist.is_main else None)
     dist.barrier()  # nobody writes a PNG before the temp files of a killed run are gone

@@ -131,18 +131,13 @@ def set_regions(loras: Sequence[S.ConceptLoRA | str]) -> dict[str, Box | str]:
 def generation_regions(loras: Sequence[str], regions: Mapping[str, object]) -> tuple[list, list]:
     """(`loras` entries, `Region`s) for `ComposedPipeline.__call__` from {LoRA id: region}: a LoRA whose region is the
     whole image (or that has none) acts everywhere, unmasked; LoRAs that share a region share one `Region` (one
-    prompt copy in the cross-attention, with the run's prompt), in the order of `loras`."""
+    prompt copy in the cross-attention, with the run's prompt), in the order of `loras` — the grouping of
+    `loraloom bench run --regions` (`evaluation.bench.regions.group_regions`)."""
     from loraloom.composition.controls import Region
+    from loraloom.evaluation.bench.regions import group_regions
 
-    plain, groups = [], {}
-    for name in loras:
-        region = regions.get(name, FULL)
-        if isinstance(region, str) and region.strip().lower() == FULL:
-            plain.append(name)
-        else:
-            key = tuple(float(v) for v in region) if isinstance(region, (list, tuple)) else region
-            groups.setdefault(key, []).append(name)
-    return plain, [Region(list(box) if isinstance(box, tuple) else box, loras=tuple(names)) for box, names in groups.items()]
+    plain, groups = group_regions(loras, regions)
+    return plain, [Region(mask, loras=tuple(names)) for mask, names in groups]
 
 
 def regions_document() -> dict:
