@@ -36,7 +36,7 @@ from .wiring import PRIVATE, error_message, register_roots  # noqa: E402
 CSS = """
 #status, #grid-status, #restore-status, #history-status, #browser-status, #score-status, #form-status { min-height: 1.5em; }
 /* small model outputs (the toy world's are 32 px) are shown enlarged with crisp pixels */
-#gallery img, #grid-image img, #preview img, #history-gallery img, #lora-cards img, #mask-preview img { image-rendering: pixelated; }
+#gallery img, #preview img, #history-gallery img, #lora-cards img, #mask-preview img { image-rendering: pixelated; }
 #preview img { height: 200px; width: auto; max-width: 100%; object-fit: contain; }
 #lib-previews img { image-rendering: pixelated; }
 /* captions under the thumbnails, whole, never over the image */
@@ -44,7 +44,11 @@ CSS = """
   position: static; white-space: normal; max-width: 100%; overflow: visible; text-overflow: clip;
   background: none; color: var(--body-text-color); font-size: var(--text-sm); padding: 2px 4px; text-align: left; }
 #lora-cards .thumbnail-item, #history-gallery .thumbnail-item { flex-direction: column; height: auto; }
-#grid-image .grid-wrap { max-height: none; }
+/* the X/Y/Z plot as large as the column allows (one page per row, its own aspect ratio, text stays smooth) */
+#grid-image .grid-wrap, #grid-image .gallery-container { max-height: none; height: auto; min-height: 0; }
+#grid-image .grid-container { padding-top: 0; }
+#grid-image .thumbnail-item { aspect-ratio: auto; height: auto; width: 100%; }
+#grid-image .thumbnail-item img { width: 100%; height: auto; max-height: none; object-fit: contain; }
 .remove-lora { max-width: 40px; }
 #token-count p { font-size: var(--text-sm); margin: 0; }
 /* phones: the actions and the result first, the form after them */

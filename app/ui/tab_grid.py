@@ -90,11 +90,13 @@ def grid_tab(config: UIConfig, methods: list[str], lora_names: list[str]) -> Gri
             button = gr.Button("Run X/Y/Z plot", variant="primary", elem_id="grid-btn", scale=2)
         status = gr.Markdown("", elem_id="grid-status")
         pages = gr.Gallery(label="X/Y/Z plot (one image per Z value; download or full screen)", format="png",
+                           show_label=False,
                            columns=1, preview=False, object_fit="contain", height="auto", elem_id="grid-image",
                            buttons=["download", "fullscreen"], allow_preview=True)
         table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, elem_id="grid-table", wrap=True)
-        files = gr.File(label="the grid and every cell's PNG (spec embedded)", file_count="multiple",
-                        interactive=False, elem_id="grid-files")
+        with gr.Accordion("files: the grid and every cell's PNG (spec embedded)", open=False, elem_id="grid-files-box"):
+            files = gr.File(label="the grid and every cell's PNG (spec embedded)", file_count="multiple",
+                            interactive=False, elem_id="grid-files")
         # /compare, the methods side by side (kept for API callers): hidden controls
         with gr.Column(visible=False):
             compare_methods = gr.CheckboxGroup(methods, value=[m for m in (config.compare_methods or methods)
