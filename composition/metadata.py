@@ -12,7 +12,12 @@ from .errors import LoRAFileError, SpecError
 from .files import read_yaml_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+                "flux": "FLUX.1", "sd3": "Stable Diffusion 3/3.5"}
+# Header spellings of the diffusion-transformer families (kohya `ss_base_model_version`, modelspec architecture
+# prefixes as sd-scripts, ai-toolkit and SimpleTuner write them) -> family.
+DIT_FAMILY_PREFIXES = (("flux-1", "flux"), ("flux1", "flux"), ("flux.1", "flux"), ("flux_1", "flux"),
+                       ("stable-diffusion-v3", "sd3"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"))
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 # Text-encoder context width -> family (cross-attention key/value input width of the UNet).
 CONTEXT_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -48,6 +53,14 @@ def family_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str | No
     if v2 in ("true", "false"):
         return ("sd2" if v2 == "true" else "sd1"), "ss_v2"
     return None, None
+
+
+def family_key(name: str | None) -> str | None:
+    """The family a header's base-model name means: 'flux' or 'sd3' for their spellings (`flux-1-dev`, `flux1`,
+    `stable-diffusion-v3-medium`, …; `family_from_metadata` returns those as written), any other name as it is."""
+    if name is None:
+        return None
+    return next((fam for prefix, fam in DIT_FAMILY_PREFIXES if name.startswith(prefix)), name)
 
 
 def family_from_keys(layer_shapes: dict[str, dict[str, tuple[int, ...]]], file_keys=()) -> tuple[tuple[str, ...], str | None]:

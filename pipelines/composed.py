@@ -1,5 +1,6 @@
 """Composed generation on diffusers components: one denoising loop that asks a composition method for the
-noise prediction at every step. Works for SD 1.x/2.x and SDXL (the family only changes how text is encoded).
+noise prediction at every step. Works for SD 1.x/2.x, SDXL, SD 3/3.5 and FLUX.1; what differs between them (text
+encoding, latents, the denoiser call, guidance, the sampler) is the model family's (`pipelines.families`).
 """
 
 from __future__ import annotations
@@ -12,25 +13,23 @@ from pathlib import Path
 
 import torch
 
-from loraloom.composition.conditioning import Conditioning
 from loraloom.composition.controls import Region, use_from
 from loraloom.composition.errors import AdapterNameError, GenerationError, IncompatibleLoRA
 from loraloom.composition.files import WritePolicy
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.lora import LoRA, load_lora
-from loraloom.composition.metadata import FAMILY_NAMES, family_display, sidecar_paths
+from loraloom.composition.metadata import FAMILY_NAMES, family_display, family_key, sidecar_paths
 from loraloom.composition.methods import ActiveLoRA, Method, make_method, params_to_dict
 from loraloom.composition.routing import LoRARouter, Routing
+from loraloom.composition.transformer_loras import load_transformer_lora
 
 from .attention import enable_fast_attention
 from .defaults import DEFAULTS
 from .denoise import denoise
-from .loading import load_base_pipeline, pipeline_family
+from .families import family_for
+from .families.base import DIT_METHODS, METHOD_LIMITS
+from .loading import load_base_pipeline
 from .run import Run
-from .schedulers import make_scheduler
-from .vae import to_vae_latents
-
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -47,6 +46,14 @@ class GenerationOutput:
     # The scheduler that ran: its config with diffusers' "_class_name" (a spec's "default" is the model's own
     # class; the PNG's A1111 text names the sampler and schedule type from this).
     scheduler: dict = field(default_factory=dict)
+
+
+def check_method_family(method: Method, family) -> None:
+    """Refuse a method that does not run on the loaded model family, with the reason (`families.base.METHOD_LIMITS`)."""
+    reason = METHOD_LIMITS.get(family.denoiser, {}).get(method.name)
+    if reason:
+        raise GenerationError(f"method {method.name!r} does not run on {FAMILY_NAMES[family.name]} models: {reason} Fix: use "
+                              f"one of {', '.join(DIT_METHODS)}.")
 
 
 def check_method_controls(method: Method, run: Run) -> None:
@@ -75,21 +82,23 @@ class ComposedPipeline:
 
     def __init__(self, pipe, family: str | None = None, model_path: str | Path | None = None):
         self.pipe = pipe
-        self.family = family or pipeline_family(pipe)
+        self.arch = family_for(pipe, family)  # what differs per model family (pipelines.families)
+        self.family = self.arch.name
         self.model_path = Path(model_path).expanduser().resolve() if model_path else None  # a local folder or file
-        self.routers: dict[str, LoRARouter] = {"unet": LoRARouter(pipe.unet, "unet")}
-        for comp in TEXT_COMPONENTS:
-            if getattr(pipe, comp, None) is not None:
-                self.routers[comp] = LoRARouter(getattr(pipe, comp), comp)
+        denoiser = self.arch.denoiser
+        self.routers: dict[str, LoRARouter] = {denoiser: LoRARouter(getattr(pipe, denoiser), denoiser)}
+        for comp in self.arch.text_components:
+            self.routers[comp] = LoRARouter(getattr(pipe, comp), comp)
         self.loras: dict[str, LoRA] = {}
-        self.attention_backend = enable_fast_attention(pipe)
+        self.attention_backend = enable_fast_attention(pipe) if denoiser == "unet" else "sdpa"
         self._lock = threading.RLock()
         self._interrupt = False
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
     def from_pretrained(cls, model: str, **kwargs) -> ComposedPipeline:
-        """`model`: diffusers folder, hub id, single-file .safetensors, or `tiny:sd1` / `tiny:sdxl`."""
+        """`model`: diffusers folder, hub id, single-file .safetensors, or `tiny:sd1` / `tiny:sdxl` / `tiny:flux` /
+        `tiny:sd3`. `family` ('flux', 'sd3', …) picks the pipeline class for a hub id."""
         family = kwargs.get("family")
         local = Path(model).expanduser()
         return cls(load_base_pipeline(model, **kwargs), family=family if family in FAMILY_NAMES else None,
@@ -108,21 +117,29 @@ class ComposedPipeline:
         return WritePolicy.at(output_dir, allowed=[cache_folder()], protected=[p for p in protected if p])
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet or the diffusion transformer."""
+        return getattr(self.pipe, self.arch.denoiser)
+
+    @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
     @property
     def default_size(self) -> int:
-        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        return self.arch.default_size
 
     # --- LoRAs ----------------------------------------------------------------------------------------------
     def load_lora(self, path, name: str | None = None, *, allow_pickle: bool = False) -> LoRA:
         """Load a LoRA file and make it resident (see `add_lora` for the checks)."""
-        lora = load_lora(path, name, allow_pickle=allow_pickle, unet_config=self.pipe.unet.config)
+        if self.arch.denoiser == "unet":
+            lora = load_lora(path, name, allow_pickle=allow_pickle, unet_config=self.pipe.unet.config)
+        else:
+            lora = load_transformer_lora(path, self.family, name, allow_pickle=allow_pickle)
         return self.add_lora(lora)
 
     def add_lora(self, lora: LoRA) -> LoRA:
@@ -131,8 +148,8 @@ class ComposedPipeline:
             if lora.name in self.loras:
                 raise AdapterNameError(f"a LoRA named {lora.name!r} is already loaded; load it under another name.")
             info, model = lora.info, FAMILY_NAMES[self.family]
-            if info.family is not None and info.family != self.family:
-                made_for = family_display(info.family)
+            if info.family is not None and family_key(info.family) != self.family:
+                made_for = family_display(family_key(info.family))
                 source = f"header {info.family_source}" if not (info.family_source or "").startswith("keys:") else f"its {info.family_source}"
                 raise IncompatibleLoRA(
                     lora.path,
@@ -195,7 +212,7 @@ class ComposedPipeline:
         width: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        scheduler: str | None = DEFAULTS.scheduler,
+        scheduler: str | None = None,
         callback_on_step_end: Callable | None = None,
         output_type: str = "pil",
         progress_bar: bool = True,
@@ -221,12 +238,13 @@ class ComposedPipeline:
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
         method = method if isinstance(method, Method) else make_method(method, method_params)
+        check_method_family(method, self.arch)
         with self._lock:
             self._interrupt = False
             started = time.perf_counter()
             run = self.run(loras, prompt, negative_prompt, guidance_scale, height, width, scheduler, num_inference_steps,
                            output_dir=output_dir, regions=regions, base_weight=base_weight)
-            latents = self.initial_latents(height, width, generator) * run.scheduler.init_noise_sigma
+            latents = self.initial_latents(height, width, generator) * self.arch.init_noise_sigma(run.scheduler)
 
             def predict(latents, step):
                 eps = method.denoise(run, latents, step)
@@ -254,23 +272,22 @@ class ComposedPipeline:
 
     def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",
             guidance_scale: float = DEFAULTS.guidance_scale, height: int | None = None, width: int | None = None,
-            scheduler: str | None = DEFAULTS.scheduler, num_inference_steps: int | None = None,
+            scheduler: str | None = None, num_inference_steps: int | None = None,
             output_dir: str | Path | None = None, regions: Sequence[Region] = (), base_weight: float = 0.0) -> Run:
         """The run context of one generation (`loraloom.pipelines.Run`, a `DenoiseContext`), for driving a method
         step by step: its scheduler is made from `scheduler` and, given `num_inference_steps`, has its timesteps
-        set. Use it as a context manager; `__call__` makes one per generation."""
+        set. `scheduler` None: the family's default (SD: `DEFAULTS.scheduler`; FLUX/SD3: the model's own). Use it as
+        a context manager; `__call__` makes one per generation."""
         height = height or self.default_size
         width = width or self.default_size
-        sched = make_scheduler(scheduler, self.pipe.scheduler.config, type(self.pipe.scheduler))
-        if num_inference_steps is not None:
-            sched.set_timesteps(num_inference_steps, device=self.device)
+        sched = self.arch.make_scheduler(scheduler, num_inference_steps, height, width, self.device)
         return Run(self, self._active(loras), prompt, negative_prompt or "", float(guidance_scale), height, width, sched,
                    write_policy=self.write_policy(output_dir), regions=regions, base_weight=base_weight)
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE factor x the UNet's downsampling)."""
-        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        """Height and width must be multiples of this (VAE factor x the UNet's downsampling, or x FLUX's packing)."""
+        return self.arch.size_multiple
 
     def _check_args(self, steps, guidance_scale, height, width) -> None:
         if int(steps) < 1:
@@ -284,45 +301,19 @@ class ComposedPipeline:
 
     def initial_latents(self, height, width, generator) -> torch.Tensor:
         """The starting noise of one image, drawn on `generator` (CPU) so that a seed gives the same image on any device."""
-        shape = (1, self.pipe.unet.config.in_channels, height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return noise.to(self.device, self.dtype)
+        return self.arch.initial_latents(height, width, generator, self.device, self.dtype)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        vae = self.pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-        z = latents.to(torch.float32 if upcast else vae.dtype)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            z = to_vae_latents(vae, z)
-            image = vae.decode(z, return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        return self.pipe.image_processor.postprocess(image, output_type=output_type)
+        return self.arch.decode(latents, output_type)
 
     # --- text encoding --------------------------------------------------------------------------------------
     def encode_prompt_rows(self, prompts: list[str], negatives: list[str], text_gates: list[Mapping[str, float]], height: int, width: int):
         """Encode prompt i with text-encoder LoRA gates i (one batched call per encoder); (negative, positive)."""
         routing = Routing.from_blocks([(1, g) for g in text_gates])
-        for comp in TEXT_COMPONENTS:
-            if comp in self.routers:
-                self.routers[comp].set_routing(routing)
+        for comp in self.arch.text_components:
+            self.routers[comp].set_routing(routing)
         try:
-            if self.family == "sdxl":
-                # An empty negative prompt is passed as None so SDXL's force_zeros_for_empty_prompt applies, as in diffusers.
-                pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                    prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                    negative_prompt=None if not any(negatives) else negatives,
-                )
-                proj = self.pipe.text_encoder_2.config.projection_dim
-                ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pos.dtype, text_encoder_projection_dim=proj)
-                ids = ids.to(self.device).repeat(len(prompts), 1)
-                return Conditioning(neg, neg_pooled, ids), Conditioning(pos, pooled, ids)
-            pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=negatives)
-            return Conditioning(neg), Conditioning(pos)
+            return self.arch.encode(prompts, negatives, height, width)
         finally:
-            for comp in TEXT_COMPONENTS:
-                if comp in self.routers:
-                    self.routers[comp].set_routing(None)
+            for comp in self.arch.text_components:
+                self.routers[comp].set_routing(None)

@@ -1,5 +1,5 @@
 """Loading base models: a diffusers folder, a hub id (optionally `local_files_only`), a single-file checkpoint,
-or a tiny offline model (`tiny:sd1`, `tiny:sdxl`)."""
+or a tiny offline model (`tiny:sd1`, `tiny:sdxl`, `tiny:flux`, `tiny:sd3`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from loraloom.composition.errors import LoraloomError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+                       "StableDiffusion3Pipeline": "sd3"}
 
 
 class ModelLoadError(LoraloomError, ValueError):
@@ -20,10 +21,10 @@ class ModelLoadError(LoraloomError, ValueError):
 
 
 def pipeline_family(pipe) -> str:
-    """'sdxl', 'sd2' or 'sd1' from the loaded components (SD 2.x has 1024-wide text context)."""
-    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
+    """'sd1', 'sd2', 'sdxl', 'flux' or 'sd3' from the loaded pipeline (`pipelines.families`)."""
+    from .families import pipeline_family as family_name
+
+    return family_name(pipe)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -67,7 +68,10 @@ def load_base_pipeline(
     local_files_only: bool = False,
     config: str | None = None,
 ):
-    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline (diffusers classes; no safety checker)."""
+    """Load a Stable Diffusion 1.x/2.x/XL, SD 3/3.5 or FLUX.1 pipeline (diffusers classes; no safety checker).
+    Single files are SD 1.x/2.x/XL checkpoints; FLUX and SD3 load from a diffusers folder or hub id (`family`
+    'flux'/'sd3' for a hub id)."""
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .tiny import TINY_BUILDERS
@@ -112,8 +116,14 @@ def load_base_pipeline(
             raise ModelLoadError(f"{model}: no such file or folder.")
         class_name, source, local = None, model, local_files_only
     if class_name is not None and class_name not in SUPPORTED_PIPELINES:
-        raise ModelLoadError(f"{model}: {class_name} is not supported; loraloom runs Stable Diffusion 1.x/2.x and SDXL.")
-    cls = StableDiffusionXLPipeline if (class_name == "StableDiffusionXLPipeline" or family == "sdxl") else StableDiffusionPipeline
+        raise ModelLoadError(f"{model}: {class_name} is not supported; loraloom runs Stable Diffusion 1.x/2.x/XL, SD 3/3.5 "
+                             "and FLUX.1.")
+    if class_name is None and family in ("flux", "sd3"):
+        class_name = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
+    if class_name in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        cls = getattr(diffusers, class_name)
+    else:
+        cls = StableDiffusionXLPipeline if (class_name == "StableDiffusionXLPipeline" or family == "sdxl") else StableDiffusionPipeline
     kwargs = {"dtype": torch_dtype, "local_files_only": local}
     if cls is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -18,6 +18,7 @@ import torch
 
 from loraloom.composition.conditioning import Conditioning
 from loraloom.composition.controls import Region, block_vector, layer_block_weights
+from loraloom.composition.errors import GenerationError
 from loraloom.composition.files import WritePolicy
 from loraloom.composition.grad import frozen
 from loraloom.composition.lora import LoRA
@@ -28,7 +29,6 @@ from loraloom.composition.routing import Routing, RowBlock, SpatialGate
 from .attention import StopForward, capture_cross_attention, token_positions
 from .denoise import denoise, guided
 from .regions import RegionLayout, regional_cross_attention
-from .schedulers import make_scheduler
 from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
 
 if TYPE_CHECKING:
@@ -49,9 +49,13 @@ class Run:
         self.loras = list(loras)
         self.prompt = prompt
         self.negative_prompt = negative_prompt
-        self.guidance_scale = float(guidance_scale)
+        arch = pipeline.arch
+        # A guidance-distilled model (FLUX.1) takes the scale as an input; methods then combine with CFG 1 over null
+        # negative rows (`Conditioning.null`), which gives the conditional prediction exactly.
+        self.model_guidance = float(guidance_scale)
+        self.guidance_scale = 1.0 if arch.distilled_guidance else float(guidance_scale)
         self.height, self.width = height, width
-        self.unet_router = pipeline.routers["unet"]
+        self.unet_router = pipeline.routers[arch.denoiser]  # the denoiser's router (UNet or transformer)
         self.scheduler = scheduler
         self.write_policy = write_policy or pipeline.write_policy()
         self.unet_calls = 0
@@ -62,6 +66,9 @@ class Run:
         self._stack = ExitStack()
         vsf = pipeline.pipe.vae_scale_factor
         has_masks = bool(regions) or any(a.controls.mask is not None for a in self.loras)
+        if has_masks and arch.denoiser != "unet":
+            raise GenerationError(f"regions and masked LoRAs are not implemented on {arch.name} models yet (the spatial gates "
+                                  "act on UNet feature maps). Fix: leave out the regions and masks.")
         self.layout = RegionLayout(self.loras, regions, (height // vsf, width // vsf), pipeline.pipe.tokenizer.model_max_length,
                                    base_weight) if has_masks else None
         self.schedules = {a.name: a.controls.schedule for a in self.loras if a.controls.schedule is not None}
@@ -83,8 +90,6 @@ class Run:
 
     def _apply_controls(self) -> None:
         """Strengths and block weights as per-layer factors in every router, masks as the UNet's spatial gates."""
-        unet_config = self.pipeline.pipe.unet.config
-        lpb = unet_config.layers_per_block if isinstance(unet_config.layers_per_block, int) else unet_config.layers_per_block[0]
         for comp, router in self.pipeline.routers.items():
             scales = {}
             for a in self.loras:
@@ -94,11 +99,19 @@ class Run:
                     continue
                 paths = [p for p, layer in router.layers.items() if a.name in layer.factors]
                 blocks = block_vector(c.blocks) if c.blocks is not None else None
+                lpb = self._layers_per_block() if blocks else None
                 per = layer_block_weights(blocks, comp, paths, lpb) if blocks else dict.fromkeys(paths, 1.0)
                 scales[a.name] = {p: factor * w for p, w in per.items()}
             gates = self.layout.gates() if self.layout and comp == "unet" else None
             if scales or gates:
                 router.set_controls(scales, gates)
+
+    def _layers_per_block(self) -> int:
+        if self.pipeline.arch.denoiser != "unet":
+            raise GenerationError(f"LoRA block weights (lbw) name UNet blocks; {self.pipeline.arch.name} models have none. "
+                                  "Fix: leave out lbw.")
+        unet_config = self.pipeline.pipe.unet.config
+        return unet_config.layers_per_block if isinstance(unet_config.layers_per_block, int) else unet_config.layers_per_block[0]
 
     def _at_step(self, routing: Routing, step: Step) -> Routing:
         """`routing` with every scheduled LoRA's gate times its schedule's factor at this step (0 drops it)."""
@@ -146,18 +159,27 @@ class Run:
             self.layout.copy_gates(gates), strict=True)]
 
     def predict(self, latents, step, conditioning, routing, layer_gates=None, max_batch=None):
-        """UNet output for each row under `routing` (chunked into calls of at most `max_batch` rows)."""
-        x = self.scheduler.scale_model_input(latents, step.timestep)
-        routing = self._at_step(routing, step)
-        total = x.shape[0]
+        """Denoiser output for each row under `routing` (chunked into calls of at most `max_batch` rows); null
+        conditioning rows are zero and not computed."""
+        arch = self.pipeline.arch
+        total = latents.shape[0]
         if len(conditioning) != total:
             raise ValueError(f"{total} latent rows but {len(conditioning)} conditioning rows")
+        if conditioning.null is not None and bool(conditioning.null.any()):
+            keep = (~conditioning.null).nonzero().flatten()
+            out = torch.zeros_like(latents)
+            if len(keep):
+                out[keep.to(out.device)] = self.predict(latents[keep.to(latents.device)], step, conditioning.select(keep),
+                                                        routing_of_rows(routing, keep.tolist()), layer_gates, max_batch)
+            return out
+        x = arch.model_input(self.scheduler, latents, step.timestep)
+        routing = self._at_step(routing, step)
         chunk = max_batch or total
         outs = []
         for lo in range(0, total, chunk):
             hi = min(lo + chunk, total)
             self.unet_router.set_routing(routing if chunk == total else routing.rows(lo, hi), layer_gates)
-            outs.append(self.pipeline.pipe.unet(x[lo:hi], step.timestep, **conditioning.rows(lo, hi).unet_kwargs(), return_dict=False)[0])
+            outs.append(arch.predict(x[lo:hi], step.timestep, conditioning.rows(lo, hi), self.model_guidance))
             self.unet_calls += 1
             self.unet_rows += hi - lo
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -243,19 +265,19 @@ class Run:
         generator seeded `seed`. A PIL image, or the latents with `output_type="latent"`. Its UNet calls are not
         counted in this run's."""
         # The sub-run shares this run's routers, with their strengths, block weights and masks already set.
-        sub = Run(self.pipeline, [], prompt, self.negative_prompt, self.guidance_scale, self.height, self.width,
+        sub = Run(self.pipeline, [], prompt, self.negative_prompt, self.model_guidance, self.height, self.width,
                   write_policy=self.write_policy)
-        if scheduler is None:
+        arch = self.pipeline.arch
+        if scheduler is None and arch.denoiser == "unet":
             sched = type(self.scheduler).from_config(self.scheduler.config)
+            sched.set_timesteps(num_inference_steps, device=self.pipeline.device)
         else:
-            pipe_sched = self.pipeline.pipe.scheduler
-            sched = make_scheduler(scheduler, pipe_sched.config, type(pipe_sched))
-        sched.set_timesteps(num_inference_steps, device=self.pipeline.device)
+            sched = arch.make_scheduler(scheduler, num_inference_steps, self.height, self.width, self.pipeline.device)
         sub.scheduler = sched
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        latents = self.pipeline.initial_latents(self.height, self.width, generator) * sched.init_noise_sigma
+        latents = self.pipeline.initial_latents(self.height, self.width, generator) * arch.init_noise_sigma(sched)
         cond, routing = Conditioning.cat(list(sub.encode([gates])[0])), Routing.uniform(gates)
-        latents, _ = denoise(sched, latents, guided(lambda x, step: sub.predict(x, step, cond, routing), self.guidance_scale),
+        latents, _ = denoise(sched, latents, guided(lambda x, step: sub.predict(x, step, cond, routing), sub.guidance_scale),
                              generator=generator)
         return latents if output_type == "latent" else self.pipeline.decode_latents(latents)[0]
 
@@ -271,3 +293,17 @@ class Run:
                 if router.scales or router.gates:
                     router.set_controls()
                 router.set_routing(None)
+
+
+def routing_of_rows(routing: Routing, rows: Sequence[int]) -> Routing:
+    """The routing of the batch made of `rows` (sorted indices) of the batch `routing` was for, renumbered from 0: a
+    contiguous block keeps the chosen rows inside it, which are contiguous in the new batch too."""
+    out = []
+    for b in routing.blocks:
+        if b.rows is None:
+            out.append(b)
+            continue
+        inside = [j for j, r in enumerate(rows) if b.rows.start <= r < b.rows.stop]
+        if inside:
+            out.append(RowBlock(slice(inside[0], inside[-1] + 1), b.gates))
+    return Routing(tuple(out))

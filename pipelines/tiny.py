@@ -1,4 +1,5 @@
-"""Tiny random-weight SD 1.x and SDXL pipelines built offline from config (as diffusers' own tests do).
+"""Tiny random-weight SD 1.x and SDXL pipelines built offline from config (as diffusers' own tests do); FLUX.1 and
+SD 3 in `tiny_dit.py`.
 
 Used by the tests, by `benchmarks/` and by the `tiny:sd1` / `tiny:sdxl` model names. Their images are noise:
 they exercise every code path in seconds, nothing more.
@@ -145,7 +146,19 @@ def build_tiny_sdxl(seed: int = 0):
     )
 
 
-TINY_BUILDERS = {"tiny:sd1": build_tiny_sd, "tiny:sdxl": build_tiny_sdxl}
+def _tiny_flux(seed: int = 0):
+    from .tiny_dit import build_tiny_flux
+
+    return build_tiny_flux(seed)
+
+
+def _tiny_sd3(seed: int = 0):
+    from .tiny_dit import build_tiny_sd3
+
+    return build_tiny_sd3(seed)
+
+
+TINY_BUILDERS = {"tiny:sd1": build_tiny_sd, "tiny:sdxl": build_tiny_sdxl, "tiny:flux": _tiny_flux, "tiny:sd3": _tiny_sd3}
 
 
 def random_lora_state_dict(unet_or_te, rank: int = 4, alpha: float | None = None, seed: int = 0,

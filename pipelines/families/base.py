@@ -1,0 +1,83 @@
+"""What differs between model families, behind one small protocol: adding the next model (a DiT such as
+Qwen-Image or FLUX.2) is one more file in this package.
+
+A `Family` is bound to one loaded diffusers pipeline. The denoising loop (`pipelines.denoise`), the run context
+(`pipelines.run.Run`), the routing layer and the methods only ever call these members, so they stay family-blind:
+latents in the loop are always (B, C, h, w) tensors at the VAE's latent resolution, whatever the denoiser takes
+(FLUX packs them into 2x2 patch tokens inside `predict` and unpacks its output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from loraloom.composition.conditioning import Conditioning
+
+
+class Family(Protocol):
+    name: str  # 'sd1', 'sd2', 'sdxl', 'flux', 'sd3' (composition.metadata.FAMILY_NAMES)
+    denoiser: str  # the pipeline component LoRAs' denoiser layers live in, and its router's name: 'unet', 'transformer'
+    text_components: tuple[str, ...]  # text encoders present, in the pipeline's order
+    distilled_guidance: bool  # guidance is an input of the model (FLUX.1): no unconditional branch, methods see CFG 1
+    lora_targets: tuple[str, ...]  # module names LoRAs of this family usually target (docs and `loraloom loras`)
+    block_names: tuple[str, ...]  # the denoiser's block containers, as they appear in module paths
+
+    @property
+    def default_size(self) -> int: ...
+
+    @property
+    def size_multiple(self) -> int: ...
+
+    def make_scheduler(self, name: str | None, num_inference_steps: int | None, height: int, width: int, device): ...
+
+    def initial_latents(self, height: int, width: int, generator: torch.Generator, device, dtype) -> torch.Tensor: ...
+
+    def init_noise_sigma(self, scheduler) -> float: ...
+
+    def encode(self, prompts: list[str], negatives: list[str], height: int, width: int) -> tuple[Conditioning, Conditioning]: ...
+
+    def model_input(self, scheduler, latents: torch.Tensor, timestep) -> torch.Tensor: ...
+
+    def predict(self, x: torch.Tensor, timestep, conditioning: Conditioning, guidance_scale: float) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"): ...
+
+
+def flow_scheduler(pipe, name: str | None, family: str):
+    """The model's own flow-matching scheduler for 'default'/None or its class name; other names are refused
+    (the Stable Diffusion samplers predict noise, these models predict a flow velocity)."""
+    from loraloom.composition.errors import SpecError
+
+    own = type(pipe.scheduler)
+    if name in (None, "default", own.__name__):
+        return own.from_config(pipe.scheduler.config)
+    raise SpecError(f"scheduler {name!r} does not sample {family} models (they are flow-matching models). Fix: use "
+                    f"'default' (the model's {own.__name__}).")
+
+
+def text_routing_gates(text_gates: list[Mapping[str, float]]):
+    from loraloom.composition.routing import Routing
+
+    return Routing.from_blocks([(1, g) for g in text_gates])
+
+
+# Methods that run on the diffusion transformers (FLUX.1, SD3); the others refuse, each with its reason.
+DIT_METHODS = ("merge", "switch", "composite")
+METHOD_LIMITS: dict[str, dict[str, str]] = {
+    "transformer": {
+        "klora": "its Top-K choice is made per UNet attention layer and has not been ported to the joint-attention "
+                 "blocks (the paper's FLUX mode) yet.",
+        "ziplora": "its merge objective trains on the UNet's noise predictions (DDPM training scheduler); the "
+                   "flow-matching objective is not implemented.",
+        "hypernet": "the shipped hypernetwork and its trainer are made for the SD UNet's layer shapes.",
+        "clora": "its masks come from UNet cross-attention maps; the joint attention's image-to-text maps are not "
+                 "captured yet.",
+        "cmlora": "its feature cache skips UNet decoder blocks (DeepCache); a transformer has no such cut.",
+        "loratorio": "it is not yet tested on the flow-matching predictions of these models.",
+        "tokenroute": "its masks come from UNet cross-attention maps; the joint attention's image-to-text maps are "
+                      "not captured yet.",
+    },
+}

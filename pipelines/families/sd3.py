@@ -1,0 +1,82 @@
+"""Stable Diffusion 3 / 3.5 (Esser et al. 2024): an MMDiT (`SD3Transformer2DModel`, joint-attention blocks; 3.5 adds
+QK-norm and dual attention in early blocks) on (B, 16, h, w) latents patchified inside the model, three text
+encoders (CLIP-L, CLIP-G: pooled + tokens; T5-XXL: tokens), true classifier-free guidance, a flow-matching Euler
+sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from loraloom.composition.conditioning import Conditioning
+
+from .base import flow_scheduler
+
+
+class SD3Family:
+    name = "sd3"
+    denoiser = "transformer"
+    distilled_guidance = False
+    lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    block_names = ("transformer_blocks",)
+    max_sequence_length = 256  # StableDiffusion3Pipeline's default (T5 tokens)
+
+    def __init__(self, pipe, name: str | None = None):
+        self.pipe = pipe
+        self.text_components = tuple(c for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                                     if getattr(pipe, c, None) is not None)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+
+    def make_scheduler(self, name, num_inference_steps, height, width, device):
+        """StableDiffusion3Pipeline's schedule: N steps, shifted by mu of the token count when the scheduler asks."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+        sched = flow_scheduler(self.pipe, name, "Stable Diffusion 3")
+        if num_inference_steps is not None:
+            kwargs = {}
+            if sched.config.get("use_dynamic_shifting", None):
+                p, vsf = self.pipe.transformer.config.patch_size, self.pipe.vae_scale_factor
+                cfg = sched.config
+                kwargs["mu"] = calculate_shift((height // vsf // p) * (width // vsf // p), cfg.get("base_image_seq_len", 256),
+                                               cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                               cfg.get("max_shift", 1.16))
+            retrieve_timesteps(sched, num_inference_steps, device, **kwargs)
+        return sched
+
+    def init_noise_sigma(self, scheduler) -> float:
+        return 1.0
+
+    def initial_latents(self, height, width, generator, device, dtype) -> torch.Tensor:
+        vsf = self.pipe.vae_scale_factor
+        shape = (1, self.pipe.transformer.config.in_channels, int(height) // vsf, int(width) // vsf)
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return noise.to(device, dtype)
+
+    def encode(self, prompts, negatives, height, width):
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.pipe.transformer.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=negatives, max_sequence_length=self.max_sequence_length)
+        return Conditioning(neg, neg_pooled), Conditioning(pos, pooled)
+
+    def model_input(self, scheduler, latents, timestep):
+        return latents
+
+    def predict(self, x, timestep, conditioning, guidance_scale):
+        b = x.shape[0]
+        t = timestep.expand(b) if torch.is_tensor(timestep) else torch.full([b], float(timestep), device=x.device)
+        return self.pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=conditioning.hidden,
+                                     pooled_projections=conditioning.pooled, return_dict=False)[0]
+
+    def decode(self, latents, output_type="pil"):
+        vae = self.pipe.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(z, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)

@@ -1,0 +1,153 @@
+"""Helpers for the FLUX.1 / SD3 tests: LoRA files of each layout written by their producers' conventions, and
+diffusers reference generations (its own `load_lora_weights`, `set_adapters`, and per-LoRA loops)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from loraloom.pipelines.tiny import random_lora_state_dict
+
+FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear")
+SD3_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+SIZE = 32
+
+
+def write_peft_lora(pipe, folder, name, *, seed=0, rank=4, alpha=8, targets=FLUX_TARGETS, text_encoder=True, metadata=None):
+    """The diffusers/PEFT layout as diffusers' own `save_lora_weights` writes it (LoraConfig in the header)."""
+    layers = random_lora_state_dict(pipe.transformer, rank, seed=seed, targets=targets)
+    te = random_lora_state_dict(pipe.text_encoder, rank, seed=seed + 100, targets=TE_TARGETS) if text_encoder else None
+    kwargs = {"transformer_lora_layers": layers,
+              "transformer_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers})}}
+    if te:
+        kwargs.update(text_encoder_lora_layers=te, text_encoder_lora_adapter_metadata={
+            "r": rank, "lora_alpha": alpha, "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in te})})
+    type(pipe).save_lora_weights(str(folder), weight_name=f"{name}.safetensors", **kwargs)
+    path = folder / f"{name}.safetensors"
+    if metadata:  # add header fields (e.g. modelspec.architecture) as trainers do
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        save_file(tensors, str(path), metadata={**meta, **metadata})
+    return path
+
+
+def write_kohya_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32, mlp=128):
+    """sd-scripts' FLUX layout (`lora_unet_double_blocks_0_img_attn_qkv`: fused q/k/v; `single_blocks_0_linear2`).
+    The fused single-block `linear1` is left out: diffusers' converter splits it at FLUX.1's real widths only."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def pair(module, n_in, n_out):
+        sd[f"{module}.lora_down.weight"] = torch.randn(rank, n_in, generator=g) * 0.1
+        sd[f"{module}.lora_up.weight"] = torch.randn(n_out, rank, generator=g) * 0.1
+        sd[f"{module}.alpha"] = torch.tensor(float(alpha))
+
+    for s in ("img", "txt"):
+        pair(f"lora_unet_double_blocks_0_{s}_attn_qkv", inner, 3 * inner)
+        pair(f"lora_unet_double_blocks_0_{s}_attn_proj", inner, inner)
+        pair(f"lora_unet_double_blocks_0_{s}_mlp_0", inner, mlp)
+        pair(f"lora_unet_double_blocks_0_{s}_mlp_2", mlp, inner)
+    pair("lora_unet_single_blocks_0_linear2", inner + mlp, inner)
+    path = folder / f"{name}.safetensors"
+    save_file(sd, str(path), metadata={"ss_base_model_version": "flux1", "ss_network_dim": str(rank)})
+    return path
+
+
+def unpack(pipe, latents):
+    """FLUX's packed output latents -> (B, C, h, w), as loraloom keeps them; other families' latents unchanged."""
+    if latents.ndim == 3:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)
+    return latents
+
+
+def diffusers_latents(pipe, prompt, steps, guidance, seed=0, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, num_inference_steps=steps, height=SIZE, width=SIZE, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs).images
+    return unpack(pipe, out)
+
+
+def switch_reference(pipe, names, scale, prompt, steps, guidance, interval=1):
+    """LoRA Switch through diffusers: `set_adapters` to the active LoRA, changed in `callback_on_step_end`."""
+    active = lambda i: names[(i // interval) % len(names)]  # noqa: E731
+    pipe.set_adapters([active(0)], [scale])
+
+    def on_step(p, i, t, kw):
+        p.set_adapters([active(i + 1)], [scale])
+        return kw
+
+    return diffusers_latents(pipe, prompt, steps, guidance, callback_on_step_end=on_step)
+
+
+@torch.no_grad()
+def composite_reference(pipe, names, scale, prompt, steps, guidance, predict_one):
+    """LoRA Composite through diffusers: each step, `set_adapters` to each LoRA in turn and average the (guided)
+    predictions. `predict_one(latents, t)` is the family's guided prediction with the adapters as set."""
+    latents, sched = _start(pipe, steps)
+    for t in sched.timesteps:
+        preds = []
+        for n in names:
+            pipe.set_adapters([n], [scale])
+            preds.append(predict_one(latents, t))
+        latents = sched.step(torch.stack(preds).mean(0), t, latents, return_dict=False)[0]
+    return unpack(pipe, latents)
+
+
+def _start(pipe, steps):
+    """Initial latents and the scheduler with its timesteps, as the pipeline's own __call__ sets them."""
+    import numpy as np
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    if isinstance(pipe, FluxPipeline):
+        latents, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, SIZE, SIZE, torch.float32, "cpu", g)
+        c = sched.config
+        mu = calculate_shift(latents.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    else:
+        latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, SIZE, SIZE, torch.float32, "cpu", g)
+        retrieve_timesteps(sched, steps, "cpu")
+    return latents, sched
+
+
+def flux_predict(pipe, prompt, guidance):
+    """One FLUX.1 dev prediction on packed latents, as FluxPipeline's loop makes it."""
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device="cpu")
+    img_ids = pipe._prepare_latent_image_ids(1, SIZE // pipe.vae_scale_factor // 2, SIZE // pipe.vae_scale_factor // 2, "cpu", torch.float32)
+
+    def predict(latents, t):
+        return pipe.transformer(hidden_states=latents, timestep=t.expand(1) / 1000, guidance=torch.full([1], guidance),
+                                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
+                                return_dict=False)[0]
+
+    return predict
+
+
+def sd3_predict(pipe, prompt, guidance):
+    """One SD3 prediction with classifier-free guidance, as StableDiffusion3Pipeline's loop makes it."""
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device="cpu", negative_prompt="")
+
+    def predict(latents, t):
+        out = pipe.transformer(hidden_states=torch.cat([latents] * 2), timestep=t.expand(2),
+                               encoder_hidden_states=torch.cat([neg, pos]), pooled_projections=torch.cat([neg_pooled, pooled]),
+                               return_dict=False)[0]
+        u, c = out.chunk(2)
+        return u + guidance * (c - u)
+
+    return predict
+
+
+def header(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})

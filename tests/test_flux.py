@@ -1,0 +1,117 @@
+"""FLUX.1 on a tiny pipeline built from config: the family module against diffusers' FluxPipeline (no LoRA, one LoRA
+of each layout through diffusers' own `load_lora_weights`), Switch and Composite against reference loops built on
+`set_adapters`, and the refusals (other families' LoRAs, methods and samplers that do not run here)."""
+
+from __future__ import annotations
+
+import pytest
+from dit_references import (
+    FLUX_TARGETS,
+    composite_reference,
+    diffusers_latents,
+    flux_predict,
+    switch_reference,
+    write_kohya_flux_lora,
+    write_peft_lora,
+)
+
+from loraloom.composition.errors import GenerationError, IncompatibleLoRA, SpecError
+from loraloom.pipelines import ComposedPipeline
+from loraloom.pipelines.tiny_dit import build_tiny_flux
+
+PROMPT, STEPS, GUIDANCE = "a red cat, ink wash", 2, 3.5
+TOL = 1e-5
+
+
+def ours(cp, loras=(), method="merge", steps=STEPS, **params):
+    out = cp(PROMPT, loras=list(loras), method=method, method_params=params, num_inference_steps=steps, height=32, width=32,
+             guidance_scale=GUIDANCE, seed=0, output_type="latent", progress_bar=False)
+    return out.latents, out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flux-loras")
+    pipe = build_tiny_flux(0)
+    return {
+        "peft": write_peft_lora(pipe, folder, "peft", seed=1),
+        "kohya": write_kohya_flux_lora(folder, "kohya", seed=2),
+        "a": write_peft_lora(pipe, folder, "a", seed=3, text_encoder=False),
+        "b": write_peft_lora(pipe, folder, "b", seed=4, text_encoder=False, targets=FLUX_TARGETS[:8]),
+    }
+
+
+def test_base_model_equals_diffusers_and_saved_folder(tmp_path):
+    pipe = build_tiny_flux(0)
+    ref = diffusers_latents(build_tiny_flux(0), PROMPT, STEPS, GUIDANCE)
+    cp = ComposedPipeline(pipe)
+    assert cp.family == "flux" and cp.arch.distilled_guidance and set(cp.routers) == {"transformer", "text_encoder", "text_encoder_2"}
+    lat, out = ours(cp)
+    assert lat.shape == (1, 4, 16, 16) and (lat - ref).abs().max() <= TOL
+    assert (out.unet_calls, out.unet_rows) == (STEPS, STEPS)  # no unconditional rows: guidance is an input of the model
+    pipe.save_pretrained(tmp_path / "flux")
+    loaded = ComposedPipeline.from_pretrained(str(tmp_path / "flux"))
+    assert loaded.family == "flux" and (ours(loaded)[0] - lat).abs().max() <= TOL  # same weights; BLAS may round apart
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
+    ref_pipe = build_tiny_flux(0)
+    ref_pipe.load_lora_weights(str(files[layout]))
+    ref = diffusers_latents(ref_pipe, PROMPT, STEPS, GUIDANCE)
+    cp = ComposedPipeline(build_tiny_flux(0))
+    lora = cp.load_lora(files[layout])
+    assert lora.info.family == "flux" and lora.info.layout == ("kohya" if layout == "kohya" else "diffusers-peft")
+    base = ours(cp)[0]
+    lat = ours(cp, ["peft" if layout == "peft" else "kohya"], lora_scale=1.0, fuse=fuse)[0]
+    assert (lat - base).abs().max() > 1e-3  # the LoRA does something
+    assert (lat - ref).abs().max() <= TOL
+    if layout == "peft":  # the CLIP text encoder's part is loaded and routed too
+        assert lora.layers.get("text_encoder")
+    else:  # kohya's fused q/k/v became the three projections (joint: add_q/k/v_proj), alpha folded in by diffusers
+        assert {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out",
+                "single_transformer_blocks.0.proj_out"} <= set(lora.layers["transformer"])
+
+
+def test_switch_and_composite_equal_set_adapters_references(files):
+    ref_pipe = build_tiny_flux(0)
+    for n in ("a", "b"):
+        ref_pipe.load_lora_weights(str(files[n]), adapter_name=n)
+    cp = ComposedPipeline(build_tiny_flux(0))
+    cp.load_lora(files["a"])
+    cp.load_lora(files["b"])
+    switch = switch_reference(ref_pipe, ["a", "b"], 0.8, PROMPT, 3, GUIDANCE)
+    lat, out = ours(cp, ["a", "b"], "switch", steps=3, switch_interval=1)
+    assert (lat - switch).abs().max() <= TOL and out.unet_rows == 3
+    comp = composite_reference(ref_pipe, ["a", "b"], 0.8, PROMPT, 3, GUIDANCE, flux_predict(ref_pipe, PROMPT, GUIDANCE))
+    lat, out = ours(cp, ["a", "b"], "composite", steps=3)
+    assert (lat - comp).abs().max() <= TOL
+    assert (out.unet_calls, out.unet_rows) == (3, 6)  # one call per step, one row per LoRA (the mean of their predictions)
+    merge = ours(cp, ["a", "b"], "merge", steps=3)[0]
+    ref_pipe.set_adapters(["a", "b"], [0.8, 0.8])
+    assert (merge - diffusers_latents(ref_pipe, PROMPT, 3, GUIDANCE)).abs().max() <= TOL
+
+
+def test_other_families_methods_and_samplers_are_refused(tmp_path, files):
+    from loraloom.pipelines.tiny import build_tiny_sd, write_random_lora
+
+    cp = ComposedPipeline(build_tiny_flux(0))
+    sd_lora = write_random_lora(build_tiny_sd(), tmp_path / "sd.safetensors")
+    with pytest.raises(IncompatibleLoRA, match="Stable Diffusion.*loaded model is FLUX.1"):
+        cp.load_lora(sd_lora)
+    sd3 = write_peft_lora(build_tiny_flux(0), tmp_path, "sd3like", seed=5, text_encoder=False,
+                          metadata={"modelspec.architecture": "stable-diffusion-v3-medium/lora"})
+    with pytest.raises(IncompatibleLoRA, match="was made for Stable Diffusion 3/3.5 \\(header modelspec.architecture\\), but the loaded model is FLUX.1"):
+        cp.load_lora(sd3)
+    assert cp.loras == {}
+    cp.load_lora(files["a"])
+    with pytest.raises(GenerationError, match="'klora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite"):
+        ours(cp, ["a"], "klora")
+    with pytest.raises(SpecError, match="does not sample FLUX.1 models"):
+        cp(PROMPT, loras=["a"], scheduler="dpmsolver++", num_inference_steps=1, height=32, width=32)
+    with pytest.raises(GenerationError, match="regions and masked LoRAs are not implemented on flux"):
+        cp(PROMPT, loras=[{"name": "a", "mask": "left"}], num_inference_steps=1, height=32, width=32)
+    sd_cp = ComposedPipeline(build_tiny_sd())
+    with pytest.raises(IncompatibleLoRA, match="was made for FLUX.1 \\(header ss_base_model_version\\), but the loaded model is Stable Diffusion 1.x"):
+        sd_cp.load_lora(files["kohya"])
