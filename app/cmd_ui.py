@@ -29,7 +29,13 @@ def register(sub) -> None:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice less one core, at least 1: "
+                   "1 on a 2-core machine, where it measured faster; see docs/ui.md)")
+    p.add_argument("--judge", choices=["openai", "transformers"],
+                   help="an MLLM judge for the Score tab: an OpenAI-compatible server or a local transformers VLM")
+    p.add_argument("--judge-model", help="the judge's model name (with --judge)")
+    p.add_argument("--judge-base-url", help="the OpenAI-compatible server's URL (default: https://api.openai.com/v1)")
+    p.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key (default: OPENAI_API_KEY)")
     p.add_argument("--max-queue", type=int, help="requests that may wait for the model (default: 64)")
     p.add_argument("--max-sessions", type=int,
                    help="client sessions whose page state the server keeps in memory, least recently used dropped "
@@ -79,6 +85,14 @@ def config_from_args(args: argparse.Namespace):
     if args.max_upload_mb is not None:
         cfg.max_png_mb = args.max_upload_mb
     cfg.allow_lora_upload = not args.no_lora_upload
+    if args.judge:
+        if not args.judge_model:
+            raise SystemExit("loraloom ui: --judge needs --judge-model (the judge's model name)")
+        cfg.judge = {"kind": args.judge, "model": args.judge_model}
+        if args.judge_base_url:
+            cfg.judge["base_url"] = args.judge_base_url
+        if args.judge_api_key_env:
+            cfg.judge["api_key_env"] = args.judge_api_key_env
     return cfg.check()
 
 
@@ -86,10 +100,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = parse_auth(args.auth)
     cfg = config_from_args(args)
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from loraloom.app.ui.config import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         print("loraloom ui: warning: reachable from other machines without a login; consider --auth USER:PASS",
               file=sys.stderr)

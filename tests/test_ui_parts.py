@@ -277,6 +277,31 @@ def test_cli_defaults_are_safe_and_flags_reach_launch(monkeypatch, tmp_path):
     assert main(["ui", "--lora-dir", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
 
 
+def test_default_threads_leave_a_core_to_the_server():
+    from loraloom.app.ui.config import default_threads
+
+    assert default_threads(2, 2) == 1  # this machine: 1 measured faster than torch's 2 (docs/ui.md, Speed)
+    assert default_threads(1, 1) == 1 and default_threads(16, 8) == 8 and default_threads(16, 16) == 15
+
+
+def test_judge_flags_reach_the_config(monkeypatch, tmp_path):
+    import loraloom.app.ui.app as ui_app
+    from loraloom.app.cli import main
+    from loraloom.app.ui.sandbox import EXAMPLE_LORAS
+
+    seen = {}
+    demo = SimpleNamespace(service=SimpleNamespace(pipeline=lambda model: None))
+    monkeypatch.setattr(ui_app, "build_app", lambda cfg: seen.setdefault("config", cfg) and demo)
+    monkeypatch.setattr(ui_app, "launch", lambda demo, cfg, **kw: None)
+    base = ["ui", "--model", "tiny:sd1", "--lora-dir", str(EXAMPLE_LORAS), "--output-dir", str(tmp_path / "o")]
+    assert main([*base, "--judge", "openai", "--judge-model", "gpt-x", "--judge-base-url", "http://127.0.0.1:9/v1",
+                 "--judge-api-key-env", "MY_KEY"]) == 0
+    assert seen["config"].judge == {"kind": "openai", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1",
+                                    "api_key_env": "MY_KEY"}
+    with pytest.raises(SystemExit, match="--judge-model"):
+        main([*base, "--judge", "openai"])
+
+
 @pytest.mark.parametrize("method, name", [("ziplora", "save_merged"), ("ziplora", "coefficients"), ("hypernet", "checkpoint"),
                                           ("clora", "mask_dir"), ("cmlora", "profile_cache")])
 def test_shipped_methods_mark_their_file_parameters(method, name):

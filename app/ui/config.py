@@ -107,6 +107,19 @@ def from_spec(path: str | os.PathLike, name: str | None = None) -> UIConfig:
     )
 
 
+def default_threads(cpu_count: int | None = None, torch_threads: int | None = None) -> int:
+    """The UI's torch CPU thread count: torch's own choice, less one core left to the web server, the browser and
+    the machine's other work (at least 1). On a 2-core machine that is 1 thread instead of torch's 2, which
+    benchmarks/bench_ui_workbench.py measured faster per image (docs/ui.md, Speed); on a large machine it is
+    torch's choice, or one less when torch takes every core."""
+    cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if torch_threads is None:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+    return max(1, min(torch_threads, cpus - 1))
+
+
 def toyworld_available() -> bool:
     model, loras, _ = _toyworld()
     return (model / "model_index.json").exists() and loras.is_dir()
