@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+from .bench_tuning import apply_tuned, register_tune
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -52,7 +54,10 @@ def register(sub) -> None:
     r.add_argument("--no-retry-failed", action="store_true", help="leave items that failed before as they are")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--dry-run", action="store_true", help="check the manifest and files, print the plan's counts, stop")
+    r.add_argument("--tuned", metavar="FILE", help="run each method at the sampler settings `bench tune` chose (its "
+                                                   "tuned.json) and leave its tuning sets out")
     r.set_defaults(func=run_cmd)
+    register_tune(bs)
 
     c = bs.add_parser("check", help="validate a manifest: counts per group and N, missing files",
                       description="Read a manifest, print its sets per group and number of LoRAs, and list the LoRA files "
@@ -131,10 +136,13 @@ def run_cmd(args: argparse.Namespace) -> int:
         regions = load_bench_regions(manifest, sets, args.regions or None)
     overrides = {"steps": args.steps, "guidance_scale": args.guidance_scale, "height": args.height, "width": args.width,
                  "scheduler": args.scheduler}
+    tuned = {}
+    if args.tuned:
+        sets, tuned = apply_tuned(args.tuned, manifest, variants, sets, overrides)
     if args.dry_run:
         missing = missing_files(manifest, sets, args.lora_dir)
         plan = build_plan(manifest, sets, variants, seeds=args.seeds, reference_seeding=args.reference_seeding,
-                          lora_dir=args.lora_dir, overrides=overrides, dtype=args.dtype,
+                          lora_dir=args.lora_dir, overrides=overrides, dtype=args.dtype, variant_overrides=tuned,
                           hashes=lambda p: None, regions=regions)
         _print_counts(manifest, sets)
         print(f"{len(plan)} images: {len(sets)} sets x {len(variants)} methods ({', '.join(v.label for v in variants)}) "
@@ -147,7 +155,7 @@ def run_cmd(args: argparse.Namespace) -> int:
                       reference_seeding=args.reference_seeding, lora_dir=args.lora_dir, overrides=overrides,
                       device=args.device, dtype=args.dtype, allow_download=args.allow_download,
                       retry_failed=not args.no_retry_failed, progress=not args.no_progress, threads=args.threads,
-                      argv=sys.argv[1:], regions=regions)
+                      variant_overrides=tuned, argv=sys.argv[1:], regions=regions)
     s = run_benchmark(opts)
     rate = s.generated / s.wall_seconds if s.wall_seconds else math.nan
     who = f"process {s.process_index + 1}/{s.num_processes}: " if s.num_processes > 1 else ""
