@@ -2,6 +2,7 @@
 
     python benchmarks/bench_methods.py                     # tiny SD model, seconds
     python benchmarks/bench_methods.py --model sd15-shape  # real SD 1.5 architecture, random weights, 256x256
+    python benchmarks/bench_methods.py --model flux-shape  # FLUX.1 / SD 3.5 shapes: benchmarks/bench_dit.py
 
 Times cover the denoising loop and prompt encoding (output_type="latent": VAE decoding, identical for every
 method, is left out). The last lines printed are the ratios the issues ask for:
@@ -183,4 +184,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    if any(a in ("flux-shape", "sd35-shape", "flux-tiny", "sd3-tiny") or a.startswith("--model=") and a.split("=", 1)[1] in
+           ("flux-shape", "sd35-shape", "flux-tiny", "sd3-tiny") for a in sys.argv[1:]):
+        from benchmarks.bench_dit import main as dit_main  # the diffusion-transformer families: same ratio lines
+
+        dit_main()
+    else:
+        main()

@@ -17,10 +17,11 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SIZE = 32
 
 
-def write_peft_lora(pipe, folder, name, *, seed=0, rank=4, alpha=8, targets=FLUX_TARGETS, text_encoder=True, metadata=None):
+def write_peft_lora(pipe, folder, name, *, seed=0, rank=4, alpha=8, targets=FLUX_TARGETS, text_encoder=True, metadata=None,
+                    std=0.1):
     """The diffusers/PEFT layout as diffusers' own `save_lora_weights` writes it (LoraConfig in the header)."""
-    layers = random_lora_state_dict(pipe.transformer, rank, seed=seed, targets=targets)
-    te = random_lora_state_dict(pipe.text_encoder, rank, seed=seed + 100, targets=TE_TARGETS) if text_encoder else None
+    layers = random_lora_state_dict(pipe.transformer, rank, seed=seed, targets=targets, std=std)
+    te = random_lora_state_dict(pipe.text_encoder, rank, seed=seed + 100, targets=TE_TARGETS, std=std) if text_encoder else None
     kwargs = {"transformer_lora_layers": layers,
               "transformer_lora_adapter_metadata": {"r": rank, "lora_alpha": alpha, "target_modules": sorted({k.rsplit(".lora_", 1)[0] for k in layers})}}
     if te:
@@ -58,20 +59,20 @@ def write_kohya_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32, 
     return path
 
 
-def unpack(pipe, latents):
+def unpack(pipe, latents, size=SIZE):
     """FLUX's packed output latents -> (B, C, h, w), as loraloom keeps them; other families' latents unchanged."""
     if latents.ndim == 3:
         from diffusers import FluxPipeline
 
-        return FluxPipeline._unpack_latents(latents, SIZE, SIZE, pipe.vae_scale_factor)
+        return FluxPipeline._unpack_latents(latents, size, size, pipe.vae_scale_factor)
     return latents
 
 
-def diffusers_latents(pipe, prompt, steps, guidance, seed=0, **kwargs):
+def diffusers_latents(pipe, prompt, steps, guidance, seed=0, size=SIZE, **kwargs):
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt, num_inference_steps=steps, height=SIZE, width=SIZE, guidance_scale=guidance,
+    out = pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance,
                generator=torch.Generator().manual_seed(seed), output_type="latent", **kwargs).images
-    return unpack(pipe, out)
+    return unpack(pipe, out, size)
 
 
 def switch_reference(pipe, names, scale, prompt, steps, guidance, interval=1):
@@ -87,54 +88,58 @@ def switch_reference(pipe, names, scale, prompt, steps, guidance, interval=1):
 
 
 @torch.no_grad()
-def composite_reference(pipe, names, scale, prompt, steps, guidance, predict_one):
+def composite_reference(pipe, names, scale, prompt, steps, guidance, predict_one, size=SIZE):
     """LoRA Composite through diffusers: each step, `set_adapters` to each LoRA in turn and average the (guided)
     predictions. `predict_one(latents, t)` is the family's guided prediction with the adapters as set."""
-    latents, sched = _start(pipe, steps)
+    latents, sched = _start(pipe, steps, size)
     for t in sched.timesteps:
         preds = []
         for n in names:
             pipe.set_adapters([n], [scale])
             preds.append(predict_one(latents, t))
         latents = sched.step(torch.stack(preds).mean(0), t, latents, return_dict=False)[0]
-    return unpack(pipe, latents)
+    return unpack(pipe, latents, size)
 
 
-def _start(pipe, steps):
+def _start(pipe, steps, size=SIZE):
     """Initial latents and the scheduler with its timesteps, as the pipeline's own __call__ sets them."""
     import numpy as np
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     g = torch.Generator().manual_seed(0)
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     if isinstance(pipe, FluxPipeline):
-        latents, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, SIZE, SIZE, torch.float32, "cpu", g)
+        latents, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, size, size, dtype, device, g)
         c = sched.config
         mu = calculate_shift(latents.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
-        retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        retrieve_timesteps(sched, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     else:
-        latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, SIZE, SIZE, torch.float32, "cpu", g)
-        retrieve_timesteps(sched, steps, "cpu")
+        latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, size, size, dtype, device, g)
+        retrieve_timesteps(sched, steps, device)
     return latents, sched
 
 
-def flux_predict(pipe, prompt, guidance):
+def flux_predict(pipe, prompt, guidance, size=SIZE, **encode):
     """One FLUX.1 dev prediction on packed latents, as FluxPipeline's loop makes it."""
-    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device="cpu")
-    img_ids = pipe._prepare_latent_image_ids(1, SIZE // pipe.vae_scale_factor // 2, SIZE // pipe.vae_scale_factor // 2, "cpu", torch.float32)
+    device = pipe.transformer.device
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device=device, **encode)
+    side = size // pipe.vae_scale_factor // 2
+    img_ids = pipe._prepare_latent_image_ids(1, side, side, device, embeds.dtype)
 
     def predict(latents, t):
-        return pipe.transformer(hidden_states=latents, timestep=t.expand(1) / 1000, guidance=torch.full([1], guidance),
+        return pipe.transformer(hidden_states=latents, timestep=t.expand(1).to(latents.dtype) / 1000,
+                                guidance=torch.full([1], guidance, device=device),
                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
                                 return_dict=False)[0]
 
     return predict
 
 
-def sd3_predict(pipe, prompt, guidance):
+def sd3_predict(pipe, prompt, guidance, size=SIZE, negative_prompt="", **encode):
     """One SD3 prediction with classifier-free guidance, as StableDiffusion3Pipeline's loop makes it."""
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device="cpu", negative_prompt="")
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, None, None, device=pipe.transformer.device, negative_prompt=negative_prompt, **encode)
 
     def predict(latents, t):
         out = pipe.transformer(hidden_states=torch.cat([latents] * 2), timestep=t.expand(2),

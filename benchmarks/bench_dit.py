@@ -1,0 +1,186 @@
+"""Speed and memory of Merge, Switch and Composite on FLUX.1- and SD 3.5-shaped models: the ratio lines of
+`bench_methods.py` (which hands `--model flux-shape` / `sd35-shape` to this script).
+
+    python benchmarks/bench_dit.py --model flux-shape      # FLUX.1 widths, 2 double + 4 single blocks, 256x256, CPU
+    python benchmarks/bench_dit.py --model sd35-shape      # SD 3.5 Large widths, 4 joint blocks
+    python benchmarks/bench_dit.py --model flux-tiny       # the tests' tiny FLUX, seconds (checks the script)
+    python benchmarks/bench_dit.py --model flux-shape --full --device cuda --dtype bfloat16 --size 1024 --shared-weights
+
+Models come from config with random weights (`benchmarks/dit_shapes.py`), LoRAs are written in the diffusers/PEFT
+layout on the attention projections (joint add_q/k/v_proj and to_add_out included), the MLPs and FLUX's
+single-stream proj_mlp/proj_out. Times cover prompt encoding and the denoising loop (latent output). Lines:
+
+    switch_vs_single        our Switch / one fixed LoRA (ours, unfused)                        target <= 1.03
+    composite_vs_reference  our Composite / a loop that calls diffusers' set_adapters per LoRA
+                            and the transformer once per LoRA per step                         target <= 0.8
+    composite_vs_limit      our Composite / (N x one single-LoRA generation)                  target <= 1.05
+    merge_vs_base           our Merge (fused) / the base model with no LoRA                   target <= 1.05
+    lora_memory_ratio       memory added by making the N LoRAs resident / their file sizes    target <= 1.3
+    single_vs_diffusers     one LoRA through ours / through diffusers' load_lora_weights      (info)
+
+K-LoRA is refused on these families (see README), so `klora_vs_single` is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # dit_references.py: the reference loops the tests pin
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.common import interleaved_medians, rss_bytes
+
+PROMPT, NEGATIVE = "a portrait of a character, detailed", "blurry"
+
+
+def _tiny(name):
+    def build(seed=0, full=False, device="cpu", dtype=torch.float32):
+        from loraloom.pipelines.tiny_dit import build_tiny_flux, build_tiny_sd3
+
+        return (build_tiny_flux if name == "flux" else build_tiny_sd3)(seed).to(device, dtype)
+
+    return build
+
+
+def _shape(name):
+    def build(**kwargs):
+        from benchmarks.dit_shapes import build_flux_shape, build_sd35_shape
+
+        return (build_flux_shape if name == "flux" else build_sd35_shape)(**kwargs)
+
+    return build
+
+
+MODELS = {  # name: (builder, family, size, steps, rank, LoRA std)
+    "flux-tiny": (_tiny("flux"), "flux", 32, 4, 4, 0.1),
+    "sd3-tiny": (_tiny("sd3"), "sd3", 32, 4, 4, 0.1),
+    "flux-shape": (_shape("flux"), "flux", 256, 4, 16, 0.01),
+    "sd35-shape": (_shape("sd3"), "sd3", 256, 4, 16, 0.01),
+}
+GUIDANCE = {"flux": 3.5, "sd3": 4.5}
+
+
+def memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return rss_bytes()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="flux-tiny")
+    ap.add_argument("--n", type=int, default=3, help="number of LoRAs composed")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--size", type=int, help="image side in pixels (default: 256 for the shapes, 32 for the tiny models)")
+    ap.add_argument("--repeats", type=int, help="timed rounds per function (default 5; 9 on the tiny models)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, so CPU time measures the work)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], help="time the ratios use (default: cpu on a CPU, wall on CUDA)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--full", action="store_true", help="the real block counts and text-encoder depths (GPU)")
+    ap.add_argument("--text-tokens", type=int, help="T5 tokens (default: the family's, FLUX 512, SD3 256)")
+    ap.add_argument("--shared-weights", action="store_true",
+                    help="one copy of the model: time ours first, then load the LoRAs into it through PEFT for the "
+                         "diffusers references (for models two copies of which do not fit)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    build, family, size, steps, rank, std = MODELS[args.model]
+    size, steps = args.size or size, args.steps or steps
+    repeats = args.repeats or (9 if args.model.endswith("tiny") else 5)
+    clock = args.clock or ("wall" if torch.device(args.device).type == "cuda" else "cpu")
+    dtype = getattr(torch, args.dtype)
+    guidance = GUIDANCE[family]
+    from dit_references import (
+        FLUX_TARGETS,
+        SD3_TARGETS,
+        composite_reference,
+        diffusers_latents,
+        flux_predict,
+        sd3_predict,
+        write_peft_lora,
+    )
+
+    from loraloom.pipelines import ComposedPipeline
+
+    base = build(seed=0, full=args.full, device=args.device, dtype=dtype)
+    base.set_progress_bar_config(disable=True)
+    ours = ComposedPipeline(base if args.shared_weights else copy.deepcopy(base))
+    tokens = args.text_tokens or ours.arch.max_sequence_length
+    ours.arch.max_sequence_length = tokens
+    print(f"model={args.model} full={args.full} size={size} steps={steps} rank={rank} N={args.n} repeats={repeats} "
+          f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype} t5_tokens={tokens} clock={clock}")
+    folder = Path(tempfile.mkdtemp(prefix="loraloom-bench-dit-"))
+    targets = FLUX_TARGETS if family == "flux" else SD3_TARGETS
+    paths = [write_peft_lora(base, folder, f"l{i}", seed=i + 1, rank=rank, alpha=rank, targets=targets, text_encoder=False, std=std)
+             for i in range(args.n)]
+    file_bytes = sum(p.stat().st_size for p in paths)
+    names = [f"l{i}" for i in range(args.n)]
+    before = memory_bytes(args.device)
+    for name, p in zip(names, paths):
+        ours.load_lora(p, name)
+    after = memory_bytes(args.device)
+
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=0, output_type="latent",
+              progress_bar=False, negative_prompt=NEGATIVE)
+
+    def our(method, loras, **params):
+        return lambda: ours(PROMPT, loras=loras, method=method, method_params=params, **kw)
+
+    ours_fns = {"base": our("merge", []), "single": our("merge", names[:1], fuse=False), "switch": our("switch", names),
+                "composite": our("composite", names), "merge_fused": our("merge", names)}
+    our_composite = ours_fns["composite"]().latents
+
+    reference = base
+    encode = {"max_sequence_length": tokens}
+    extra = {} if family == "flux" else {"negative_prompt": NEGATIVE}
+
+    def reference_composite():
+        predict = (flux_predict(reference, PROMPT, guidance, size, **encode) if family == "flux"
+                   else sd3_predict(reference, PROMPT, guidance, size, negative_prompt=NEGATIVE, **encode))
+        return composite_reference(reference, names, 0.8, PROMPT, steps, guidance, predict, size)
+
+    def diffusers_single():
+        reference.set_adapters(names[:1], [0.8])
+        return diffusers_latents(reference, PROMPT, steps, guidance, size=size, max_sequence_length=tokens, **extra)
+
+    def load_reference():
+        for name, p in zip(names, paths):
+            reference.load_lora_weights(str(p), adapter_name=name)
+
+    ref_fns = {"reference_composite": reference_composite, "diffusers_single": diffusers_single}
+    if args.shared_weights:
+        timings = interleaved_medians(ours_fns, repeats=repeats)
+        for name in names:
+            ours.remove_lora(name)
+        load_reference()
+        timings.update(interleaved_medians(ref_fns, repeats=repeats))
+    else:
+        load_reference()
+        timings = interleaved_medians({**ours_fns, **ref_fns}, repeats=repeats)
+    with torch.no_grad():
+        agree = (reference_composite().float() - our_composite.float()).abs().max().item()
+    print(f"check: |our composite - reference loop| max = {agree:.2e} (latents up to {our_composite.abs().max().item():.2f})")
+    for name, t in timings.items():
+        print(f"time {name:20s} wall {t.wall:8.3f} s  cpu {t.cpu:8.3f} s  wall runs {[round(x, 3) for x in t.walls]}")
+    res = {name: t.get(clock) for name, t in timings.items()}
+    single = res["single"]
+    print(f"info single_vs_diffusers {single / res['diffusers_single']:.3f}")
+    print("info klora_vs_single not measured: K-LoRA is refused on FLUX.1/SD3 (its Top-K choice is per UNet attention layer)")
+    print(f"switch_vs_single {res['switch'] / single:.3f}")
+    print(f"composite_vs_reference {res['composite'] / res['reference_composite']:.3f}")
+    print(f"composite_vs_limit {res['composite'] / (args.n * single):.3f}")
+    print(f"merge_vs_base {res['merge_fused'] / res['base']:.3f}")
+    print(f"lora_memory_ratio {(after - before) / file_bytes:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
