@@ -119,6 +119,12 @@ def test_tune_then_tuned_run_on_the_toy_world(tmp_path, capsys):
     for label, _, spec in rows:
         spec = json.loads(spec)
         assert (spec["guidance_scale"], spec["steps"]) == (record["choices"][label]["guidance_scale"], record["choices"][label]["steps"])
+    from loraloom.evaluation.bench.report import load_report_data, settings_table
+
+    header, table = settings_table(load_report_data(out))  # the report says which settings each method ran at
+    assert header[:3] == ["method", "steps", "CFG"]
+    assert {r[0]: (r[1], r[2]) for r in table} == {label: (str(c["steps"]), str(c["guidance_scale"]))
+                                                   for label, c in record["choices"].items()}
 
 
 def test_tuned_file_errors_name_the_problem(tmp_path):

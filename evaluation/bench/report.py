@@ -352,6 +352,36 @@ def regions_note(d: ReportData) -> str:
             f"{d.meta.get('regions', 'the sets regions')}" + (f" (sha256 {sha[:12]})" if sha else ""))
 
 
+SETTING_KEYS = (("steps", "steps"), ("guidance_scale", "CFG"), ("scheduler", "sampler"), ("size", "size"))
+
+
+def settings_table(d: ReportData) -> tuple[list[str], list[list[str]]]:
+    """Which sampler settings each method ran at, read from its images' specs (`bench run --tuned` gives each method
+    its own; a method that ran at several shows them all, with their image counts)."""
+    seen: dict[str, dict[str, dict[str, int]]] = {m: defaultdict(lambda: defaultdict(int)) for m in d.methods}
+    for it in d.items:
+        spec = json.loads(it["spec"]) if it.get("spec") else {}
+        spec["size"] = f"{spec.get('width')}x{spec.get('height')}"
+        for key, _ in SETTING_KEYS:
+            seen[it["method_label"]][key][f"{spec.get(key)}"] += 1
+    rows = []
+    for m in d.methods:
+        cells = []
+        for key, _ in SETTING_KEYS:
+            values = seen[m][key]
+            cells.append(next(iter(values)) if len(values) == 1 else ", ".join(f"{v} ({k} images)" for v, k in values.items()))
+        rows.append([m, *cells])
+    return ["method", *(title for _, title in SETTING_KEYS)], rows
+
+
+def _html_settings(d: ReportData) -> list[str]:
+    if not d.items:
+        return []
+    return ["<h2>Sampler settings per method</h2>", html_table(*settings_table(d)),
+            "<div class='note'>from each image's spec (<code>bench run --tuned</code> runs each method at the settings "
+            "<code>bench tune</code> chose)</div>"]
+
+
 def _html_header(d: ReportData) -> list[str]:
     """The document head with the CSS, the title and the line naming the folder, manifest and time of writing."""
     name = _report_name(d)
@@ -495,7 +525,7 @@ def _html_failed(d: ReportData) -> list[str]:
 def render_html(d: ReportData, grid_sets: int = 2) -> str:
     """The self-contained HTML report: facts, score tables and charts, judges, win rates, time, grids, failures."""
     cmap = colours(d.methods)
-    parts = [*_html_header(d), *_html_facts(d), *_html_scores(d, cmap), *_html_judges(d), *_html_win_rates(d),
+    parts = [*_html_header(d), *_html_facts(d), *_html_settings(d), *_html_scores(d, cmap), *_html_judges(d), *_html_win_rates(d),
              *_html_time(d, cmap), *_html_grid(d, grid_sets), *_html_failed(d)]
     parts.append("<div class='note' style='margin-top:24px'>Written by <code>loraloom bench report</code>; data in "
                  "<code>bench.sqlite</code> next to the images.</div></body></html>")
@@ -513,6 +543,8 @@ def render_markdown(d: ReportData) -> str:
              + (f"{f['images_per_second']:.2f} images/s" if math.isfinite(f['images_per_second']) else "– images/s")
              + f", {f['devices']} × {f['processes']} process(es).", "",
              "Means ± 95% CI over composition sets (seeds of a set averaged first); avg = mean of the per-N means.", ""]
+    if d.items:
+        lines += ["## Sampler settings per method", "", md_table(*settings_table(d)), ""]
     for m, t, per_group in metric_tables(d):
         lines += [f"## {m.title}" + (" (%)" if m.percent else ""), "", f"scorer: `{m.scorer}`", "", md_table(*table_rows(t)), ""]
         for g, gt in per_group.items():
