@@ -5,9 +5,11 @@
             `ui_image_s_threads_N` for both and `ui_threads_default_vs_torch` (new / old).
 - grid:     the X/Y/Z plot of 8 methods x 4 seeds in headless Chromium (a fresh output folder, so no cell is
             reused): seconds from the click to the first cell drawn on the page and to the whole grid; prints
-            `grid_first_cell_s`, `grid_8x4_s` and `grid_8x4_cells_s` (the cells' own generation time, summed).
-- overhead: `python -m loraloom.app.ui.bench` (the same image through the Python API and through `/generate`);
-            prints its medians and `ui_vs_api` (target <= 1.15).
+            `grid_first_cell_s`, `grid_8x4_s` and `grid_8x4_cells_s` (the cells' own generation time, summed, from
+            the grid's record).
+- overhead: `python -m loraloom.app.ui.bench` (the same image through the Python API, through `/generate` and,
+            with Chromium, a click until the image is in the gallery); prints its medians and `ui_vs_api`
+            (target <= 1.15).
 
     .venv/bin/python benchmarks/bench_ui_workbench.py [--part threads grid overhead] [--repeats 5]
 
@@ -101,15 +103,12 @@ def part_grid() -> None:
             page.wait_for_function("() => (document.querySelector('#grid-status')?.innerText || '')"
                                    ".includes('X/Y/Z plot: 32 cells')", polling=100)
             whole = time.perf_counter() - start
-            cells = 0.0
-            for row in page.locator("#grid-table tbody tr").all():
-                texts = row.locator("td").all_inner_texts()
-                try:
-                    cells += float(texts[6])
-                except (IndexError, ValueError):
-                    pass
         finally:
             browser.close()
+    from loraloom.pipelines.grid import read_grid_record
+
+    record = read_grid_record(next((cfg.output_dir / "grids").glob("grid_*.png")))
+    cells = sum(c.get("seconds") or 0.0 for c in record["cells"])
     print(f"grid: {len(METHODS)} methods x 4 seeds, {cfg.steps} steps {cfg.width}x{cfg.height}, toy world")
     print(f"grid_first_cell_s {first:.2f}")
     print(f"grid_8x4_s {whole:.1f}")
@@ -133,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         from loraloom.app.ui import bench
         from loraloom.app.ui.config import default_threads
 
-        bench.main(["--repeats", str(args.repeats), "--threads", str(default_threads())])
+        browser = ["--browser"] if Path(os.environ.get("LORALOOM_CHROMIUM", "/usr/bin/chromium")).exists() else []
+        bench.main(["--repeats", str(args.repeats), "--threads", str(default_threads()), *browser])
     return 0
 
 
