@@ -74,6 +74,15 @@ def memory_bytes(device) -> int:
     return rss_bytes()
 
 
+def synced(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="flux-tiny")
@@ -156,6 +165,8 @@ def main() -> None:
             reference.load_lora_weights(str(p), adapter_name=name)
 
     ref_fns = {"reference_composite": reference_composite, "diffusers_single": diffusers_single}
+    if torch.device(args.device).type == "cuda":  # time the work, not its launch
+        ours_fns, ref_fns = ({k: synced(f) for k, f in fns.items()} for fns in (ours_fns, ref_fns))
     if args.shared_weights:
         timings = interleaved_medians(ours_fns, repeats=repeats)
         for name in names:
