@@ -59,6 +59,21 @@ def write_kohya_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32, 
     return path
 
 
+def write_xlabs_flux_lora(folder, name, *, seed=0, rank=4, inner=32):
+    """XLabs' FLUX layout (`double_blocks.0.processor.qkv_lora1.down.weight`: fused q/k/v of the image stream,
+    `proj_lora1` its output; `qkv_lora2`/`proj_lora2` the text stream's; no alpha)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for stream in ("1", "2"):
+        for kind, n_out in (("qkv", 3 * inner), ("proj", inner)):
+            key = f"double_blocks.0.processor.{kind}_lora{stream}"
+            sd[f"{key}.down.weight"] = torch.randn(rank, inner, generator=g) * 0.1
+            sd[f"{key}.up.weight"] = torch.randn(n_out, rank, generator=g) * 0.1
+    path = folder / f"{name}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
 def unpack(pipe, latents, size=SIZE):
     """FLUX's packed output latents -> (B, C, h, w), as loraloom keeps them; other families' latents unchanged."""
     if latents.ndim == 3:

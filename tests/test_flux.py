@@ -13,6 +13,7 @@ from dit_references import (
     switch_reference,
     write_kohya_flux_lora,
     write_peft_lora,
+    write_xlabs_flux_lora,
 )
 
 from loraloom.composition.errors import GenerationError, IncompatibleLoRA, SpecError
@@ -34,8 +35,9 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux-loras")
     pipe = build_tiny_flux(0)
     return {
-        "peft": write_peft_lora(pipe, folder, "peft", seed=1),
+        "peft": write_peft_lora(pipe, folder, "peft", seed=1, metadata={"modelspec.architecture": "flux-1-dev/lora"}),
         "kohya": write_kohya_flux_lora(folder, "kohya", seed=2),
+        "xlabs": write_xlabs_flux_lora(folder, "xlabs", seed=6),
         "a": write_peft_lora(pipe, folder, "a", seed=3, text_encoder=False),
         "b": write_peft_lora(pipe, folder, "b", seed=4, text_encoder=False, targets=FLUX_TARGETS[:8]),
     }
@@ -54,7 +56,7 @@ def test_base_model_equals_diffusers_and_saved_folder(tmp_path):
     assert loaded.family == "flux" and (ours(loaded)[0] - lat).abs().max() <= TOL  # same weights; BLAS may round apart
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya"])
+@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs"])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
     ref_pipe = build_tiny_flux(0)
@@ -62,16 +64,18 @@ def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
     ref = diffusers_latents(ref_pipe, PROMPT, STEPS, GUIDANCE)
     cp = ComposedPipeline(build_tiny_flux(0))
     lora = cp.load_lora(files[layout])
-    assert lora.info.family == "flux" and lora.info.layout == ("kohya" if layout == "kohya" else "diffusers-peft")
+    assert lora.info.layout == {"peft": "diffusers-peft"}.get(layout, layout)
+    assert lora.info.family == "flux"  # xlabs files have no header: the family comes from the key names
+    assert lora.info.family_source == {"peft": "modelspec.architecture", "kohya": "ss_base_model_version"}.get(
+        layout, "keys: FLUX double/single-stream block names")
     base = ours(cp)[0]
-    lat = ours(cp, ["peft" if layout == "peft" else "kohya"], lora_scale=1.0, fuse=fuse)[0]
+    lat = ours(cp, [layout], lora_scale=1.0, fuse=fuse)[0]
     assert (lat - base).abs().max() > 1e-3  # the LoRA does something
     assert (lat - ref).abs().max() <= TOL
     if layout == "peft":  # the CLIP text encoder's part is loaded and routed too
         assert lora.layers.get("text_encoder")
-    else:  # kohya's fused q/k/v became the three projections (joint: add_q/k/v_proj), alpha folded in by diffusers
-        assert {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out",
-                "single_transformer_blocks.0.proj_out"} <= set(lora.layers["transformer"])
+    else:  # the fused q/k/v became the three projections (joint: add_q/k/v_proj); kohya's alpha folded in by diffusers
+        assert {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out"} <= set(lora.layers["transformer"])
 
 
 def test_switch_and_composite_equal_set_adapters_references(files):
