@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .errors import IncompatibleLoRA, LoRAFileError
-from .lora import LoRA, _adapters, _describe, _element_size, check_finite
-from .lora_file import read_tensors
+from .lora import LoRA, LoRAInfo, _adapters, _describe, _element_size, check_finite, read_lora_info
+from .lora_file import read_header, read_tensors
 from .lora_formats import RawLayer, _alphas_from_adapter_metadata
 from .metadata import FAMILY_NAMES, family_key
 
@@ -139,3 +139,27 @@ def load_transformer_lora(path: str | os.PathLike, family: str, name: str | None
     if dtype is not None:
         lora.to(dtype=dtype)
     return lora
+
+
+def is_transformer_lora(keys) -> bool:
+    """True for a file whose keys are a diffusion transformer's (FLUX.1/SD3): `transformer.` names, or block names
+    only those models have."""
+    keys = list(keys)
+    if any(k.removeprefix("base_model.model.").startswith("transformer.") for k in keys):
+        return True
+    families, _ = key_families(keys)
+    return bool(families) and set(families) <= {"flux", "sd3"}
+
+
+def read_any_lora_info(path: str | os.PathLike, allow_pickle: bool = False) -> LoRAInfo:
+    """`lora.read_lora_info` for any family: SD LoRAs from the header alone; FLUX.1/SD3 LoRAs are loaded (their
+    converters work on values), as the family their header or keys name (FLUX.1 when neither says)."""
+    header = read_header(path, allow_pickle=allow_pickle)
+    if not is_transformer_lora(header.shapes):
+        return read_lora_info(path, allow_pickle=allow_pickle)
+    families, _ = key_families(header.shapes)
+    from .metadata import family_from_metadata
+
+    named = family_key(family_from_metadata(header.metadata)[0])
+    family = families[0] if len(families) == 1 else named if named in ("flux", "sd3") else "flux"
+    return load_transformer_lora(path, family, allow_pickle=allow_pickle).info

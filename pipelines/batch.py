@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from loraloom.composition.errors import LoRAFileError, SpecError
 from loraloom.composition.files import WritePolicy, WriteRefused, read_yaml_file, remove_stale_temps
 from loraloom.composition.frequency import cache_folder
-from loraloom.composition.lora import read_lora_info
 from loraloom.composition.lora_file import FileDigest, FileState, file_digest, file_sha256
 from loraloom.composition.methods import written_paths
+from loraloom.composition.transformer_loras import read_any_lora_info
 from loraloom.resources import examples, shipped
 
 from .composed import ComposedPipeline, GenerationOutput
@@ -189,7 +189,7 @@ def complete_lora_refs(refs: Iterable[LoRARef], allow_pickle: bool = False) -> l
         if not path.exists():
             raise LoRAFileError(path, "no such LoRA file.", "check the path in the spec (relative paths start at the spec's folder).")
         if not ref.triggers or not ref.category:
-            info = read_lora_info(path, allow_pickle=allow_pickle)
+            info = read_any_lora_info(path, allow_pickle=allow_pickle)
             ref.triggers = ref.triggers or list(info.triggers)
             ref.category = ref.category or info.category
         ref.sha256 = ref.sha256 or file_sha256(path)

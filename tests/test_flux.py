@@ -119,3 +119,21 @@ def test_other_families_methods_and_samplers_are_refused(tmp_path, files):
     sd_cp = ComposedPipeline(build_tiny_sd())
     with pytest.raises(IncompatibleLoRA, match="was made for FLUX.1 \\(header ss_base_model_version\\), but the loaded model is Stable Diffusion 1.x"):
         sd_cp.load_lora(files["kohya"])
+
+
+def test_spec_file_generates_and_from_png_remakes_identically(tmp_path, files, capsys):
+    import shutil
+
+    import yaml
+
+    from loraloom.app.cli import main
+
+    shutil.copy(files["kohya"], tmp_path / "style.safetensors")
+    spec = {"model": "tiny:flux", "loras": [{"path": "style.safetensors"}], "prompts": ["a red cat"], "methods": ["composite"],
+            "steps": 2, "guidance_scale": 3.5, "scheduler": "default", "height": 32, "width": 32, "seeds": [0], "out": "out"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["generate", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
+    png = next((tmp_path / "out").glob("composite_*.png"))
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "again")]) == 0
+    assert "identical to the source" in capsys.readouterr().out
