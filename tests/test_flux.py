@@ -110,8 +110,8 @@ def test_other_families_methods_and_samplers_are_refused(tmp_path, files):
         cp.load_lora(sd3)
     assert cp.loras == {}
     cp.load_lora(files["a"])
-    with pytest.raises(GenerationError, match="'klora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite"):
-        ours(cp, ["a"], "klora")
+    with pytest.raises(GenerationError, match="'cmlora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite, klora"):
+        ours(cp, ["a"], "cmlora")
     with pytest.raises(SpecError, match="does not sample FLUX.1 models"):
         cp(PROMPT, loras=["a"], scheduler="dpmsolver++", num_inference_steps=1, height=32, width=32)
     with pytest.raises(GenerationError, match="regions and masked LoRAs are not implemented on flux"):
@@ -137,3 +137,24 @@ def test_spec_file_generates_and_from_png_remakes_identically(tmp_path, files, c
     capsys.readouterr()
     assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "again")]) == 0
     assert "identical to the source" in capsys.readouterr().out
+
+
+def test_klora_routes_the_transformers_attention_projections(tmp_path):
+    """K-LoRA's table on FLUX's joint and single-stream attention: a time scale that always favours the subject gives
+    the subject LoRA alone, one that always favours the style gives the style alone; the paper's s(tau) hands the
+    layers over from subject to style as denoising proceeds."""
+    pipe = build_tiny_flux(0)
+    attention = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+    for n, seed in (("subject", 3), ("style", 4)):
+        write_peft_lora(pipe, tmp_path, n, seed=seed, targets=attention, text_encoder=False)
+    cp = ComposedPipeline(pipe)
+    for n in ("subject", "style"):
+        cp.load_lora(tmp_path / f"{n}.safetensors")
+    for beta, alone in ((1e-9, "subject"), (1e9, "style")):
+        lat, out = ours(cp, ["subject", "style"], "klora", steps=3, roles="given", alpha=0.0, beta=beta)
+        assert (lat - ours(cp, [alone], steps=3, lora_scale=1.0, fuse=False)[0]).abs().max() <= TOL
+    out = ours(cp, ["subject", "style"], "klora", steps=3, roles="given")[1]
+    table = out.extras["klora"]
+    assert table["layers"] == 7  # double block: to_q/k/v, to_out.0; single block: to_q/k/v
+    per_step = table["subject_layers_per_step"]
+    assert per_step[0] == 7 and per_step[-1] == 0 and per_step == sorted(per_step, reverse=True)

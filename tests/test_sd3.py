@@ -83,3 +83,8 @@ def test_switch_and_composite_equal_set_adapters_references(files):
     assert (lat - comp).abs().max() <= TOL and (out.unet_calls, out.unet_rows) == (3, 12)
     with pytest.raises(GenerationError, match="'cmlora' does not run on Stable Diffusion 3/3.5 models"):
         ours(cp, ["a", "b"], "cmlora")
+    # K-LoRA: b adapts only the attention projections K-LoRA chooses in, so with the subject (a) winning every one of
+    # them, and a's other layers merged, the result is a alone
+    lat, out = ours(cp, ["a", "b"], "klora", roles="given", alpha=0.0, beta=1e-9)
+    assert out.extras["klora"]["layers"] == 8 and (lat - ours(cp, ["a"], lora_scale=1.0, fuse=False)[0]).abs().max() <= TOL
+

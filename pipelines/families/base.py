@@ -65,11 +65,9 @@ def text_routing_gates(text_gates: list[Mapping[str, float]]):
 
 
 # Methods that run on the diffusion transformers (FLUX.1, SD3); the others refuse, each with its reason.
-DIT_METHODS = ("merge", "switch", "composite")
+DIT_METHODS = ("merge", "switch", "composite", "klora")
 METHOD_LIMITS: dict[str, dict[str, str]] = {
     "transformer": {
-        "klora": "its Top-K choice is made per UNet attention layer and has not been ported to the joint-attention "
-                 "blocks (the paper's FLUX mode) yet.",
         "ziplora": "its merge objective trains on the UNet's noise predictions (DDPM training scheduler); the "
                    "flow-matching objective is not implemented.",
         "hypernet": "the shipped hypernetwork and its trainer are made for the SD UNet's layer shapes.",
