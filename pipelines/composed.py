@@ -24,7 +24,6 @@ from loraloom.composition.routing import LoRARouter, Routing
 from loraloom.composition.transformer_loras import load_transformer_lora
 
 from .attention import enable_fast_attention
-from .defaults import DEFAULTS
 from .denoise import denoise
 from .families import family_for
 from .families.base import DIT_METHODS, METHOD_LIMITS
@@ -206,8 +205,8 @@ class ComposedPipeline:
         loras: Sequence[str | tuple[str, float]] = (),
         method: str | Method = "merge",
         method_params: Mapping | None = None,
-        num_inference_steps: int = DEFAULTS.steps,
-        guidance_scale: float = DEFAULTS.guidance_scale,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -221,6 +220,9 @@ class ComposedPipeline:
         base_weight: float = 0.0,
     ) -> GenerationOutput:
         """Generate one image. `loras`: names (weight 1) or (name, weight) pairs of resident LoRAs.
+        `num_inference_steps`, `guidance_scale`, `scheduler` None: the family's defaults (SD: `DEFAULTS`, 30 steps,
+        CFG 7.5, DPM-Solver++; FLUX.1 and SD3: their diffusers pipelines' 28 steps, guidance 3.5 / CFG 7.0, the
+        model's own flow-matching scheduler).
 
         `callback_on_step_end(pipeline, step_index, timestep, {"latents": ...})` may return {"latents": ...}
         to replace them, as in diffusers. Files a method writes (its path parameters) go through
@@ -234,6 +236,8 @@ class ComposedPipeline:
             raise TypeError("prompt must be one string (loraloom generates one image per call; use seeds for more)")
         height = height or self.default_size
         width = width or self.default_size
+        num_inference_steps = self.arch.default_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.arch.default_guidance if guidance_scale is None else guidance_scale
         self._check_args(num_inference_steps, guidance_scale, height, width)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
@@ -271,7 +275,7 @@ class ComposedPipeline:
             )
 
     def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",
-            guidance_scale: float = DEFAULTS.guidance_scale, height: int | None = None, width: int | None = None,
+            guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
             scheduler: str | None = None, num_inference_steps: int | None = None,
             output_dir: str | Path | None = None, regions: Sequence[Region] = (), base_weight: float = 0.0) -> Run:
         """The run context of one generation (`loraloom.pipelines.Run`, a `DenoiseContext`), for driving a method
@@ -280,6 +284,7 @@ class ComposedPipeline:
         a context manager; `__call__` makes one per generation."""
         height = height or self.default_size
         width = width or self.default_size
+        guidance_scale = self.arch.default_guidance if guidance_scale is None else guidance_scale
         sched = self.arch.make_scheduler(scheduler, num_inference_steps, height, width, self.device)
         return Run(self, self._active(loras), prompt, negative_prompt or "", float(guidance_scale), height, width, sched,
                    write_policy=self.write_policy(output_dir), regions=regions, base_weight=base_weight)

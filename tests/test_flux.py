@@ -158,3 +158,19 @@ def test_klora_routes_the_transformers_attention_projections(tmp_path):
     assert table["layers"] == 7  # double block: to_q/k/v, to_out.0; single block: to_q/k/v
     per_step = table["subject_layers_per_step"]
     assert per_step[0] == 7 and per_step[-1] == 0 and per_step == sorted(per_step, reverse=True)
+
+
+def test_family_sampler_defaults():
+    """Left out, steps, guidance and sampler are the family's (FluxPipeline's 28 steps and guidance 3.5, the model's own
+    flow-matching scheduler); SD keeps loraloom's DEFAULTS."""
+    from loraloom.pipelines.defaults import DEFAULTS
+    from loraloom.pipelines.tiny import build_tiny_sd
+
+    cp = ComposedPipeline(build_tiny_flux(0))
+    run = cp.run([], PROMPT, num_inference_steps=cp.arch.default_steps)
+    assert (cp.arch.default_steps, run.model_guidance, run.guidance_scale) == (28, 3.5, 1.0)
+    assert type(run.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and len(run.scheduler.timesteps) == 28
+    sd = ComposedPipeline(build_tiny_sd())
+    run = sd.run([], PROMPT, num_inference_steps=sd.arch.default_steps)
+    assert (sd.arch.default_steps, run.guidance_scale) == (DEFAULTS.steps, DEFAULTS.guidance_scale)
+    assert type(run.scheduler).__name__ == "DPMSolverMultistepScheduler"

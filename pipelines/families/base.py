@@ -24,6 +24,8 @@ class Family(Protocol):
     distilled_guidance: bool  # guidance is an input of the model (FLUX.1): no unconditional branch, methods see CFG 1
     lora_targets: tuple[str, ...]  # module names LoRAs of this family usually target (docs and `loraloom loras`)
     block_names: tuple[str, ...]  # the denoiser's block containers, as they appear in module paths
+    default_steps: int  # sampler settings when a caller gives none (the family's usual ones)
+    default_guidance: float
 
     @property
     def default_size(self) -> int: ...

@@ -31,6 +31,9 @@ class FluxFamily:
     block_names = ("transformer_blocks", "single_transformer_blocks")
     max_sequence_length = 512  # FluxPipeline's default (T5 tokens)
 
+    default_steps = 28  # FluxPipeline's defaults
+    default_guidance = 3.5
+
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe
         self.text_components = tuple(c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)

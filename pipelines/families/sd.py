@@ -25,6 +25,9 @@ class SDFamily:
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
     block_names = ("down_blocks", "mid_block", "up_blocks")
 
+    default_steps = DEFAULTS.steps
+    default_guidance = DEFAULTS.guidance_scale
+
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe
         self.name = name or sd_family_name(pipe)

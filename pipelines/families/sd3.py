@@ -22,6 +22,9 @@ class SD3Family:
     block_names = ("transformer_blocks",)
     max_sequence_length = 256  # StableDiffusion3Pipeline's default (T5 tokens)
 
+    default_steps = 28  # StableDiffusion3Pipeline's defaults
+    default_guidance = 7.0
+
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe
         self.text_components = tuple(c for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
