@@ -29,7 +29,8 @@ from .metadata import FAMILY_NAMES, family_key
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _PEFT_KEY = re.compile(r"^(.*)\.lora_(A|B)\.weight$")
 # Keys of UNet LoRAs (diffusers and kohya spellings of SD 1.x/2.x/XL blocks).
-_UNET_KEY = re.compile(r"^unet\.|^lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_")
+_UNET_KEY = re.compile(r"^unet\.|^lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_"
+                       r"|^diffusion_model\.(input_blocks|output_blocks|middle_block)\.")
 
 
 def key_families(keys) -> tuple[tuple[str, ...], str | None]:
@@ -48,7 +49,7 @@ def key_families(keys) -> tuple[tuple[str, ...], str | None]:
 def layout_name(keys) -> str:
     """The layout as `loraloom loras` shows it: kohya, xlabs, bfl (`diffusion_model.`) or diffusers-peft."""
     keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
         return "kohya"
     if any(".processor." in k for k in keys):
         return "xlabs"
@@ -142,10 +143,10 @@ def load_transformer_lora(path: str | os.PathLike, family: str, name: str | None
 
 
 def is_transformer_lora(keys) -> bool:
-    """True for a file whose keys are a diffusion transformer's (FLUX.1/SD3): `transformer.` names, or block names
-    only those models have."""
+    """True for a file whose keys are a diffusion transformer's (FLUX.1/SD3): `transformer.` or `lora_transformer_`
+    names, or block names only those models have."""
     keys = list(keys)
-    if any(k.removeprefix("base_model.model.").startswith("transformer.") for k in keys):
+    if any(k.removeprefix("base_model.model.").startswith(("transformer.", "lora_transformer_")) for k in keys):
         return True
     families, _ = key_families(keys)
     return bool(families) and set(families) <= {"flux", "sd3"}

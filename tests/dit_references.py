@@ -59,6 +59,24 @@ def write_kohya_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32, 
     return path
 
 
+def write_lora_transformer_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32):
+    """kohya-style names of diffusers' module paths (`lora_transformer_transformer_blocks_0_attn_to_q`,
+    `lora_transformer_single_transformer_blocks_0_attn_to_k`; alpha per module), the spelling diffusers' FLUX
+    converter calls a mixture (attention projections only: it maps no other block layer)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    modules = [f"lora_transformer_transformer_blocks_0_attn_{p}" for p in ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj",
+                                                                          "add_k_proj", "add_v_proj", "to_add_out")]
+    modules += [f"lora_transformer_single_transformer_blocks_0_attn_{p}" for p in ("to_q", "to_k", "to_v")]
+    for module in modules:
+        sd[f"{module}.lora_down.weight"] = torch.randn(rank, inner, generator=g) * 0.1
+        sd[f"{module}.lora_up.weight"] = torch.randn(inner, rank, generator=g) * 0.1
+        sd[f"{module}.alpha"] = torch.tensor(float(alpha))
+    path = folder / f"{name}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
 def write_xlabs_flux_lora(folder, name, *, seed=0, rank=4, inner=32):
     """XLabs' FLUX layout (`double_blocks.0.processor.qkv_lora1.down.weight`: fused q/k/v of the image stream,
     `proj_lora1` its output; `qkv_lora2`/`proj_lora2` the text stream's; no alpha)."""

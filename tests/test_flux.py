@@ -12,6 +12,7 @@ from dit_references import (
     flux_predict,
     switch_reference,
     write_kohya_flux_lora,
+    write_lora_transformer_flux_lora,
     write_peft_lora,
     write_xlabs_flux_lora,
 )
@@ -38,6 +39,7 @@ def files(tmp_path_factory):
         "peft": write_peft_lora(pipe, folder, "peft", seed=1, metadata={"modelspec.architecture": "flux-1-dev/lora"}),
         "kohya": write_kohya_flux_lora(folder, "kohya", seed=2),
         "xlabs": write_xlabs_flux_lora(folder, "xlabs", seed=6),
+        "lora_transformer": write_lora_transformer_flux_lora(folder, "lora_transformer", seed=7),
         "a": write_peft_lora(pipe, folder, "a", seed=3, text_encoder=False),
         "b": write_peft_lora(pipe, folder, "b", seed=4, text_encoder=False, targets=FLUX_TARGETS[:8]),
     }
@@ -56,7 +58,7 @@ def test_base_model_equals_diffusers_and_saved_folder(tmp_path):
     assert loaded.family == "flux" and (ours(loaded)[0] - lat).abs().max() <= TOL  # same weights; BLAS may round apart
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs"])
+@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs", "lora_transformer"])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
     ref_pipe = build_tiny_flux(0)
@@ -64,10 +66,10 @@ def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
     ref = diffusers_latents(ref_pipe, PROMPT, STEPS, GUIDANCE)
     cp = ComposedPipeline(build_tiny_flux(0))
     lora = cp.load_lora(files[layout])
-    assert lora.info.layout == {"peft": "diffusers-peft"}.get(layout, layout)
-    assert lora.info.family == "flux"  # xlabs files have no header: the family comes from the key names
-    assert lora.info.family_source == {"peft": "modelspec.architecture", "kohya": "ss_base_model_version"}.get(
-        layout, "keys: FLUX double/single-stream block names")
+    assert lora.info.layout == {"peft": "diffusers-peft", "lora_transformer": "kohya"}.get(layout, layout)
+    # xlabs and lora_transformer files have no header: the family comes from the key names
+    assert lora.info.family == "flux" and lora.info.family_source == {
+        "peft": "modelspec.architecture", "kohya": "ss_base_model_version"}.get(layout, "keys: FLUX double/single-stream block names")
     base = ours(cp)[0]
     lat = ours(cp, [layout], lora_scale=1.0, fuse=fuse)[0]
     assert (lat - base).abs().max() > 1e-3  # the LoRA does something
