@@ -112,7 +112,7 @@ def test_other_families_methods_and_samplers_are_refused(tmp_path, files):
         cp.load_lora(sd3)
     assert cp.loras == {}
     cp.load_lora(files["a"])
-    with pytest.raises(GenerationError, match="'cmlora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite, klora"):
+    with pytest.raises(GenerationError, match="'cmlora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite, klora, loratorio"):
         ours(cp, ["a"], "cmlora")
     with pytest.raises(SpecError, match="does not sample FLUX.1 models"):
         cp(PROMPT, loras=["a"], scheduler="dpmsolver++", num_inference_steps=1, height=32, width=32)
@@ -176,3 +176,15 @@ def test_family_sampler_defaults():
     run = sd.run([], PROMPT, num_inference_steps=sd.arch.default_steps)
     assert (sd.arch.default_steps, run.guidance_scale) == (DEFAULTS.steps, DEFAULTS.guidance_scale)
     assert type(run.scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
+def test_loratorio_on_flux_is_the_weighted_conditional(files):
+    """LoRAtorio on a guidance-distilled model: the base model's and each LoRA's conditional rows only (N + 1 per step,
+    the null unconditional rows never computed); one LoRA is that LoRA alone (its weights are all 1)."""
+    cp = ComposedPipeline(build_tiny_flux(0))
+    cp.load_lora(files["a"])
+    cp.load_lora(files["b"])
+    lat, out = ours(cp, ["a"], "loratorio", steps=3)
+    assert (lat - ours(cp, ["a"], steps=3, fuse=False)[0]).abs().max() <= TOL and out.unet_rows == 2 * 3
+    lat, out = ours(cp, ["a", "b"], "loratorio", steps=3)
+    assert out.unet_rows == 3 * 3 and abs(sum(out.extras["mean_weights"][-1]) - 1) < 1e-3

@@ -87,4 +87,7 @@ def test_switch_and_composite_equal_set_adapters_references(files):
     # them, and a's other layers merged, the result is a alone
     lat, out = ours(cp, ["a", "b"], "klora", roles="given", alpha=0.0, beta=1e-9)
     assert out.extras["klora"]["layers"] == 8 and (lat - ours(cp, ["a"], lora_scale=1.0, fuse=False)[0]).abs().max() <= TOL
+    # LoRAtorio with one LoRA and no re-centring is that LoRA's plain CFG (true CFG: 2 rows per branch, base and LoRA)
+    lat, out = ours(cp, ["a"], "loratorio", recenter=0.0)
+    assert (lat - ours(cp, ["a"], fuse=False)[0]).abs().max() <= TOL and out.unet_rows == 4 * STEPS
 

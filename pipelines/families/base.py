@@ -67,7 +67,7 @@ def text_routing_gates(text_gates: list[Mapping[str, float]]):
 
 
 # Methods that run on the diffusion transformers (FLUX.1, SD3); the others refuse, each with its reason.
-DIT_METHODS = ("merge", "switch", "composite", "klora")
+DIT_METHODS = ("merge", "switch", "composite", "klora", "loratorio")
 METHOD_LIMITS: dict[str, dict[str, str]] = {
     "transformer": {
         "ziplora": "its merge objective trains on the UNet's noise predictions (DDPM training scheduler); the "
@@ -76,7 +76,6 @@ METHOD_LIMITS: dict[str, dict[str, str]] = {
         "clora": "its masks come from UNet cross-attention maps; the joint attention's image-to-text maps are not "
                  "captured yet.",
         "cmlora": "its feature cache skips UNet decoder blocks (DeepCache); a transformer has no such cut.",
-        "loratorio": "it is not yet tested on the flow-matching predictions of these models.",
         "tokenroute": "its masks come from UNet cross-attention maps; the joint attention's image-to-text maps are "
                       "not captured yet.",
     },
