@@ -91,3 +91,17 @@ def test_switch_and_composite_equal_set_adapters_references(files):
     lat, out = ours(cp, ["a"], "loratorio", recenter=0.0)
     assert (lat - ours(cp, ["a"], fuse=False)[0]).abs().max() <= TOL and out.unet_rows == 4 * STEPS
 
+
+
+def test_kohya_sd3_file_is_refused_by_name(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from loraloom.composition.errors import LoRAFileError
+
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 4)}, str(tmp_path / "k.safetensors"))
+    cp = ComposedPipeline(build_tiny_sd3(0))
+    with pytest.raises(LoRAFileError, match=r"k\.safetensors: has a key loraloom does not read on transformer models"):
+        cp.load_lora(tmp_path / "k.safetensors")
+    assert cp.loras == {}
