@@ -30,7 +30,7 @@ class SDFamily:
 
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe
-        self.name = name or sd_family_name(pipe)
+        self.name = name if name in ("sd1", "sd2", "sdxl") else sd_family_name(pipe)  # a given SD family is trusted (sd2 v-models)
         self.text_components = tuple(c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
 
     @property
