@@ -279,6 +279,12 @@ def test_6_batch_history_and_reuse_seed(page):
     items.first.click()
     expect(page.locator("#history-status")).to_contain_text("loaded the settings of", timeout=WAIT)
     expect(page.locator("#seed input")).to_have_value(seed, timeout=WAIT)
+    # point 3: the newest image as a LoRA's preview
+    page.get_by_role("tab", name="LoRAs").click()
+    page.locator("#lora-cards .thumbnail-item").last.click()  # tiny_style: rows 1 and 2 hold the others
+    expect(page.locator("#browser-status")).to_contain_text("added", timeout=WAIT)
+    page.locator("#use-as-preview").click()
+    expect(page.locator("#browser-status")).to_contain_text("preview of tiny_style is now", timeout=WAIT)
 
 
 def test_6_history_survives_a_reload(page, app):
@@ -325,6 +331,9 @@ def test_9_on_a_phone_generate_and_the_result_come_first(app, browser):
         box = pg.locator("#generate-btn").bounding_box()
         assert box["y"] + box["height"] <= 900, box  # no scrolling past the whole form
         assert pg.locator("#results").bounding_box()["y"] < pg.locator("#compose").bounding_box()["y"]
+        for part in ("#stop-btn", "#download", "#results", "#compose"):  # nothing sticks out of the screen
+            box = pg.locator(part).bounding_box()
+            assert box["x"] + box["width"] <= 400, (part, box)
     finally:
         context.close()
 
@@ -341,8 +350,10 @@ def test_23_lora_controls_reach_the_spec(page):
     assert first["lbw"]
 
 
-def test_23_two_regions_from_the_ui_and_the_mask_preview(page):
+def test_23_two_regions_from_the_ui_and_the_mask_preview(page, app, tmp_path, capsys):
     from PIL import Image
+
+    from loraloom.app.cli import main
 
     page.locator("#regions").get_by_text("Regions").first.click()
     pick(page, "#region-split", "left / right")
@@ -357,6 +368,11 @@ def test_23_two_regions_from_the_ui_and_the_mask_preview(page):
     spec = last_spec(page)
     assert [(r["mask"], r.get("prompt"), r.get("loras")) for r in spec["regions"]] == [
         ("left", "a cat", ["tiny_character"]), ("right", "a dog", [KOHYA])]
+    # the UI built the spec the CLI would: `loraloom generate --from-png` makes the same image again
+    png = app["config"].output_dir / page.locator("#status code").first.inner_text()
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "again")]) == 0
+    assert "identical to the source" in capsys.readouterr().out
     page.locator("#mask-preview-btn").click()
     shown = page.locator("#mask-preview img")
     expect(shown).to_be_visible(timeout=WAIT)

@@ -23,7 +23,7 @@ from loraloom.composition.methods import available_methods  # noqa: E402
 from .config import UIConfig  # noqa: E402
 from .http_limits import UploadLimits  # noqa: E402
 from .service import GenerationService  # noqa: E402
-from .tab_browser import browser_tab, wire_browser  # noqa: E402
+from .tab_browser import browser_tab, cards, wire_browser  # noqa: E402
 from .tab_compose import METHOD_DOCS, compose_panel, insert_triggers, wire_compose, wire_model_loading  # noqa: E402
 from .tab_generate import generate_tab, wire_generate, wire_stop  # noqa: E402
 from .tab_grid import grid_tab, wire_grid  # noqa: E402
@@ -55,6 +55,12 @@ CSS = """
 @media (max-width: 820px) {
   #workbench { flex-direction: column; }
   #results { order: -1; }
+  /* nothing wider than the screen: columns and tabs may shrink (the tab bar folds into its "..." menu), rows
+     wrap, Generate and Stop share the width */
+  #results, #compose, #results .tabs, #results .tabitem, #results .column { min-width: 0 !important; max-width: 100%; }
+  #results .row, #compose .row { flex-wrap: wrap; }
+  #generate-bar { flex-wrap: nowrap !important; }
+  #generate-bar > * { min-width: 0 !important; }
 }
 """
 
@@ -116,6 +122,9 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
             return text
 
         demo.load(on_load, [form.model, form.prompt, *form.slot_names], form.tokens, show_progress="hidden", **PRIVATE)
+        # the LoRA cards as the library is now (previews made since the server started), not as it was at build time
+        demo.load(lambda: cards(service.library()), None, [browser.gallery, browser.names], show_progress="hidden",
+                  **PRIVATE)
         demo.load(lambda: history_refresh(service), None, [history.gallery, history.table, history.status, history.names],
                   show_progress="hidden", **PRIVATE)
     demo.service = service  # for callers that want the engine behind the page (tests, `loraloom ui`)
