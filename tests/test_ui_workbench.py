@@ -381,3 +381,29 @@ def test_23_two_regions_from_the_ui_and_the_mask_preview(page, app, tmp_path, ca
         w, h = rgb.size
         left, right = rgb.getpixel((w // 8, h // 2)), rgb.getpixel((7 * w // 8, h // 2))
     assert left[0] > left[2] and right[2] > right[0]  # region 1 red on the left, region 2 blue on the right
+
+
+def test_23_an_uploaded_mask_is_a_region(page, app, tmp_path):
+    from PIL import Image
+
+    mask = tmp_path / "left_half.png"
+    im = Image.new("L", (64, 64), 0)
+    im.paste(255, (0, 0, 32, 64))
+    im.save(mask)
+    page.locator("#regions").get_by_text("Regions").first.click()
+    pick(page, "#region-split", "custom")
+    pick(page, "#region-mask-1", "drawn / uploaded mask")
+    editor = page.locator("#region-editor-1").first
+    expect(editor).to_be_visible(timeout=WAIT)
+    editor.locator("input[type=file]").first.set_input_files(str(mask))
+    pick(page, "#region-loras-1", "tiny_character")
+    page.keyboard.press("Escape")
+    type_into(page, "#region-prompt-2", "a dog")
+    generate(page)
+    regions = last_spec(page)["regions"]
+    assert len(regions) == 2 and regions[1]["mask"] == "full" and regions[1]["prompt"] == "a dog"
+    saved = Path(regions[0]["mask"]["image"])
+    assert saved.parent == app["config"].output_dir / "masks"  # written inside the output folder
+    with Image.open(saved) as m:
+        g = m.convert("L").resize((64, 64))
+        assert g.getpixel((8, 32)) > 200 and g.getpixel((56, 32)) < 50  # white = the region, as uploaded
