@@ -25,6 +25,7 @@ PAIR = [["tiny_character", 1.0], ["tiny_style", 0.8]]
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui_endpoints")
     config = tiny_ui_world(root, hazards=False)
+    config.preview_interval = 0  # a preview every step (for the page; API clients get none)
     with serve(config) as (demo, url):
         yield {"root": root, "config": config, "client": Client(url, verbose=False, download_files=str(root / "dl"))}
 
@@ -128,3 +129,15 @@ def test_seed_minus_one_draws_a_new_seed_each_image(world):
     for f, seed in zip(result["files"], seeds):  # each PNG's spec records the seed drawn for it
         with Image.open(f) as im:
             assert json.loads(im.text[SPEC_CHUNK])["seed"] == seed
+
+
+def test_api_clients_get_progress_but_no_preview_images(world):
+    """gradio_client downloads every file of every update; /generate sends it the status per step and the image
+    once, at the end (the page gets a preview per step)."""
+    job = world["client"].submit("tiny:sd1", "a portrait", "", PAIR, "merge", {}, 6, 7.5, 32, 32, "ddim", 21, None,
+                                 0.0, 1, api_name="/generate")
+    preview, png, *_ = job.result()
+    updates = job.outputs()[:-1]
+    assert any("step" in str(u[-1]) for u in updates)  # progress came
+    assert all(not isinstance(u[0], str) for u in updates)  # no preview image (a downloaded file) before the end
+    assert preview and Path(preview).is_file() and Path(png).is_file()

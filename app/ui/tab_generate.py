@@ -72,6 +72,10 @@ def generate_action(service: GenerationService, config: UIConfig):
                            for k, s in enumerate(seeds[1:], 1)]
         skip = gr.skip()
         owner = getattr(request, "session_hash", None)
+        # An API client (gradio_client marks its requests) downloads every file of every update it is sent, so it
+        # gets the progress and the status per step but no preview images (the page keeps them).
+        headers = getattr(request, "headers", None) or {}
+        previews = 0 if headers.get("x-gradio-user") == "api" else config.preview_every
         files, infos, result = [], [], None
         try:
             for k, spec in enumerate(specs):
@@ -80,7 +84,7 @@ def generate_action(service: GenerationService, config: UIConfig):
                     RUNNING[owner] = label
                 yield skip, skip, skip, skip, f"{label}waiting for the model … ({spec.method}, seed {spec.seed})"
                 try:
-                    for ev in stream_generation(service, spec, config.preview_every, config.preview_interval, owner=owner):
+                    for ev in stream_generation(service, spec, previews, config.preview_interval, owner=owner):
                         if isinstance(ev, StepEvent):
                             progress((k * ev.total + ev.step, count * ev.total), desc=f"{label}{spec.method}: step {ev.step}/{ev.total}")
                             yield (ev.preview if ev.preview is not None else skip), skip, skip, skip, \
