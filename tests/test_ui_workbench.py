@@ -41,7 +41,8 @@ def app(tmp_path_factory):
     config = tiny_ui_world(root, hazards=False)
     kohya = config.lora_dirs[0] / "kohya"
     kohya.mkdir()
-    shutil.copyfile(config.lora_dirs[0] / "tiny_character.safetensors", kohya / "tiny_character.safetensors")
+    for suffix in (".safetensors", ".json"):  # the LoRA and its sidecar (category, trigger words)
+        shutil.copyfile(config.lora_dirs[0] / f"tiny_character{suffix}", kohya / f"tiny_character{suffix}")
     config.loras = [("tiny_character", 1.0), (KOHYA, 0.5)]  # the default form keeps both (issue 22: it lost one)
     with serve(config) as (demo, url):
         yield {"root": root, "config": config, "url": url, "service": demo.service}
@@ -199,6 +200,10 @@ def test_3_browser_search_click_to_add_and_make_preview(page, app):
     page.get_by_role("tab", name="LoRAs").click()
     cards = page.locator("#lora-cards .thumbnail-item")
     expect(cards).to_have_count(3, timeout=WAIT)  # tiny_character, its kohya copy, tiny_style
+    pick(page, "#lora-category", "character")
+    expect(cards).to_have_count(2, timeout=WAIT)  # the category filter
+    pick(page, "#lora-category", "all categories")
+    expect(cards).to_have_count(3, timeout=WAIT)
     type_into(page, "#lora-search", "style")
     expect(cards).to_have_count(1, timeout=WAIT)
     cards.first.click()
@@ -344,10 +349,15 @@ def test_23_lora_controls_reach_the_spec(page):
     type_into(page, "#te-1", "0.5")
     pick(page, "#lbw-1", "MIDD")
     type_into(page, "#stop-1", "1")
+    page.locator("#controls-2").get_by_text("controls").click()  # opened, its start/stop left as they are
+    type_into(page, "#lbw-2", ",".join(["1"] * 9 + ["0"] * 8))  # a custom vector (17 blocks)
+    type_into(page, "#unet-2", "0.8")
     generate(page)
-    first = last_spec(page)["loras"][0]
+    first, second = last_spec(page)["loras"][:2]
     assert first["name"] == "tiny_character" and first["te"] == 0.5 and first["stop"] == 1
     assert first["lbw"]
+    assert second["unet"] == 0.8 and list(second["lbw"]) == [1.0] * 9 + [0.0] * 8
+    assert "start" not in second and "stop" not in second  # not set: always on
 
 
 def test_23_two_regions_from_the_ui_and_the_mask_preview(page, app, tmp_path, capsys):

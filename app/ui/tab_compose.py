@@ -255,9 +255,10 @@ def _lora_rows(config: UIConfig, names: list[str]) -> tuple[list[LoRARow], gr.St
                         lbw = gr.Dropdown(lbw_choices, value="", label="block weights", allow_custom_value=True,
                                           info="a preset, or 12/17/20/26 numbers", elem_id=f"lbw-{k + 1}", min_width=140)
                     with gr.Row():
-                        start = gr.Number(None, label="start", info="step (or fraction) it starts at",
+                        # 0 = not set (an empty number box shows, and sends, 0 once the accordion opens)
+                        start = gr.Number(0, label="start", info="step (or fraction) it starts at; 0: the first",
                                           elem_id=f"start-{k + 1}", min_width=80)
-                        stop = gr.Number(None, label="stop", info="step (or fraction) it stops before",
+                        stop = gr.Number(0, label="stop", info="step (or fraction) it stops before; 0: the end",
                                          elem_id=f"stop-{k + 1}", min_width=80)
             rows.append(LoRARow(group, dd, w, rm, te, unet, lbw, start, stop))
         add_row = gr.Button("+ LoRA", size="sm", elem_id="add-lora", visible=n_shown < config.max_loras)
@@ -345,9 +346,9 @@ def lora_entries(values: list, n_rows: int) -> list[dict]:
             entry["unet"] = unet
         if lbw not in (None, "", "NONE"):
             entry["lbw"] = lbw
-        if start is not None:
+        if start not in (None, "", 0):  # 0: from the first step, as when left out
             entry["start"] = start
-        if stop is not None:
+        if stop not in (None, "", 0):  # 0: to the end, as when left out (a window that ends at 0 is empty)
             entry["stop"] = stop
         out.append(entry)
     return out
@@ -447,8 +448,8 @@ def apply_settings(form: ComposeForm, settings: dict | None, max_rows: int) -> l
             e = loras[k] if k < len(loras) else {}
             lbw = e.get("lbw")
             out += [e.get("name", ""), e.get("weight", 1.0), e.get("te", 1.0), e.get("unet", 1.0),
-                    ",".join(f"{v:g}" for v in lbw) if isinstance(lbw, list) else (lbw or ""), e.get("start"),
-                    e.get("stop")]
+                    ",".join(f"{v:g}" for v in lbw) if isinstance(lbw, list) else (lbw or ""), e.get("start") or 0,
+                    e.get("stop") or 0]
     else:
         out += [skip] * (1 + max_rows + 7 * max_rows)
     method = s.get("method")
@@ -548,7 +549,7 @@ def wire_compose(form: ComposeForm, service: GenerationService) -> None:
             """Take row k out: the rows below move up, the last shown row is hidden."""
             n, rows = int(values[0] or 0), [list(values[1 + 7 * j: 8 + 7 * j]) for j in range(max_rows)]
             rows.pop(k)
-            rows.append(["", 1.0, 1.0, 1.0, "", None, None])
+            rows.append(["", 1.0, 1.0, 1.0, "", 0, 0])
             n = max(1, n - 1)
             return [n, *[gr.Group(visible=j < n) for j in range(max_rows)], gr.Button(visible=n < max_rows),
                     *[v for r in rows for v in r]]
