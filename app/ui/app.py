@@ -112,8 +112,9 @@ def build_app(config: UIConfig, service: GenerationService | None = None) -> gr.
         wire_stop(generate.stop, generate.status, service, [generate_event, *grid_events])
         wire_reproduce(reproduce, form, service)
         wire_model_loading(form, generate.status, service)
-        preview_events = wire_browser(browser, form, service, form.last_image)
-        wire_history(history, form, grid, service, [generate_event, grid_events[0], *preview_events])
+        wire_browser(browser, form, service, form.last_image)
+        # after a generation the History tab is not in view: it reads the folder when opened
+        wire_history(history, form, grid, service, [])
         wire_score(score, service, form.last_image, generate.results)
         wire_library(library, form.slot_names, service, config)
 

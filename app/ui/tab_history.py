@@ -26,10 +26,11 @@ class HistoryTab:
     chosen: gr.Textbox  # hidden: the file clicked
     settings: gr.JSON  # hidden
     axes: gr.JSON  # hidden
+    tab: gr.Tab | None = None
 
 
 def history_tab() -> HistoryTab:
-    with gr.Tab("History", id="history"):
+    with gr.Tab("History", id="history") as tab:
         with gr.Row():
             refresh = gr.Button("Refresh", size="sm", elem_id="history-refresh", scale=0, min_width=90)
             status = gr.Markdown("Click an image to load its settings into the form.", elem_id="history-status")
@@ -42,7 +43,7 @@ def history_tab() -> HistoryTab:
         chosen = gr.Textbox(visible=False, label="file")
         settings = gr.JSON(None, visible=False, label="settings")
         axes = gr.JSON(None, visible=False, label="axes")
-    return HistoryTab(refresh, status, gallery, table, names, chosen, settings, axes)
+    return HistoryTab(refresh, status, gallery, table, names, chosen, settings, axes, tab)
 
 
 def history_action(service: GenerationService):
@@ -93,14 +94,16 @@ def apply_axes(axes, grid: GridTab):
 
 
 def wire_history(tab: HistoryTab, form: ComposeForm, grid: GridTab, service: GenerationService, after: list) -> None:
-    """Refresh (`/history`) on load, on the button and after every generation or grid (`after`); a click loads the
-    item's settings (`/history_settings`)."""
+    """Refresh (`/history`) on load, when the tab is opened, on the button and after the events in `after`; a click
+    loads the item's settings (`/history_settings`)."""
     outputs = [tab.gallery, tab.table, tab.status, tab.names]
     fn = history_action(service)
     ev = tab.refresh.click(fn, None, outputs, api_name="history", show_progress_on=[tab.status])
     show_failures(ev, tab.status, "history")
     for event in after:
         event.then(fn, None, outputs, show_progress="hidden", **PRIVATE)
+    if tab.tab is not None:  # read the folder when the tab is opened (not after every image: it is not in view)
+        tab.tab.select(fn, None, outputs, show_progress="hidden", **PRIVATE)
 
     def pick(names, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else (evt.index or [0])[0]
