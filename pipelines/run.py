@@ -136,7 +136,12 @@ class Run:
         if len(prompts) != len(text_gates):
             raise ValueError(f"{len(prompts)} prompts for {len(text_gates)} text-encoder gate settings")
         copies = [self._copies(p, g) for p, g in zip(prompts, text_gates)]  # per branch: [(prompt, negative, gates)]
-        keys = [(p, n, tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0))) for branch in copies for p, n, g in branch]
+        # On the diffusion transformers a LoRA without text-encoder layers leaves the encoding as it is, so its gate is
+        # left out of the key and branches that differ only by such LoRAs share one encoding (FLUX's T5 is costly).
+        # (SD keeps every gate in the key: its batch layout, and so its images, stay bit for bit as they were.)
+        text_free = self._text_free_loras() if self.pipeline.arch.denoiser != "unet" else set()
+        keys = [(p, n, tuple(sorted((k, float(v)) for k, v in g.items() if v != 0.0 and k not in text_free)))
+                for branch in copies for p, n, g in branch]
         unique = list(dict.fromkeys(keys))
         neg, pos = self.pipeline.encode_prompt_rows([k[0] for k in unique], [k[1] for k in unique],
                                                     [dict(k[2]) for k in unique], self.height, self.width)
@@ -147,6 +152,11 @@ class Run:
             i += len(branch)
             out.append(tuple(Conditioning.join_tokens([c.rows(r, r + 1) for r in rows]) for c in (neg, pos)))
         return out
+
+    def _text_free_loras(self) -> set[str]:
+        """Names of resident LoRAs with no layer in any text encoder."""
+        routers = [r for comp, r in self.pipeline.routers.items() if comp in self.pipeline.arch.text_components]
+        return {n for n in self.pipeline.loras if not any(n in layer.factors for r in routers for layer in r.layers.values())}
 
     def _copies(self, prompt: str, gates) -> list[tuple[str, str, dict]]:
         """The prompt copies one branch's conditioning is made of: just (prompt, negative, gates) without regions."""

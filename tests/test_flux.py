@@ -5,6 +5,7 @@ of each layout through diffusers' own `load_lora_weights`), Switch and Composite
 from __future__ import annotations
 
 import pytest
+import torch
 from dit_references import (
     FLUX_TARGETS,
     composite_reference,
@@ -188,3 +189,21 @@ def test_loratorio_on_flux_is_the_weighted_conditional(files):
     assert (lat - ours(cp, ["a"], steps=3, fuse=False)[0]).abs().max() <= TOL and out.unet_rows == 2 * 3
     lat, out = ours(cp, ["a", "b"], "loratorio", steps=3)
     assert out.unet_rows == 3 * 3 and abs(sum(out.extras["mean_weights"][-1]) - 1) < 1e-3
+
+
+def test_loras_without_text_encoder_layers_share_one_encoding(tmp_path):
+    """Branches that differ only by LoRAs with no text-encoder layers are encoded once (FLUX's T5 is the costly part of
+    a Switch or Composite setup); a LoRA with a CLIP part still gets its own encoding."""
+    pipe = build_tiny_flux(0)
+    write_peft_lora(pipe, tmp_path, "plain", seed=3, text_encoder=False)
+    write_peft_lora(pipe, tmp_path, "with_te", seed=4, text_encoder=True)
+    cp = ComposedPipeline(pipe)
+    cp.load_lora(tmp_path / "plain.safetensors")
+    cp.load_lora(tmp_path / "with_te.safetensors")
+    batches = []
+    encode = cp.arch.encode
+    cp.arch.encode = lambda *a: batches.append(len(a[0])) or encode(*a)
+    with cp.run(["plain", "with_te"], PROMPT, height=32, width=32) as run:
+        out = run.encode([{"plain": 0.8}, {"with_te": 0.8}, {"plain": 0.8, "with_te": 0.8}, {}])
+    assert batches == [2] and torch.equal(out[0][1].hidden, out[3][1].hidden) and torch.equal(out[1][1].hidden, out[2][1].hidden)
+    assert not torch.equal(out[0][1].pooled, out[1][1].pooled)  # FLUX reads only CLIP's pooled output
