@@ -405,8 +405,11 @@ class GenerationService:
             controls = dict(e.controls)
             if "mask" in controls:
                 controls["mask"] = self._mask(controls["mask"], f"LoRA {item.name}")
+            # category and trigger words as the library read them (what the page shows), so the file's header
+            # and sidecar are not parsed again for every image
+            known = {"triggers": list(item.info.triggers), "category": item.info.category} if item.info else {}
             try:
-                refs.append(LoRARef(path=str(item.path), weight=e.weight, name=item.name, **controls))
+                refs.append(LoRARef(path=str(item.path), weight=e.weight, name=item.name, **{**known, **controls}))
             except TypeError as err:
                 raise SpecError(f"LoRA {item.name}: {err}") from None
         refs = complete_lora_refs(refs)
