@@ -15,6 +15,7 @@ from .wiring import INSTANT, ON_MODEL_QUEUE, PRIVATE, code_span, error_markdown,
 
 MAX_GALLERY = 48
 MAX_BATCH = 64
+API_UPDATE_SECONDS = 1.0  # an API client's progress updates: at most one a second
 RUNNING: dict[str, str] = {}  # page session -> what it is generating now ("image 2/4"), for Stop's message
 
 
@@ -73,9 +74,12 @@ def generate_action(service: GenerationService, config: UIConfig):
         skip = gr.skip()
         owner = getattr(request, "session_hash", None)
         # An API client (gradio_client marks its requests) downloads every file of every update it is sent, so it
-        # gets the progress and the status per step but no preview images (the page keeps them).
+        # gets the progress and the status but no preview images (the page keeps them), and at most one update a
+        # second (the first and the last step always): each costs the generation time on a small machine.
         headers = getattr(request, "headers", None) or {}
-        previews = 0 if headers.get("x-gradio-user") == "api" else config.preview_every
+        api = headers.get("x-gradio-user") == "api"
+        previews = 0 if api else config.preview_every
+        interval = max(config.preview_interval, API_UPDATE_SECONDS) if api else config.preview_interval
         files, infos, result = [], [], None
         try:
             for k, spec in enumerate(specs):
@@ -84,7 +88,7 @@ def generate_action(service: GenerationService, config: UIConfig):
                     RUNNING[owner] = label
                 yield skip, skip, skip, skip, f"{label}waiting for the model … ({spec.method}, seed {spec.seed})"
                 try:
-                    for ev in stream_generation(service, spec, previews, config.preview_interval, owner=owner):
+                    for ev in stream_generation(service, spec, previews, interval, owner=owner):
                         if isinstance(ev, StepEvent):
                             progress((k * ev.total + ev.step, count * ev.total), desc=f"{label}{spec.method}: step {ev.step}/{ev.total}")
                             yield (ev.preview if ev.preview is not None else skip), skip, skip, skip, \
