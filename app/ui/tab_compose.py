@@ -365,6 +365,9 @@ def save_drawn_mask(service: GenerationService, value, where: str) -> str:
         raise SpecError(f"{where}: no mask drawn or uploaded. Fix: draw the region in white, or upload a mask image")
     layers = [im for im in (value.get("layers") or []) if im is not None]
     background = value.get("background")
+    if background is None and not layers:
+        raise SpecError(f"{where}: no mask drawn or uploaded yet. Fix: draw the region in white, or upload a mask image "
+                        "(and wait until the editor shows it)")
     mask = None
     for layer in layers:  # strokes: where a layer is opaque and bright
         rgba = layer.convert("RGBA")
