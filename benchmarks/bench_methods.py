@@ -83,6 +83,40 @@ def reference_composite(pipe, names, steps, guidance, size, seed, scale=0.8):
     return latents
 
 
+def plugin_main(doc: str, measure, n_help: str, load_at_least: int = 0) -> None:
+    """A plug-in run alone (`python benchmarks/methods_<name>.py`): its own LoRAs on the --model, its lines printed."""
+    import argparse
+
+    from benchmarks.common import MODELS, builder, write_loras
+    from loraloom.pipelines import ComposedPipeline
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--repeats", type=int, help="timed rounds (default 9 on tiny, 5 otherwise, as bench_methods.py)")
+    ap.add_argument("--n", type=int, default=3, help=n_help)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    _, size, steps, rank = MODELS[args.model]
+    steps = args.steps or steps
+    repeats = args.repeats or (9 if args.model == "tiny" else 5)
+    base = builder(args.model)()
+    base.set_progress_bar_config(disable=True)
+    ours = ComposedPipeline(base)
+    paths = write_loras(base, max(args.n, load_at_least), rank)
+    names = [ours.load_lora(p, f"l{i}").name for i, p in enumerate(paths)]
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=0, negative_prompt=NEGATIVE,
+              output_type="latent", progress_bar=False, scheduler="dpmsolver++")
+    env = BenchEnv(model=args.model, ours=ours, reference=None, lora_paths=paths, names=names[:args.n], kw=kw, prompt=PROMPT,
+                   repeats=repeats, clock=args.clock, size=size, steps=steps, rank=rank, single_seconds=float("nan"),
+                   base_factory=builder(args.model))
+    print(f"model={args.model} size={size} steps={steps} rank={rank} N={args.n} repeats={repeats} threads={torch.get_num_threads()}")
+    for name, value in measure(env):
+        print(f"{name} {value:.4g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny")

@@ -120,37 +120,9 @@ def measure(env) -> list[tuple[str, float]]:
 
 
 def main() -> None:
-    import argparse
+    from benchmarks.bench_methods import plugin_main
 
-    from benchmarks.bench_methods import NEGATIVE, PROMPT, BenchEnv
-    from benchmarks.common import MODELS, builder, write_loras
-    from loraloom.pipelines import ComposedPipeline
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default 9 on tiny, 5 otherwise, as bench_methods.py)")
-    ap.add_argument("--n", type=int, default=3, help="LoRAs of LoRAtorio and Composite")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    _, size, steps, rank = MODELS[args.model]
-    steps = args.steps or steps
-    repeats = args.repeats or (9 if args.model == "tiny" else 5)
-    base = builder(args.model)()
-    base.set_progress_bar_config(disable=True)
-    ours = ComposedPipeline(base)
-    paths = write_loras(base, args.n, rank)
-    names = [ours.load_lora(p, f"l{i}").name for i, p in enumerate(paths)]
-    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=0, negative_prompt=NEGATIVE,
-              output_type="latent", progress_bar=False, scheduler="dpmsolver++")
-    env = BenchEnv(model=args.model, ours=ours, reference=None, lora_paths=paths, names=names, kw=kw, prompt=PROMPT,
-                   repeats=repeats, clock=args.clock, size=size, steps=steps, rank=rank, single_seconds=float("nan"),
-                   base_factory=builder(args.model))
-    print(f"model={args.model} size={size} steps={steps} rank={rank} N={args.n} repeats={repeats} threads={torch.get_num_threads()}")
-    for name, value in measure(env):
-        print(f"{name} {value:.4g}")
+    plugin_main(__doc__, measure, "LoRAs of LoRAtorio and Composite")
 
 
 if __name__ == "__main__":
