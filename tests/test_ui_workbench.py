@@ -118,52 +118,6 @@ def last_spec(page) -> dict:
         return json.loads(im.text[SPEC_CHUNK])
 
 
-
-def upload_mask(page, tmp_path, uploads: int = 4, looks: int = 3) -> bool:
-    """Choose custom regions, region 1 "drawn / uploaded mask", upload a left-half mask into its editor and preview
-    the masks until the upload is in (the editor takes an upload in its own time; one made while it is still being
-    shown can be lost, so it is uploaded again). Returns whether the mask preview appeared."""
-    from PIL import Image
-
-    mask = tmp_path / "left_half.png"
-    im = Image.new("L", (64, 64), 0)
-    im.paste(255, (0, 0, 32, 64))
-    im.save(mask)
-    page.locator("#regions").get_by_text("Regions").first.click()
-    pick(page, "#region-split", "custom")
-    pick(page, "#region-mask-1", "drawn / uploaded mask")
-    editor = page.locator("#region-editor-1").first
-    expect(editor).to_be_visible(timeout=WAIT)
-    shown = page.locator("#mask-preview img")
-    for _ in range(uploads):
-        editor.locator("input[type=file]").first.set_input_files(str(mask))
-        for _ in range(looks):
-            page.locator("#mask-preview-btn").click()
-            try:
-                expect(shown).to_be_visible(timeout=5000)
-                return True
-            except AssertionError:
-                continue
-    return False
-
-
-# Runs before the Import tests: see test_23_an_uploaded_mask_after_an_import (the last test).
-def test_23_an_uploaded_mask_is_a_region(page, app, tmp_path):
-    from PIL import Image
-
-    assert upload_mask(page, tmp_path), page.locator("#form-status").inner_text()
-    pick(page, "#region-loras-1", "tiny_character")
-    page.keyboard.press("Escape")
-    type_into(page, "#region-prompt-2", "a dog")
-    generate(page)
-    regions = last_spec(page)["regions"]
-    assert len(regions) == 2 and regions[1]["mask"] == "full" and regions[1]["prompt"] == "a dog"
-    saved = Path(regions[0]["mask"]["image"])
-    assert saved.parent == app["config"].output_dir / "masks"  # written inside the output folder
-    with Image.open(saved) as m:
-        g = m.convert("L").resize((64, 64))
-        assert g.getpixel((8, 32)) > 200 and g.getpixel((56, 32)) < 50  # white = the region, as uploaded
-
 # --- 1. errors are visible and local ---------------------------------------------------------------------------
 def test_1_invalid_method_parameter_is_shown_not_a_silent_no_op(page):
     """Regression: clora concepts typed as the help suggests (`stellu, star`) did nothing (a 500 from a queue=False
