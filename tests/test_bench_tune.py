@@ -163,3 +163,16 @@ def test_tuned_run_refuses_an_override_of_a_tuned_setting(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--dry-run"])
     assert code == 2 and "--guidance-scale would replace" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["bench", "run", "{m}", "--methods", "bogus", "--out", "{o}"],
+                                  ["bench", "tune", "{m}", "--methods", "merge,bogus", "--grid", "cfg=2", "--out", "{o}"],
+                                  ["toyworld", "compose-check", "--methods", "bogus", "--out", "{o}"]])
+def test_an_unknown_method_is_one_clear_line(tmp_path, capsys, argv):
+    from loraloom.app.cli import main
+
+    path = write_tiny_benchmark(tmp_path / "b")
+    code = main([a.format(m=path, o=tmp_path / "o") for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown method 'bogus'. Fix: use one of" in err and "unexpected" not in err
+    assert not (tmp_path / "o").exists()

@@ -188,7 +188,7 @@ def get_method(name: str) -> type[Method]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
+        raise MethodError(f"unknown method {name!r}. Fix: use one of {', '.join(sorted(REGISTRY))}") from None
 
 
 def make_method(name: str, params: Mapping[str, Any] | Any | None = None) -> Method:
