@@ -147,6 +147,9 @@ def test_tuned_file_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps({**good, "choices": {"merge": {"lora_path": "/etc/passwd"}}}))
     with pytest.raises(LoraloomError, match="not sampler settings"):
         read_tuned(bad, m, parse_methods("merge"))
+    bad.write_text(json.dumps({**good, "choices": {"merge": {"steps": "abc"}}}))
+    with pytest.raises(LoraloomError, match="steps 'abc' is not a whole number"):
+        read_tuned(bad, m, parse_methods("merge"))
     bad.write_text(json.dumps(good))
     assert read_tuned(bad, m, parse_methods("merge")).choices == {"merge": {"guidance_scale": 2.0}}
 

@@ -252,6 +252,11 @@ def read_tuned(path: str | Path, manifest: Manifest, variants: list[MethodVarian
         setting = data["choices"][key(label)]
         if not isinstance(setting, dict) or not set(setting) <= allowed:
             raise LoraloomError(f"--tuned {path}: the settings of {label} ({setting!r}) are not sampler settings")
+        for key, value in setting.items():
+            try:
+                _value(key, str(value))
+            except ValueError as err:
+                raise LoraloomError(f"--tuned {path}: {label}: {err}; run `loraloom bench tune` again") from None
         choices[label] = setting
     return Tuned(path=path, choices=choices, tuning_sets=set(data.get("tuning_sets", [])),
                  tuning_seeds=tuple(data.get("tuning_seeds", [])), manifest_sha256=data.get("manifest_sha256"))
