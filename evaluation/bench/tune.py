@@ -252,9 +252,9 @@ def read_tuned(path: str | Path, manifest: Manifest, variants: list[MethodVarian
         setting = data["choices"][key(label)]
         if not isinstance(setting, dict) or not set(setting) <= allowed:
             raise LoraloomError(f"--tuned {path}: the settings of {label} ({setting!r}) are not sampler settings")
-        for key, value in setting.items():
+        for name, value in setting.items():
             try:
-                _value(key, str(value))
+                _value(name, str(value))
             except ValueError as err:
                 raise LoraloomError(f"--tuned {path}: {label}: {err}; run `loraloom bench tune` again") from None
         choices[label] = setting
