@@ -204,11 +204,12 @@ class RoutedLayer:
         if self.is_conv:
             m = self.module
             h = F.conv2d(xs, down, None, m.stride, m.padding, m.dilation, m.groups)
-            g = gate.on(h, self.reads_text)
             if up.shape[-2:] != (1, 1):  # a spatial up-projection mixes positions: gate its output instead
                 delta = F.conv2d(h * weight, up)
-                ys += delta if g is None else delta * gate.on(delta, self.reads_text)
+                g = gate.on(delta, self.reads_text)
+                ys += delta if g is None else delta * g
                 return
+            g = gate.on(h, self.reads_text)
             ys += F.conv2d(h * weight if g is None else h * (g * weight), up)
             return
         h = F.linear(xs, down)
