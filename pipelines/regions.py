@@ -36,9 +36,9 @@ class RegionalCrossAttention:
         self.weights = [w.float() for w in weights]  # (H, W) at the latent's resolution, summing to 1 per pixel
         self._grids: dict[tuple, list[torch.Tensor]] = {}
 
-    def _weights_for(self, tokens: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _weights_for(self, tokens: int, like: torch.Tensor) -> list[tuple]:
         """Per prompt at this layer's token grid: (weights (1, 1, tokens, 1), the query positions where the weight is
-        above zero, or None for all of them)."""
+        above zero and the weights there, or None, None for all of them)."""
         key = (tokens, like.device, like.dtype)
         if key not in self._grids:
             h, w = token_grid(tokens, tuple(self.weights[0].shape))
@@ -46,7 +46,7 @@ class RegionalCrossAttention:
             for m in self.weights:
                 grid = resize_mask(m, h, w).reshape(1, 1, h * w, 1).to(like.device, like.dtype)
                 where = torch.nonzero(grid.reshape(-1) > 0).reshape(-1)
-                grids.append((grid, None if where.numel() == tokens else where))
+                grids.append((grid, None, None) if where.numel() == tokens else (grid, where, grid.index_select(2, where)))
             self._grids[key] = grids
         return self._grids[key]
 
@@ -65,7 +65,7 @@ class RegionalCrossAttention:
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         out = None
-        for span, (weight, where) in zip(self.spans, self._weights_for(tokens, query), strict=True):
+        for span, (weight, where, weight_there) in zip(self.spans, self._weights_for(tokens, query), strict=True):
             if where is None:  # the prompt weighs in at every query
                 part = F.scaled_dot_product_attention(query, key[:, :, span], value[:, :, span], dropout_p=0.0, is_causal=False)
                 out = part * weight if out is None else out + part * weight
@@ -73,7 +73,7 @@ class RegionalCrossAttention:
                 part = F.scaled_dot_product_attention(query.index_select(2, where), key[:, :, span], value[:, :, span],
                                                       dropout_p=0.0, is_causal=False)
                 out = torch.zeros_like(query) if out is None else out
-                out.index_add_(2, where, part * weight.index_select(2, where))
+                out.index_add_(2, where, part * weight_there)
         if out is None:  # no prompt weighs in anywhere (the weights sum to 1 per position, so never in a run)
             out = torch.zeros_like(query)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
