@@ -391,3 +391,31 @@ def test_23_two_regions_from_the_ui_and_the_mask_preview(page, app, tmp_path, ca
         w, h = rgb.size
         left, right = rgb.getpixel((w // 8, h // 2)), rgb.getpixel((7 * w // 8, h // 2))
     assert left[0] > left[2] and right[2] > right[0]  # region 1 red on the left, region 2 blue on the right
+
+
+def test_23_uploaded_mask_file_reaches_the_spec(page, app, tmp_path):
+    """A mask uploaded as a file (the region's plain image upload, next to the editor) becomes the region's mask:
+    a PNG in the output folder's masks/ with the uploaded pixels (white = the region)."""
+    from PIL import Image
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 40, 24))  # a box in the top-left
+    mask.save(tmp_path / "mask.png")
+    page.locator("#regions").get_by_text("Regions").first.click()
+    pick(page, "#region-split", "custom")
+    expect(page.locator("#region-1").first).to_be_visible(timeout=WAIT)
+    pick(page, "#region-mask-1", "drawn / uploaded mask")
+    expect(page.locator("#region-upload-1").first).to_be_visible(timeout=WAIT)
+    page.locator("#region-upload-1 input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+    expect(page.locator("#region-upload-1 img").first).to_be_visible(timeout=WAIT)  # the upload reached the server
+    type_into(page, "#region-prompt-1", "a hat")
+    pick(page, "#region-loras-1", "tiny_character")
+    page.keyboard.press("Escape")
+    generate(page)
+    (region,) = last_spec(page)["regions"]
+    assert region["loras"] == ["tiny_character"] and region["prompt"] == "a hat"
+    path = Path(region["mask"]["image"] if isinstance(region["mask"], dict) else region["mask"])
+    path = path if path.is_absolute() else app["config"].output_dir / path
+    with Image.open(path) as im:
+        got = im.convert("L")
+    assert got.size == (64, 64) and got.getbbox() == (0, 0, 40, 24)

@@ -65,13 +65,17 @@ class RegionRow:
     group: gr.Group
     mask: gr.Dropdown
     editor: gr.ImageEditor
+    upload: gr.Image  # a mask image uploaded as a file (taken before the editor when given)
     prompt: gr.Textbox
     loras: gr.Dropdown
     feather: gr.Number
 
     @property
     def values(self) -> list:
-        return [self.mask, self.editor, self.prompt, self.loras, self.feather]
+        return [self.mask, self.editor, self.upload, self.prompt, self.loras, self.feather]
+
+
+REGION_VALUES = 6  # components per region in RegionRow.values
 
 
 @dataclass
@@ -308,12 +312,15 @@ def _regions_panel(names: list[str]):
                 prompt = gr.Textbox("", label=f"region {k + 1} prompt", lines=1, elem_id=f"region-prompt-{k + 1}")
                 loras = gr.Dropdown(names, value=[], multiselect=True, label=f"region {k + 1} LoRAs",
                                     elem_id=f"region-loras-{k + 1}", info="these LoRAs act only in this region")
-                editor = gr.ImageEditor(label=f"region {k + 1}: draw (white = the region) or upload a mask",
+                editor = gr.ImageEditor(label=f"region {k + 1}: draw the region in white",
                                         type="pil", image_mode="RGBA", visible=False, height=260,
                                         elem_id=f"region-editor-{k + 1}",
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=6),
                                         canvas_size=(256, 256))
-            regions.append(RegionRow(group, mask, editor, prompt, loras, feather))
+                upload = gr.Image(label=f"region {k + 1}: or upload a mask image (white = the region)", type="pil",
+                                  sources=["upload"], image_mode="L", visible=False, height=160,
+                                  elem_id=f"region-upload-{k + 1}")
+            regions.append(RegionRow(group, mask, editor, upload, prompt, loras, feather))
         with gr.Row():
             preview_btn = gr.Button("Preview the masks over the last image", size="sm", elem_id="mask-preview-btn")
         mask_preview = gr.Image(label="masks (red, blue, green: regions 1, 2, 3)", type="pil", interactive=False,
@@ -354,12 +361,27 @@ def lora_entries(values: list, n_rows: int) -> list[dict]:
     return out
 
 
-def save_drawn_mask(service: GenerationService, value, where: str) -> str:
-    """The mask drawn or uploaded in an image editor as a PNG in the output folder's masks/ (named by its content,
-    written through the write policy); returns its path. White (strokes, or a bright upload) = the region."""
-    from PIL import Image, ImageChops
-
+def save_drawn_mask(service: GenerationService, value, where: str, upload=None) -> str:
+    """The mask uploaded as an image (`upload`, taken first) or drawn or uploaded in an image editor (`value`), as a
+    PNG in the output folder's masks/ (named by its content, written through the write policy); returns its path.
+    White (strokes, or a bright upload) = the region."""
     from loraloom.composition.files import write_file
+
+    mask = upload.convert("L") if upload is not None else _editor_mask(value, where)
+    if mask.getbbox() is None:
+        raise SpecError(f"{where}: the mask is empty (all black). Fix: draw the region in white, or upload a mask image")
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    data = buf.getvalue()
+    path = service.config.output_dir / "masks" / f"mask_{hashlib.sha256(data).hexdigest()[:16]}.png"
+    if not path.exists():
+        write_file(path, lambda tmp: tmp.write_bytes(data), service.write_policy, what="mask image", replace=False)
+    return str(path)
+
+
+def _editor_mask(value, where: str):
+    """The grey mask an image editor's value holds: its bright opaque strokes, else its background (an upload)."""
+    from PIL import Image, ImageChops
 
     if not isinstance(value, dict):
         raise SpecError(f"{where}: no mask drawn or uploaded. Fix: draw the region in white, or upload a mask image")
@@ -377,13 +399,7 @@ def save_drawn_mask(service: GenerationService, value, where: str) -> str:
         mask = background.convert("L")
     if mask is None or mask.getbbox() is None:
         raise SpecError(f"{where}: the mask is empty (all black). Fix: draw the region in white, or upload a mask image")
-    buf = io.BytesIO()
-    mask.save(buf, format="PNG")
-    data = buf.getvalue()
-    path = service.config.output_dir / "masks" / f"mask_{hashlib.sha256(data).hexdigest()[:16]}.png"
-    if not path.exists():
-        write_file(path, lambda tmp: tmp.write_bytes(data), service.write_policy, what="mask image", replace=False)
-    return str(path)
+    return mask
 
 
 def region_entries(service: GenerationService, split: str, values: list) -> list[dict]:
@@ -394,12 +410,12 @@ def region_entries(service: GenerationService, split: str, values: list) -> list
     count = len(names) if names else MAX_REGIONS
     out = []
     for k in range(count):
-        mask, editor, prompt, loras, feather = values[5 * k: 5 * k + 5]
+        mask, editor, upload, prompt, loras, feather = values[REGION_VALUES * k: REGION_VALUES * (k + 1)]
         where = f"region {k + 1}"
         if names is None and not (prompt or loras or mask == DRAWN):
             continue  # custom split: a region left empty is not one
         if mask == DRAWN:
-            mask = save_drawn_mask(service, editor, where)
+            mask = save_drawn_mask(service, editor, where, upload)
         entry: dict[str, Any] = {"mask": mask}
         if prompt:
             entry["prompt"] = prompt
@@ -424,7 +440,7 @@ def submit(form: ComposeForm, button: gr.Button, service: GenerationService | No
         rows, rest = list(values[: 7 * n]), list(values[7 * n:])
         m, raws = rest[0], rest[1: 1 + len(form.controls)]
         split = rest[1 + len(form.controls)]  # rest[2 + …]: the base weight, which /generate takes as it is
-        region_values = rest[3 + len(form.controls): 3 + len(form.controls) + 5 * MAX_REGIONS]
+        region_values = rest[3 + len(form.controls): 3 + len(form.controls) + REGION_VALUES * MAX_REGIONS]
         by_method = collect(form.fields, list(raws))
         loras = lora_entries(rows, n)
         regions = region_entries(service, split, region_values) if service is not None else []
@@ -480,10 +496,12 @@ def apply_settings(form: ComposeForm, settings: dict | None, max_rows: int) -> l
             editor = skip
             if named is None and r:
                 editor = _mask_editor_value(mask)
-            out += [named or (DRAWN if r else "full"), editor if named is None and r else gr.ImageEditor(visible=False),
-                    r.get("prompt") or "", list(r.get("loras") or []), r.get("feather", 0.0)]
+            drawn = named is None and bool(r)
+            out += [named or (DRAWN if r else "full"), editor if drawn else gr.ImageEditor(visible=False),
+                    gr.Image(value=None, visible=drawn), r.get("prompt") or "", list(r.get("loras") or []),
+                    r.get("feather", 0.0)]
     else:
-        out += [skip, skip] + [skip] * MAX_REGIONS + [skip] * (5 * MAX_REGIONS)
+        out += [skip, skip] + [skip] * MAX_REGIONS + [skip] * (REGION_VALUES * MAX_REGIONS)
     return out
 
 
@@ -589,7 +607,8 @@ def wire_compose(form: ComposeForm, service: GenerationService) -> None:
     form.split.change(show_split, form.split, [*[r.group for r in form.regions], *[r.mask for r in form.regions]],
                       **INSTANT)
     for r in form.regions:
-        r.mask.change(lambda m: gr.ImageEditor(visible=(m == DRAWN)), r.mask, r.editor, **INSTANT)
+        r.mask.change(lambda m: (gr.ImageEditor(visible=(m == DRAWN)), gr.Image(visible=(m == DRAWN))), r.mask,
+                      [r.editor, r.upload], **INSTANT)
 
     @guarded("preview the masks")
     def preview(last, height, width, split, *values):
