@@ -29,6 +29,7 @@ from loraloom.composition.lora_file import file_digest, file_sha256
 from loraloom.composition.metadata import normalise_sidecar, read_sidecar, sidecar_paths
 from loraloom.composition.methods import available_methods, make_method, written_paths
 from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
+from loraloom.pipelines.families import folder_geometry
 from loraloom.pipelines.prompt_tags import apply_tags, has_tags, parse_tags
 from loraloom.pipelines.spec import A1111_CHUNK, SPEC_CHUNK, GenerationSpec, LoRARef, RegionRef, a1111_name, save_png
 
@@ -211,16 +212,10 @@ class GenerationService:
         """(default image side, the multiple sides must be) of `model`. Read from a diffusers folder's configs
         without loading it when `load` is False (so the page can answer while the model loads)."""
         folder = Path(self.resolve_model(model))
-        if not load and (folder / "unet" / "config.json").exists() and (folder / "vae" / "config.json").exists():
-            import json
-
-            unet = json.loads((folder / "unet" / "config.json").read_text())
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-            scale = 2 ** (len(vae["block_out_channels"]) - 1)
-            return int(unet["sample_size"]) * scale, scale * 2 ** (len(unet["block_out_channels"]) - 1)
+        if not load and (geometry := folder_geometry(folder)) is not None:  # the model family's configs (UNet, transformer)
+            return geometry
         cp = self.pipeline(model)
-        multiple = cp.pipe.vae_scale_factor * 2 ** (len(cp.pipe.unet.config.block_out_channels) - 1)
-        return cp.default_size, int(multiple)
+        return cp.default_size, int(cp.size_multiple)
 
     # --- LoRA library ---------------------------------------------------------------------------------------
     def library(self, refresh: bool = False) -> list[LibraryItem]:

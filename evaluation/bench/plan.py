@@ -132,7 +132,8 @@ def scheduler_draws_noise(scheduler) -> bool:
     from loraloom.pipelines.schedulers import step_kwargs
 
     sched = type(scheduler).from_config(scheduler.config)
-    sched.set_timesteps(4)
+    # flow-matching schedulers with a resolution-dependent shift (FLUX) need its mu; any value does here
+    sched.set_timesteps(4, **({"mu": 1.0} if sched.config.get("use_dynamic_shifting") else {}))
     g = torch.Generator("cpu").manual_seed(0)
     before = g.get_state().clone()
     x = torch.zeros(1, 4, 4, 4)

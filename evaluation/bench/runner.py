@@ -136,9 +136,8 @@ class BenchPipelines:
             if item.vae:
                 self._swap_vae(cp, item)
             if self.reference_seeding:
-                from loraloom.pipelines.schedulers import make_scheduler
-
-                sched = make_scheduler(item.spec.scheduler, cp.pipe.scheduler.config, type(cp.pipe.scheduler))
+                # the family's sampler ('default' is the model's own; FLUX/SD3 refuse the SD samplers here)
+                sched = cp.arch.make_scheduler(item.spec.scheduler, None, cp.default_size, cp.default_size, "cpu")
                 if scheduler_draws_noise(sched):
                     raise SpecError(f"--reference-seeding: the sampler {item.spec.scheduler!r} draws noise at every step, so "
                                     "the reference stream cannot be fast-forwarded per image; use a deterministic sampler "
@@ -172,9 +171,7 @@ def generate(cp, item: WorkItem, out: Path):
     if item.reference_position is None:
         return generate_image(cp, spec, out)
     height, width = spec.height or cp.default_size, spec.width or cp.default_size
-    vsf = cp.pipe.vae_scale_factor
-    shape = (1, cp.pipe.unet.config.in_channels, height // vsf, width // vsf)
-    g = reference_generator(spec.seed, item.reference_position, shape)
+    g = reference_generator(spec.seed, item.reference_position, cp.arch.latent_shape(height, width))
     return cp(spec.prompt, negative_prompt=spec.negative_prompt, method=spec.method, method_params=spec.method_params,
               num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width,
               generator=g, scheduler=spec.scheduler, progress_bar=False, output_dir=out, **pipeline_arguments(spec))

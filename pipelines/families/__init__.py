@@ -27,10 +27,24 @@ def family_for(pipe, name: str | None = None) -> Family:
     return cls(pipe, name)
 
 
+def folder_geometry(folder) -> tuple[int, int] | None:
+    """(default image side, the multiple sides must be) of a diffusers folder, from its configs alone (no weights
+    loaded): the family comes from `model_index.json`'s pipeline class. None when that cannot be read."""
+    import json
+    from pathlib import Path
+
+    index = Path(folder) / "model_index.json"
+    try:
+        cls = PIPELINE_FAMILIES.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cls.config_geometry(folder) if cls is not None else None
+
+
 def pipeline_family(pipe) -> str:
     """'sd1', 'sd2', 'sdxl', 'flux' or 'sd3' from the loaded pipeline."""
     return family_for(pipe).name
 
 
-__all__ = ["FAMILY_PIPELINES", "PIPELINE_FAMILIES", "Family", "FluxFamily", "SD3Family", "SDFamily", "family_for",
+__all__ = ["FAMILY_PIPELINES", "PIPELINE_FAMILIES", "Family", "FluxFamily", "SD3Family", "SDFamily", "family_for", "folder_geometry",
            "pipeline_family", "sd_family_name"]

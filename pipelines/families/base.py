@@ -33,6 +33,16 @@ class Family(Protocol):
     @property
     def size_multiple(self) -> int: ...
 
+    @staticmethod
+    def config_geometry(folder) -> tuple[int, int] | None:
+        """(default image side, the multiple sides must be) read from a diffusers folder's component configs without
+        loading any weights; None when the configs it needs are missing."""
+        ...
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one image's initial noise as `initial_latents` draws it (float32, from the generator)."""
+        ...
+
     def make_scheduler(self, name: str | None, num_inference_steps: int | None, height: int, width: int, device): ...
 
     def initial_latents(self, height: int, width: int, generator: torch.Generator, device, dtype) -> torch.Tensor: ...
@@ -58,6 +68,22 @@ def flow_scheduler(pipe, name: str | None, family: str):
         return own.from_config(pipe.scheduler.config)
     raise SpecError(f"scheduler {name!r} does not sample {family} models (they are flow-matching models). Fix: use "
                     f"'default' (the model's {own.__name__}).")
+
+
+def read_configs(folder, *names: str) -> list[dict] | None:
+    """The `config.json` of each named component of a diffusers folder, or None if one is missing."""
+    import json
+    from pathlib import Path
+
+    paths = [Path(folder) / n / "config.json" for n in names]
+    if not all(p.is_file() for p in paths):
+        return None
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def vae_scale(vae_config: dict) -> int:
+    """The VAE's downsampling factor, as the diffusers pipelines compute `vae_scale_factor`."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def text_routing_gates(text_gates: list[Mapping[str, float]]):

@@ -17,7 +17,7 @@ import torch
 
 from loraloom.composition.conditioning import Conditioning
 
-from .base import flow_scheduler
+from .base import flow_scheduler, read_configs, vae_scale
 
 
 class FluxFamily:
@@ -46,6 +46,18 @@ class FluxFamily:
     def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor * 2  # VAE factor x the 2x2 packing
 
+    @staticmethod
+    def config_geometry(folder):
+        configs = read_configs(folder, "transformer", "vae")
+        if configs is None:
+            return None
+        scale = vae_scale(configs[1])
+        return 128 * scale, 2 * scale  # FluxPipeline.default_sample_size is 128 whatever the config says
+
+    def latent_shape(self, height, width):
+        h, w = self._latent_hw(height, width)
+        return (1, self.pipe.transformer.config.in_channels // 4, h, w)
+
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         vsf = self.pipe.vae_scale_factor
         return 2 * (int(height) // (vsf * 2)), 2 * (int(width) // (vsf * 2))
@@ -69,9 +81,7 @@ class FluxFamily:
         return 1.0  # flow matching starts from the noise itself
 
     def initial_latents(self, height, width, generator, device, dtype) -> torch.Tensor:
-        h, w = self._latent_hw(height, width)
-        shape = (1, self.pipe.transformer.config.in_channels // 4, h, w)
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        noise = torch.randn(self.latent_shape(height, width), generator=generator, device=generator.device, dtype=torch.float32)
         return noise.to(device, dtype)
 
     def encode(self, prompts, negatives, height, width):

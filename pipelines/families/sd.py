@@ -10,6 +10,7 @@ from loraloom.composition.conditioning import Conditioning
 from ..defaults import DEFAULTS
 from ..schedulers import make_scheduler
 from ..vae import to_vae_latents
+from .base import read_configs, vae_scale
 
 
 def sd_family_name(pipe) -> str:
@@ -42,6 +43,19 @@ class SDFamily:
         """VAE factor x the UNet's downsampling."""
         return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
+    @staticmethod
+    def config_geometry(folder):
+        configs = read_configs(folder, "unet", "vae")
+        if configs is None:
+            return None
+        unet, vae = configs
+        scale = vae_scale(vae)
+        return int(unet["sample_size"]) * scale, scale * 2 ** (len(unet["block_out_channels"]) - 1)
+
+    def latent_shape(self, height, width):
+        vsf = self.pipe.vae_scale_factor
+        return (1, self.pipe.unet.config.in_channels, int(height) // vsf, int(width) // vsf)
+
     def make_scheduler(self, name, num_inference_steps, height, width, device):
         sched = make_scheduler(name or DEFAULTS.scheduler, self.pipe.scheduler.config, type(self.pipe.scheduler))
         if num_inference_steps is not None:
@@ -52,9 +66,7 @@ class SDFamily:
         return scheduler.init_noise_sigma
 
     def initial_latents(self, height, width, generator, device, dtype) -> torch.Tensor:
-        vsf = self.pipe.vae_scale_factor
-        shape = (1, self.pipe.unet.config.in_channels, height // vsf, width // vsf)
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        noise = torch.randn(self.latent_shape(height, width), generator=generator, device=generator.device, dtype=torch.float32)
         return noise.to(device, dtype)
 
     def encode(self, prompts, negatives, height, width):

@@ -9,7 +9,7 @@ import torch
 
 from loraloom.composition.conditioning import Conditioning
 
-from .base import flow_scheduler
+from .base import flow_scheduler, read_configs, vae_scale
 
 
 class SD3Family:
@@ -38,6 +38,19 @@ class SD3Family:
     def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
 
+    @staticmethod
+    def config_geometry(folder):
+        configs = read_configs(folder, "transformer", "vae")
+        if configs is None:
+            return None
+        transformer, vae = configs
+        scale = vae_scale(vae)
+        return int(transformer.get("sample_size", 128)) * scale, scale * int(transformer.get("patch_size", 2))
+
+    def latent_shape(self, height, width):
+        vsf = self.pipe.vae_scale_factor
+        return (1, self.pipe.transformer.config.in_channels, int(height) // vsf, int(width) // vsf)
+
     def make_scheduler(self, name, num_inference_steps, height, width, device):
         """StableDiffusion3Pipeline's schedule: N steps, shifted by mu of the token count when the scheduler asks."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
@@ -58,9 +71,7 @@ class SD3Family:
         return 1.0
 
     def initial_latents(self, height, width, generator, device, dtype) -> torch.Tensor:
-        vsf = self.pipe.vae_scale_factor
-        shape = (1, self.pipe.transformer.config.in_channels, int(height) // vsf, int(width) // vsf)
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        noise = torch.randn(self.latent_shape(height, width), generator=generator, device=generator.device, dtype=torch.float32)
         return noise.to(device, dtype)
 
     def encode(self, prompts, negatives, height, width):
