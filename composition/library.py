@@ -1,4 +1,5 @@
-"""A folder of LoRA files as a library: every file described from its header, bad files reported, not fatal."""
+"""A folder of LoRA files as a library: every file described from its header (FLUX.1/SD3 files: loaded through their
+converters, `read_any_lora_info`), bad files reported, not fatal."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoRAFileError
-from .lora import LoRAInfo, read_lora_info
+from .lora import LoRAInfo
 from .lora_file import LORA_SUFFIXES
+from .transformer_loras import read_any_lora_info
 
 
 @dataclass
@@ -36,7 +38,7 @@ def scan_loras(folder: str | os.PathLike, recursive: bool = True, allow_pickle: 
     out = []
     for path in sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in LORA_SUFFIXES):
         try:
-            out.append(LibraryEntry(path, info=read_lora_info(path, allow_pickle=allow_pickle)))
+            out.append(LibraryEntry(path, info=read_any_lora_info(path, allow_pickle=allow_pickle)))
         except LoRAFileError as err:
             out.append(LibraryEntry(path, error=str(err)))
     return out

@@ -351,15 +351,21 @@ class PipelineCache:
         """The spec of an image `get(spec)`'s pipeline just made, as its PNG records it, and the run's `Provenance`
         for the A1111 text. Call it before anything else uses the cache (the web UI: under the same lock).
 
-        Recorded: the size of the image (the spec may leave it to the model), the sha256 of each LoRA's bytes as
+        Recorded: the size of the image (the spec may leave it to the model), the steps, guidance scale and scheduler
+        used (the model family's where the spec leaves them unset), the sha256 of each LoRA's bytes as
         loaded, and every method parameter in effect, defaults included (`GenerationSpec.identity` ignores the
         defaults, so the PNG keeps the file name of the spec as written)."""
         loras = [dataclasses.replace(ref, sha256=self._files[ref.adapter_name].digest.sha256) for ref in spec.loras]
         image = output.images[0]
         # Mask images: the sha256 `pin_masks` recorded before the run (which `generate_image` checked as it read
         # them); a spec made without it gets the file's now.
+        # Steps, guidance and scheduler the spec left to the model family: the values used.
+        arch = self.pipeline.arch if self.pipeline is not None else None
+        sampler = {"steps": output.steps if spec.steps is None else spec.steps,
+                   "guidance_scale": output.guidance_scale if spec.guidance_scale is None else spec.guidance_scale,
+                   "scheduler": spec.scheduler or (arch.default_scheduler if arch is not None else None)}
         done = pin_masks(dataclasses.replace(spec, loras=loras, height=image.height, width=image.width,
-                                             method_params=dict(output.params)))
+                                             method_params=dict(output.params), **sampler))
         provenance = Provenance(
             lora_hashes={ref.adapter_name: self._files[ref.adapter_name].digest.autov3 for ref in spec.loras},
             model_hash=self._model_file.digest.autov2 if self._model_file is not None else None,

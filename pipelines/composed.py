@@ -45,6 +45,8 @@ class GenerationOutput:
     # The scheduler that ran: its config with diffusers' "_class_name" (a spec's "default" is the model's own
     # class; the PNG's A1111 text names the sampler and schedule type from this).
     scheduler: dict = field(default_factory=dict)
+    steps: int | None = None  # the steps and guidance scale used (the family's when the caller left them None)
+    guidance_scale: float | None = None
 
 
 def check_method_family(method: Method, family) -> None:
@@ -272,6 +274,7 @@ class ComposedPipeline:
                 params=params_to_dict(method.params), unet_calls=run.unet_calls, unet_rows=run.unet_rows,
                 extras=getattr(method, "extras", {}), interrupted=interrupted,
                 scheduler={"_class_name": type(run.scheduler).__name__, **run.scheduler.config},
+                steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
             )
 
     def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",

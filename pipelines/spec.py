@@ -399,11 +399,13 @@ class GenerationSpec:
     loras: list[LoRARef] = field(default_factory=list)
     method: str = "merge"
     method_params: dict = field(default_factory=dict)
-    steps: int = DEFAULTS.steps
-    guidance_scale: float = DEFAULTS.guidance_scale
+    # steps, guidance_scale, scheduler None: the model family's (`pipelines.families`: SD `DEFAULTS`, FLUX.1-dev 28 /
+    # 3.5, schnell 4 / 0, SD 3 28 / 7, SD 3.5 28 / 3.5, flow models their own scheduler); the PNG records the values used
+    steps: int | None = None
+    guidance_scale: float | None = None
     height: int | None = DEFAULTS.height
     width: int | None = DEFAULTS.width
-    scheduler: str = DEFAULTS.scheduler
+    scheduler: str | None = None
     seed: int = 0
     family: str | None = None
     dtype: str = "float32"
@@ -422,11 +424,14 @@ class GenerationSpec:
                 raise SpecError(f"{name} must be text, got {getattr(self, name)!r}")
         if not self.model.strip():
             raise SpecError("model is empty; name a diffusers folder, hub id, single .safetensors file or tiny:sd1")
-        self.steps = checked_number("steps", self.steps, int, 1, MAX_STEPS)
-        self.guidance_scale = checked_number("guidance_scale", self.guidance_scale, float, 0.0, 100.0)
+        if self.steps is not None:
+            self.steps = checked_number("steps", self.steps, int, 1, MAX_STEPS)
+        if self.guidance_scale is not None:
+            self.guidance_scale = checked_number("guidance_scale", self.guidance_scale, float, 0.0, 100.0)
         self.seed = checked_number("seed", self.seed, int, 0, 2**63 - 1)
         self.height, self.width = checked_size(self.height, self.width)
-        scheduler_class(self.scheduler)
+        if self.scheduler is not None:
+            scheduler_class(self.scheduler)
         if self.dtype not in DTYPES:
             raise SpecError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.family is not None and self.family not in FAMILY_NAMES:
@@ -475,9 +480,10 @@ class GenerationSpec:
             schedule = ref.schedule()
             if schedule is not None:
                 window = Schedule(schedule.start, schedule.stop, unit=schedule.unit)
-                if not any(window.factor(i, self.steps) for i in range(self.steps)):
+                steps = self.run_steps
+                if not any(window.factor(i, steps) for i in range(steps)):
                     raise SpecError(f"LoRA {ref.adapter_name}: start {_text(ref.start)} / stop {_text(ref.stop)} leave no step of "
-                                    f"{self.steps} where it acts. Fix: an earlier start or a later stop (step numbers count "
+                                    f"{steps} where it acts. Fix: an earlier start or a later stop (step numbers count "
                                     "from 0; fractions are of the run)")
         if (regions or masked) and not method.supports_regions:
             raise SpecError(f"method {self.method!r} has no meaning for regions or masked LoRAs. Fix: use merge, switch or "
@@ -488,6 +494,18 @@ class GenerationSpec:
                 raise SpecError(f"method {self.method!r} merges the LoRAs into one, so per-LoRA strengths, block weights, "
                                 f"schedules and masks ({', '.join(named)}) have no place in it. Fix: leave them out, or "
                                 "use merge.")
+
+    def sampler_values(self) -> tuple[int, float, str]:
+        """(steps, guidance_scale, scheduler) with the ones left unset at `DEFAULTS` (the SD families' values: what an
+        unset field meant before the families had their own, so SD names and checks are unchanged). The values a
+        model family actually used are what the PNG records (`PipelineCache.recorded`)."""
+        return (DEFAULTS.steps if self.steps is None else self.steps,
+                DEFAULTS.guidance_scale if self.guidance_scale is None else self.guidance_scale,
+                DEFAULTS.scheduler if self.scheduler is None else self.scheduler)
+
+    @property
+    def run_steps(self) -> int:
+        return self.sampler_values()[0]
 
     @property
     def has_controls(self) -> bool:
@@ -560,6 +578,9 @@ class GenerationSpec:
         does (not by its sha256, which the PNG records)."""
         d = self.to_dict()
         d.pop("version", None)
+        # Unset sampler fields hash as DEFAULTS (what a spec file that left them out always had), so every name
+        # given before still means the same spec and a rerun finds its images.
+        d["steps"], d["guidance_scale"], d["scheduler"] = self.sampler_values()
         d["method_params"] = self.changed_params()
         for entry in [*d["loras"], *d.get("regions", [])]:
             entry.pop("sha256", None)
@@ -585,7 +606,8 @@ class GenerationSpec:
         if schedule is None or (ref.start is None and ref.stop is None):
             return None
         window = Schedule(schedule.start, schedule.stop, unit=schedule.unit)
-        active = [i for i in range(self.steps) if window.factor(i, self.steps)]
+        steps = self.run_steps
+        active = [i for i in range(steps) if window.factor(i, steps)]
         return (active[0], active[-1] + 1) if active else (0, 0)
 
     def a1111_tag(self, ref: LoRARef, name: str | None = None) -> str:
@@ -602,7 +624,7 @@ class GenerationSpec:
         if window is not None:
             if window[0] > 0:
                 items.append(f"start={window[0]}")
-            if window[1] < self.steps:
+            if window[1] < self.run_steps:
                 items.append(f"stop={window[1]}")
         return "<lora:" + ":".join(items) + ">"
 
@@ -616,9 +638,9 @@ class GenerationSpec:
         prov = provenance or Provenance()
         names = [a1111_name(ref.adapter_name) for ref in self.loras]
         tags = " ".join(self.a1111_tag(ref, n) for n, ref in zip(names, self.loras))
-        sampler, schedule = a1111_sampler(*_scheduler_facts(self.scheduler, prov.scheduler))
-        settings: dict[str, object] = {"Steps": self.steps, "Sampler": sampler, "Schedule type": schedule,
-                                       "CFG scale": f"{self.guidance_scale:g}", "Seed": self.seed}
+        sampler, schedule = a1111_sampler(*_scheduler_facts(self.sampler_values()[2], prov.scheduler))
+        settings: dict[str, object] = {"Steps": self.run_steps, "Sampler": sampler, "Schedule type": schedule,
+                                       "CFG scale": f"{self.sampler_values()[1]:g}", "Seed": self.seed}
         if self.width and self.height:
             settings["Size"] = f"{self.width}x{self.height}"
         settings["Model hash"] = prov.model_hash

@@ -89,3 +89,66 @@ def test_bench_run_reference_seeding_on_dit(folders, family, tmp_path):
                  scheduler=spec.scheduler, progress_bar=False).images[0]
         ours = Image.open(opts.out / it.png).convert("RGB")
         assert list(ours.getdata()) == list(ref.getdata())
+
+
+def _tiny_sd35(seed: int = 0):
+    """The tiny SD3 pipeline with SD 3.5's QK-norm (what tells 3.5 from 3 in a transformer config)."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = build_tiny_sd3(seed)
+    torch.manual_seed(seed)
+    pipe.transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                             pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm").eval()
+    return pipe
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("tiny:flux", (28, 3.5, "default")),  # FLUX.1-dev
+    ("schnell", (4, 0.0, "default")),  # no guidance embedding
+    ("tiny:sd3", (28, 7.0, "default")),  # SD 3 Medium
+    ("sd35", (28, 3.5, "default")),  # SD 3.5 (QK-norm)
+    ("tiny:sd1", (30, 7.5, "dpmsolver++")),  # unchanged
+])
+def test_spec_without_sampler_settings_uses_the_familys_and_records_them(variant, expected, tmp_path, capsys):
+    """A spec file (and so the CLI) that leaves steps, guidance and scheduler out runs with the family's values and
+    the PNG's spec records them; the file name is the one the same spec always had (unset hashes as DEFAULTS)."""
+    import yaml
+
+    from loraloom.app.cli import main
+    from loraloom.pipelines.spec import GenerationSpec, read_png_spec
+
+    model = variant
+    if not variant.startswith("tiny:"):
+        pipe = build_tiny_flux(0, guidance_embeds=False) if variant == "schnell" else _tiny_sd35(0)
+        pipe.save_pretrained(tmp_path / variant)
+        model = str(tmp_path / variant)
+    spec = {"model": model, "prompts": ["a red cat"], "methods": ["merge"], "height": 16, "width": 16, "seeds": [0]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["generate", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
+    png = next((tmp_path / "out").glob("merge_*.png"))
+    recorded = read_png_spec(png)
+    assert (recorded.steps, recorded.guidance_scale, recorded.scheduler) == expected
+    unset = GenerationSpec(model=model, prompt="a red cat", height=16, width=16)
+    explicit = GenerationSpec(model=model, prompt="a red cat", height=16, width=16, steps=30, guidance_scale=7.5,
+                              scheduler="dpmsolver++")
+    assert png.name == unset.file_name() == explicit.file_name()  # SD names are what they were
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(png), "--out", str(tmp_path / "again")]) == 0  # remade from the values used
+    assert "identical to the source" in capsys.readouterr().out
+
+
+def test_ui_form_without_steps_and_cfg_uses_the_familys(folders, tmp_path):
+    """The web UI's form left empty (its default now) generates with the family's steps and CFG; progress counts them."""
+    from loraloom.app.ui.config import UIConfig
+    from loraloom.app.ui.service import GenerationService
+
+    folder = str((folders["flux"] / "model").resolve())
+    config = UIConfig(models=[folder], lora_dirs=[folders["flux"] / "loras"], output_dir=tmp_path / "out")
+    assert (config.steps, config.guidance_scale) == (None, None)
+    service = GenerationService(config)
+    spec = service.make_spec(folder, "a red cat", "", [["char_a", 1.0]], "merge", {}, "", None, 16, 16, "default", 0)
+    assert (spec.steps, spec.guidance_scale) == (None, None)
+    result = service.generate(spec)
+    assert (result.spec.steps, result.spec.guidance_scale, result.spec.scheduler) == (28, 3.5, "default")
+    assert service.progress == (28, 28)

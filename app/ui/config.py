@@ -41,8 +41,8 @@ class UIConfig:
     method: str = "merge"
     compare_methods: list[str] = field(default_factory=list)
     method_params: dict = field(default_factory=dict)  # {method: {param: value}} overriding the dataclass defaults
-    steps: int = DEFAULTS.steps
-    guidance_scale: float = DEFAULTS.guidance_scale
+    steps: int | None = None  # None: the model family's (`GenerationSpec.steps`); the form's field is then empty
+    guidance_scale: float | None = None
     scheduler: str = DEFAULTS.scheduler
     seed: int = 0
     height: int | None = DEFAULTS.height

@@ -414,9 +414,10 @@ class GenerationService:
             seed = random_seed()
         if isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed < 0:
             raise SpecError(f"seed must be 0 or more (or -1 for a random seed), got {seed:g}")
-        for name, value in (("steps", steps), ("guidance_scale", guidance_scale), ("seed", seed)):
-            if value is None or value == "":
-                raise SpecError(f"{name} is empty. Fix: a number")
+        if seed is None or seed == "":
+            raise SpecError("seed is empty. Fix: a number")
+        # steps and CFG left empty: the model family's (FLUX.1-dev 28 / 3.5, schnell 4 / 0, SD 3.5 28 / 3.5, SD 30 / 7.5)
+        steps, guidance_scale = (None if v == "" else v for v in (steps, guidance_scale))
         return GenerationSpec(
             model=model, prompt=expand_prompt(text, refs), negative_prompt=negative_prompt or "",
             loras=refs, method=method, method_params=params, steps=_number(steps), guidance_scale=_number(guidance_scale),
@@ -527,13 +528,15 @@ class GenerationService:
         (a page session), so that only they stop it (`interrupt`)."""
         cancel = cancel or threading.Event()
 
-        self.progress = (0, int(spec.steps))
+        steps = spec.steps or 0  # unset: the model family's, known once the model is loaded
+        self.progress = (0, steps)
 
         def on_step(cp, i, t, kwargs):
             if cancel.is_set():
                 cp.interrupt()
                 return None
-            self.progress = (min(i + 1, int(spec.steps)), int(spec.steps))
+            total = int(spec.steps or cp.arch.default_steps)
+            self.progress = (min(i + 1, total), total)
             return callback(cp, i, t, kwargs) if callback else None
 
         with self.lock:
@@ -549,7 +552,7 @@ class GenerationService:
             finally:
                 self._cancel, self._owner = None, None
         if cancel.is_set():
-            done, total = self.progress or (0, int(spec.steps))
+            done, total = self.progress or (0, steps)
             raise Cancelled(f"stopped at step {done}/{total}, nothing saved")
         image = out.images[0]
         path = save_png(image, spec.file_name(), spec, self.write_policy, provenance)

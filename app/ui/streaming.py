@@ -36,12 +36,13 @@ def stream_generation(service: GenerationService, spec: GenerationSpec, preview_
     """
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
-    total = max(int(spec.steps), 1)
+    steps: list[int | None] = [spec.steps]  # unset: the model family's, known once the model is loaded
 
     last: list[float | None] = [None]  # no event sent yet: the first step is always sent (the clock's zero is arbitrary)
 
     def on_step(cp, i, t, kwargs):
         now = time.perf_counter()
+        total = max(int(cp.arch.default_steps if steps[0] is None else steps[0]), 1)
         final = i + 1 >= total
         if not final and last[0] is not None and now - last[0] < min_interval:
             return

@@ -202,8 +202,11 @@ def compose_panel(config: UIConfig, service: GenerationService, methods: list[st
         groups, controls = _method_panels(config, methods, method0)
         with gr.Accordion("Sampling", open=True):
             with gr.Row():
-                steps = gr.Number(config.steps, precision=0, step=1, label="Steps", elem_id="steps", min_width=90)
-                cfg = gr.Number(config.guidance_scale, step=0.5, label="CFG scale", elem_id="cfg", min_width=90)
+                # empty: the model family's (SD 30 / 7.5, FLUX.1-dev 28 / 3.5, schnell 4 / 0, SD 3.5 28 / 3.5)
+                steps = gr.Number(config.steps, precision=0, step=1, label="Steps", elem_id="steps", min_width=90,
+                                  placeholder="model's")
+                cfg = gr.Number(config.guidance_scale, step=0.5, label="CFG scale", elem_id="cfg", min_width=90,
+                                placeholder="model's")
                 height = gr.Number(config.height or side, precision=0, step=multiple, label="Height", elem_id="height",
                                    min_width=90, info=f"multiple of {multiple}")
                 width = gr.Number(config.width or side, precision=0, step=multiple, label="Width", elem_id="width",

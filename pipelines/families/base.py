@@ -24,8 +24,11 @@ class Family(Protocol):
     distilled_guidance: bool  # guidance is an input of the model (FLUX.1): no unconditional branch, methods see CFG 1
     lora_targets: tuple[str, ...]  # module names LoRAs of this family usually target (docs and `loraloom loras`)
     block_names: tuple[str, ...]  # the denoiser's block containers, as they appear in module paths
-    default_steps: int  # sampler settings when a caller gives none (the family's usual ones)
+    # Sampler settings when a caller (the Python API, a spec file, the CLI, the web UI) leaves them unset: the
+    # family's usual ones, read from the loaded model where the variants differ (FLUX.1 dev/schnell, SD 3/3.5).
+    default_steps: int
     default_guidance: float
+    default_scheduler: str  # the scheduler name a spec records for "unset" (SD: DEFAULTS.scheduler; flow: 'default')
 
     @property
     def default_size(self) -> int: ...

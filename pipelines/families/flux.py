@@ -31,8 +31,24 @@ class FluxFamily:
     block_names = ("transformer_blocks", "single_transformer_blocks")
     max_sequence_length = 512  # FluxPipeline's default (T5 tokens)
 
-    default_steps = 28  # FluxPipeline's defaults
-    default_guidance = 3.5
+    default_scheduler = "default"  # the model's own FlowMatchEulerDiscreteScheduler
+
+    @property
+    def schnell(self) -> bool:
+        """FLUX.1-schnell has no guidance embedding (`transformer.config.guidance_embeds` False); dev has one."""
+        return not self.pipe.transformer.config.guidance_embeds
+
+    @property
+    def default_steps(self) -> int:
+        """dev: 28 (FluxPipeline's default and the FLUX.1-dev model card); schnell: 4 (its model card: a 4-step
+        timestep-distilled model)."""
+        return 4 if self.schnell else 28
+
+    @property
+    def default_guidance(self) -> float:
+        """dev: 3.5 (FluxPipeline's default, the model card's example); schnell: 0 (the card's `guidance_scale=0.0`:
+        it takes no guidance input, so any value is ignored)."""
+        return 0.0 if self.schnell else 3.5
 
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe

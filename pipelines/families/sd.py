@@ -28,6 +28,7 @@ class SDFamily:
 
     default_steps = DEFAULTS.steps
     default_guidance = DEFAULTS.guidance_scale
+    default_scheduler = DEFAULTS.scheduler
 
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe

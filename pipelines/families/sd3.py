@@ -22,8 +22,21 @@ class SD3Family:
     block_names = ("transformer_blocks",)
     max_sequence_length = 256  # StableDiffusion3Pipeline's default (T5 tokens)
 
-    default_steps = 28  # StableDiffusion3Pipeline's defaults
-    default_guidance = 7.0
+    default_steps = 28
+    default_scheduler = "default"  # the model's own FlowMatchEulerDiscreteScheduler
+
+    @property
+    def sd35(self) -> bool:
+        """SD 3.5 (Large, Large Turbo, Medium) normalises queries and keys (`qk_norm`); SD 3 Medium does not."""
+        return bool(self.pipe.transformer.config.get("qk_norm"))
+
+    @property
+    def default_guidance(self) -> float:
+        """Steps 28 for both. CFG: SD 3 Medium 7.0 (StableDiffusion3Pipeline's default, its model card's example);
+        SD 3.5 3.5, the SD 3.5 Large model card's example (28 steps, guidance 3.5). The config cannot tell 3.5 Large
+        from Large Turbo (same architecture; its card: 4 steps, CFG 0) and 3.5 Medium's card says 40 steps, CFG 4.5;
+        28 / 3.5 is the one setting used here for every 3.5 model: pass steps and CFG for Turbo or Medium's own."""
+        return 3.5 if self.sd35 else 7.0
 
     def __init__(self, pipe, name: str | None = None):
         self.pipe = pipe
