@@ -24,7 +24,8 @@ def target_name(module_path: str) -> str:
     return _CONTAINER.sub("", module_path)
 
 
-__all__ = ["Adapter", "LoRA", "LoRAInfo", "LoRALayer", "load_lora", "read_lora_info", "target_name"]
+__all__ = ["Adapter", "LoRA", "LoRAInfo", "LoRALayer", "build_adapters", "describe_lora", "load_lora", "read_lora_info", "target_name",
+           "tensor_element_size"]
 
 
 @dataclass
@@ -86,8 +87,10 @@ class LoRAInfo:
         }
 
 
-def _describe(path, name, layout, adapters: dict[str, dict[str, Adapter]], metadata, file_size, file_keys=(),
-              element_size: int | None = None) -> LoRAInfo:
+def describe_lora(path, name, layout, adapters: dict[str, dict[str, Adapter]], metadata, file_size, file_keys=(),
+                  element_size: int | None = None) -> LoRAInfo:
+    """The `LoRAInfo` of a LoRA file from its adapters (per component, per module), header metadata and size; the
+    family comes from the metadata, else from the keys and shapes. Used by every reader (SD and `transformer_loras`)."""
     shapes = {c: {m: tuple(a.family_shape()) for m, a in mods.items()} for c, mods in adapters.items()}
     key_families, evidence = family_from_keys(shapes, file_keys)
     family, source = family_from_metadata(metadata)
@@ -127,7 +130,9 @@ def _own_tensors(adapter: Adapter):
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _adapters(raw: Layers, path) -> dict[str, dict[str, Adapter]]:
+def build_adapters(raw: Layers, path) -> dict[str, dict[str, Adapter]]:
+    """One `Adapter` (the class of its type: LoRA, LoHa, LoKr, DoRA, OFT, …) per module of each component, from
+    the raw layers a layout reader produced; unknown or mixed types are refused naming `path`."""
     out: dict[str, dict[str, Adapter]] = {}
     for comp, mods in raw.items():
         for module, layer in mods.items():
@@ -145,12 +150,13 @@ def read_lora_info(path: str | os.PathLike, allow_pickle: bool = False, unet_con
     meta_tensors = {k: torch.empty(s, device="meta", dtype=_SAFETENSORS_DTYPES.get(header.dtypes.get(k, ""), torch.float32))
                     for k, s in header.shapes.items()}
     layout, layers = convert_to_layers(meta_tensors, header.metadata, header.path, unet_config=unet_config)
-    adapters = _adapters(layers, header.path)
-    return _describe(header.path, Path(path).stem, layout, adapters, header.metadata, header.file_size, header.shapes,
-                     _element_size(meta_tensors))
+    adapters = build_adapters(layers, header.path)
+    return describe_lora(header.path, Path(path).stem, layout, adapters, header.metadata, header.file_size, header.shapes,
+                         tensor_element_size(meta_tensors))
 
 
-def _element_size(tensors) -> int | None:
+def tensor_element_size(tensors) -> int | None:
+    """Bytes per element of the widest floating-point tensor of a state dict (None: none), for memory estimates."""
     floats = [t for t in tensors.values() if t.is_floating_point()]
     return max((t.element_size() for t in floats), default=None)
 
@@ -209,7 +215,7 @@ def check_finite(state_dict: dict[str, torch.Tensor], path) -> None:
 
 
 def lora_from_layers(name: str, raw: Layers, info: LoRAInfo) -> LoRA:
-    return LoRA(name=name, layers=_adapters(raw, info.path), info=info)
+    return LoRA(name=name, layers=build_adapters(raw, info.path), info=info)
 
 
 def load_lora(
@@ -229,9 +235,9 @@ def load_lora(
     state_dict, metadata = read_tensors(path, allow_pickle=allow_pickle)
     check_finite(state_dict, path)
     layout, raw = convert_to_layers(state_dict, metadata, path, unet_config=unet_config)
-    adapters = _adapters(raw, path)
-    info = _describe(path, name or path.stem, layout, adapters, metadata, path.stat().st_size, state_dict,
-                     _element_size(state_dict))
+    adapters = build_adapters(raw, path)
+    info = describe_lora(path, name or path.stem, layout, adapters, metadata, path.stat().st_size, state_dict,
+                         tensor_element_size(state_dict))
     lora = LoRA(name=name or path.stem, layers=adapters, info=info)
     if dtype is not None:
         lora.to(dtype=dtype)

@@ -159,7 +159,7 @@ def _pattern_value(patterns: dict, module: str):
     return None
 
 
-def _alphas_from_adapter_metadata(metadata: dict[str, str], layers: Layers, path=None) -> None:
+def alphas_from_adapter_metadata(metadata: dict[str, str], layers: Layers, path=None) -> None:
     """Fill alphas from diffusers' `lora_adapter_metadata` header (the saved LoraConfig of each component); a
     component saved with `use_dora` must carry the magnitude vectors."""
     raw = metadata.get("lora_adapter_metadata")
@@ -205,7 +205,7 @@ class PeftLayout(KeyLayout):
     def convert(state_dict, metadata, path, unet_config=None):
         state_dict = _mixed_to_peft({k.removeprefix("base_model.model."): v for k, v in state_dict.items()})
         layers = _group_peft(state_dict, path)
-        _alphas_from_adapter_metadata(metadata, layers, path)
+        alphas_from_adapter_metadata(metadata, layers, path)
         return layers
 
 
@@ -241,7 +241,7 @@ class OldDiffusersLayout(KeyLayout):
     @staticmethod
     def convert(state_dict, metadata, path, unet_config=None):
         layers = _group_peft(_mixed_to_peft(state_dict), path)
-        _alphas_from_adapter_metadata(metadata, layers, path)
+        alphas_from_adapter_metadata(metadata, layers, path)
         return layers
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from .errors import IncompatibleLoRA, LoRAFileError
-from .lora import LoRA, LoRAInfo, _adapters, _describe, _element_size, check_finite, read_lora_info
+from .lora import LoRA, LoRAInfo, build_adapters, check_finite, describe_lora, read_lora_info, tensor_element_size
 from .lora_file import read_header, read_tensors
-from .lora_formats import RawLayer, _alphas_from_adapter_metadata
+from .lora_formats import RawLayer, alphas_from_adapter_metadata
 from .metadata import FAMILY_NAMES, family_key
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -126,11 +126,11 @@ def load_transformer_lora(path: str | os.PathLike, family: str, name: str | None
     raw = group_layers(converted, alphas, path)
     if not any(raw.values()):
         raise LoRAFileError(path, "holds no LoRA layers after conversion.", "check the file.")
-    _alphas_from_adapter_metadata(metadata, raw, path)
-    adapters = _adapters(raw, path)
+    alphas_from_adapter_metadata(metadata, raw, path)
+    adapters = build_adapters(raw, path)
     stem = name or path.stem
-    info = _describe(path, stem, layout_name(state_dict), adapters,
-                     metadata, path.stat().st_size, (), _element_size(state_dict))
+    info = describe_lora(path, stem, layout_name(state_dict), adapters,
+                         metadata, path.stat().st_size, (), tensor_element_size(state_dict))
     # The SD key clues (text-encoder widths) say nothing here: these families' own evidence replaces them.
     info.key_families, info.key_evidence = (families, evidence) if families else ((), None)
     header = family_key(info.family) if info.family_source and not info.family_source.startswith("keys:") else None

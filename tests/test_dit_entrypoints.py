@@ -152,3 +152,20 @@ def test_ui_form_without_steps_and_cfg_uses_the_familys(folders, tmp_path):
     result = service.generate(spec)
     assert (result.spec.steps, result.spec.guidance_scale, result.spec.scheduler) == (28, 3.5, "default")
     assert service.progress == (28, 28)
+
+
+def test_transformer_lora_reader_uses_only_public_helpers():
+    """composition/transformer_loras.py builds on the SD reader's helpers by their public names (they were private)."""
+    import ast
+    from pathlib import Path
+
+    import loraloom.composition.transformer_loras as module
+    from loraloom.composition import lora, lora_formats
+
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    imported = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and
+                node.module.lstrip(".") in ("lora", "lora_formats") for a in node.names]
+    assert {"build_adapters", "describe_lora", "tensor_element_size", "alphas_from_adapter_metadata"} <= set(imported)
+    assert not [n for n in imported if n.startswith("_")]
+    assert {"build_adapters", "describe_lora", "tensor_element_size"} <= set(lora.__all__)
+    assert callable(lora_formats.alphas_from_adapter_metadata)
