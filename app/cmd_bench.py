@@ -49,6 +49,13 @@ def register(sub) -> None:
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available; under accelerate "
                                                     "each process gets its own GPU)")
     r.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    offload = r.add_mutually_exclusive_group()
+    offload.add_argument("--cpu-offload", dest="offload", action="store_const", const="model",
+                         help="keep the models in CPU memory, each moved to the GPU while it runs (diffusers' "
+                              "enable_model_cpu_offload; needs an accelerator)")
+    offload.add_argument("--sequential-offload", dest="offload", action="store_const", const="sequential",
+                         help="keep the models in CPU memory, moved to the GPU layer by layer (diffusers' "
+                              "enable_sequential_cpu_offload: least memory, slowest; needs an accelerator)")
     r.add_argument("--threads", type=int, help="torch CPU threads per process")
     r.add_argument("--allow-download", action="store_true", help="let diffusers fetch hub models that are not cached")
     r.add_argument("--no-retry-failed", action="store_true", help="leave items that failed before as they are")
@@ -155,7 +162,7 @@ def run_cmd(args: argparse.Namespace) -> int:
                       reference_seeding=args.reference_seeding, lora_dir=args.lora_dir, overrides=overrides,
                       device=args.device, dtype=args.dtype, allow_download=args.allow_download,
                       retry_failed=not args.no_retry_failed, progress=not args.no_progress, threads=args.threads,
-                      variant_overrides=tuned, argv=sys.argv[1:], regions=regions)
+                      variant_overrides=tuned, argv=sys.argv[1:], regions=regions, offload=args.offload)
     s = run_benchmark(opts)
     rate = s.generated / s.wall_seconds if s.wall_seconds else math.nan
     who = f"process {s.process_index + 1}/{s.num_processes}: " if s.num_processes > 1 else ""

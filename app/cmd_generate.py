@@ -32,6 +32,13 @@ def register(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
+    offload = p.add_mutually_exclusive_group()
+    offload.add_argument("--cpu-offload", dest="offload", action="store_const", const="model",
+                         help="keep the models in CPU memory, each moved to the GPU while it runs (diffusers' "
+                              "enable_model_cpu_offload; needs an accelerator)")
+    offload.add_argument("--sequential-offload", dest="offload", action="store_const", const="sequential",
+                         help="keep the models in CPU memory, moved to the GPU layer by layer (diffusers' "
+                              "enable_sequential_cpu_offload: least memory, slowest; needs an accelerator)")
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
     p.add_argument("--allow-pickle", action="store_true", help="also load .ckpt/.pt/.bin LoRAs (torch.load weights_only=True)")
     p.add_argument("--max-pixels", type=int, help="largest height x width a spec may ask for (default 2048x2048)")
@@ -43,14 +50,16 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loraloom.pipelines.batch import PipelineCache, expand, load_batch_spec, run_specs
+    from loraloom.pipelines.composed import check_offload
     from loraloom.pipelines.spec import read_png_spec
 
     if bool(args.spec) == bool(args.from_png):
         raise SpecError("give a spec file or --from-png IMG (one of them)")
     if args.max_pixels is not None:
         os.environ["LORALOOM_MAX_PIXELS"] = str(args.max_pixels)  # read where specs are checked
+    check_offload(args.offload, args.device)  # no accelerator: one line, before anything is read or loaded
     cache = PipelineCache(device=args.device, local_files_only=args.local_files_only, model_config=args.model_config,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, offload=args.offload)
     if args.from_png:
         spec = read_png_spec(args.from_png)
         out_dir = Path(args.out or "outputs/reproduced")

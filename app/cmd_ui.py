@@ -29,6 +29,13 @@ def register(sub) -> None:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
+    offload = p.add_mutually_exclusive_group()
+    offload.add_argument("--cpu-offload", dest="offload", action="store_const", const="model",
+                         help="keep the models in CPU memory, each moved to the GPU while it runs (diffusers' "
+                              "enable_model_cpu_offload; needs an accelerator)")
+    offload.add_argument("--sequential-offload", dest="offload", action="store_const", const="sequential",
+                         help="keep the models in CPU memory, moved to the GPU layer by layer (diffusers' "
+                              "enable_sequential_cpu_offload: least memory, slowest; needs an accelerator)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice less one core, at least 1: "
                    "1 on a 2-core machine, where it measured faster; see docs/ui.md)")
     p.add_argument("--judge", choices=["openai", "transformers"],
@@ -79,6 +86,11 @@ def config_from_args(args: argparse.Namespace):
     if args.no_clip:
         cfg.clip = None
     cfg.device = args.device
+    if args.offload:
+        from loraloom.pipelines.composed import check_offload
+
+        check_offload(args.offload, args.device)  # no accelerator: one line before the server starts
+        cfg.offload = args.offload
     for name in ("dtype", "max_queue", "max_sessions", "cache_minutes", "preview_every", "preview_interval", "max_lora_mb"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

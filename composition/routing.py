@@ -242,11 +242,25 @@ class RoutedLayer:
         self.reads_text = self.name.endswith(TEXT_INPUT_LAYERS)
 
     def install(self, on: bool) -> None:
-        """Shadow the module's forward with the routed one only while some adapter is active on it."""
+        """Shadow the module's forward with the routed one only while some adapter is active on it.
+
+        A module that carries an accelerate hook (`enable_sequential_cpu_offload` hooks every leaf module: its
+        `forward` is accelerate's wrapper, which loads the weights onto the accelerator, calls `_old_forward`, and
+        offloads them again) keeps that wrapper: the routed forward goes in as `_old_forward`, so the hook still
+        runs around it. `enable_model_cpu_offload` hooks only the top-level components (the UNet/transformer, text
+        encoders, VAE), never a layer routed here, and moves the whole component, routed layers' weights included."""
+        hooked = getattr(self.module, "_hf_hook", None) is not None and hasattr(self.module, "_old_forward")
         if on and not self.installed:
-            self.module.forward = self  # instance attribute shadows the class forward
+            if hooked:
+                self._hook_forward = self.module._old_forward
+                self.module._old_forward = self
+            else:
+                self.module.forward = self  # instance attribute shadows the class forward
         elif not on and self.installed:
-            del self.module.forward
+            if getattr(self, "_hook_forward", None) is not None:
+                self.module._old_forward, self._hook_forward = self._hook_forward, None
+            else:
+                del self.module.forward
         self.installed = on
 
     def set_terms(self, terms: list) -> None:
@@ -362,6 +376,9 @@ class LoRARouter:
     def __init__(self, model: nn.Module, component: str):
         self.model = model
         self.component = component
+        # Where the adapters' factors live: the model's weights' device, or the accelerator that runs an offloaded
+        # model (`ComposedPipeline.enable_offload`; its weights sit on the CPU or the meta device between calls).
+        self.execution_device: torch.device | None = None
         self.layers: dict[str, RoutedLayer] = {}
         self.adapters: dict[str, LoRA] = {}
         self._fused: dict[str, torch.Tensor] | None = None
@@ -445,7 +462,7 @@ class LoRARouter:
         for path, layer in layers.items():
             module = modules[path]
             weight = module.weight
-            layer.to(device=weight.device, dtype=weight.dtype)
+            layer.to(device=self.execution_device or weight.device, dtype=weight.dtype)
             # Types that depend on the base weight (DoRA, OFT) are taken against the weights as loaded, not fused ones.
             base = self._fused[path] if self._fused and path in self._fused else weight.data
             layer.bind(module, base)

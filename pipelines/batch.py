@@ -19,7 +19,7 @@ from loraloom.composition.methods import written_paths
 from loraloom.composition.transformer_loras import read_any_lora_info
 from loraloom.resources import examples, shipped
 
-from .composed import ComposedPipeline, GenerationOutput
+from .composed import ComposedPipeline, GenerationOutput, check_offload
 from .prompt_tags import apply_tags, has_tags
 from .spec import GenerationSpec, LoRARef, Provenance, RegionRef, mask_image, mask_label, pin_mask, save_png
 
@@ -286,8 +286,9 @@ class PipelineCache:
     spec, or a spec file's `sha256:`) is refused when the file's bytes are no longer those."""
 
     def __init__(self, device: str = "cpu", local_files_only: bool = False, model_config: str | None = None,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, offload: str | None = None):
         self.device = device
+        self.offload = offload  # 'model' / 'sequential': `ComposedPipeline.enable_offload` on every model loaded
         self.local_files_only = local_files_only
         self.model_config = model_config
         self.allow_pickle = allow_pickle
@@ -314,11 +315,15 @@ class PipelineCache:
     def _load_model(self, spec: GenerationSpec, key) -> None:
         self.pipeline, self._key, self._files, self._model_file = None, None, {}, None  # free the old one first
 
+        check_offload(self.offload)  # no accelerator: refused before loading
+
         def load():
-            return ComposedPipeline.from_pretrained(
-                spec.model, family=spec.family, dtype=spec.dtype, device=self.device,
+            cp = ComposedPipeline.from_pretrained(
+                spec.model, family=spec.family, dtype=spec.dtype, device="cpu" if self.offload else self.device,
                 local_files_only=self.local_files_only, config=self.model_config,
             )
+            cp.enable_offload(self.offload)
+            return cp
 
         path = Path(spec.model).expanduser()
         if path.is_file():  # a single-file checkpoint: its hash is A1111's "Model hash"

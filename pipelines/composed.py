@@ -57,6 +57,39 @@ def check_method_family(method: Method, family) -> None:
                               f"one of {', '.join(DIT_METHODS)}.")
 
 
+# --cpu-offload / --sequential-offload: the diffusers pipeline method each calls
+OFFLOAD_MODES = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}
+OFFLOAD_FLAGS = {"model": "--cpu-offload", "sequential": "--sequential-offload"}
+
+
+def accelerator_device() -> str | None:
+    """The accelerator torch sees (cuda, xpu, mps …), None on a CPU-only machine."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        return acc.current_accelerator().type
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def check_offload(mode: str | None, device: str | None = None) -> str | None:
+    """The accelerator an offload `mode` ('model', 'sequential') will run on; refused with the fix, before anything is
+    loaded, where there is none or the model is to be loaded on one already (`--device cuda`)."""
+    if mode is None:
+        return None
+    if mode not in OFFLOAD_MODES:
+        raise GenerationError(f"offload {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    flag = OFFLOAD_FLAGS[mode]
+    accel = accelerator_device()
+    if accel is None:
+        raise GenerationError(f"{flag} keeps the models in CPU memory and moves them to an accelerator as they run, but "
+                              "torch sees no accelerator (CUDA, XPU, MPS) on this machine. Fix: leave out "
+                              f"{flag} (on the CPU the models are in RAM already), or run on a machine with a GPU.")
+    if device not in (None, "cpu", "auto"):
+        raise GenerationError(f"{flag} loads the models into CPU memory and moves them to {accel} itself; --device "
+                              f"{device} would load them onto the accelerator first. Fix: leave out --device (or pass "
+                              "--device cpu) with " + flag + ".")
+    return accel
+
+
 def check_method_controls(method: Method, run: Run) -> None:
     """Refuse controls a method has no place for, before it does any work: regions and masks outside Merge, Switch
     and Composite; any per-LoRA control for the methods that replace the LoRAs by a merged one."""
@@ -91,6 +124,8 @@ class ComposedPipeline:
         for comp in self.arch.text_components:
             self.routers[comp] = LoRARouter(getattr(pipe, comp), comp)
         self.loras: dict[str, LoRA] = {}
+        self.offload: str | None = None  # 'model' or 'sequential' after `enable_offload`
+        self._execution_device: torch.device | None = None
         self.attention_backend = enable_fast_attention(pipe) if denoiser == "unet" else "sdpa"
         self._lock = threading.RLock()
         self._interrupt = False
@@ -117,6 +152,32 @@ class ComposedPipeline:
             return WritePolicy.at(Path.cwd(), allowed=[Path("/")], protected=[p for p in protected if p])
         return WritePolicy.at(output_dir, allowed=[cache_folder()], protected=[p for p in protected if p])
 
+    def enable_offload(self, mode: str | None) -> None:
+        """Offload the models to CPU memory with diffusers' `enable_model_cpu_offload` (mode 'model': each component
+        moves to the accelerator when it runs) or `enable_sequential_cpu_offload` ('sequential': layer by layer).
+        Call it on a model loaded on the CPU, before any LoRA is added; refused where there is no accelerator.
+
+        What was checked (accelerate 1.x `hooks.py`, diffusers `DiffusionPipeline.enable_model_cpu_offload`), reading
+        the code, not on a GPU (none here): model offload puts a `CpuOffload` hook (`cpu_offload_with_hook`) on each
+        top-level component only; its pre-forward moves the whole component `.to(accelerator)` and the previous one
+        back to the CPU. The routing layer shadows `forward` of inner Linear/Conv2d modules, which no hook touches,
+        and reads `module.weight` at call time, so it sees the moved weights. Sequential offload hooks every leaf
+        module (`AlignDevicesHook`, weights on the meta device between calls and loaded from a CPU copy); a routed
+        layer then goes in under the hook as its `_old_forward` (`RoutedLayer.install`). Both: the LoRA factors live
+        on the accelerator (`LoRARouter.execution_device`), and Merge runs unfused (`Run.can_fuse`), because a fused
+        weight swapped into a module would be moved or replaced by the hooks. LoRA types that read the base weight
+        when loaded (DoRA, OFT) are not supported under sequential offload (the weight is on the meta device)."""
+        accel = check_offload(mode, str(self.denoiser.device.type))
+        if accel is None:
+            return
+        if self.loras:
+            raise GenerationError("offload is set before any LoRA is loaded. Fix: enable it right after loading the model.")
+        getattr(self.pipe, OFFLOAD_MODES[mode])(device=accel)
+        self.offload = mode
+        self._execution_device = torch.device(accel)
+        for router in self.routers.values():
+            router.execution_device = self._execution_device
+
     @property
     def denoiser(self) -> torch.nn.Module:
         """The UNet or the diffusion transformer."""
@@ -124,7 +185,8 @@ class ComposedPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        """Where the denoiser runs: its weights' device, or the accelerator of an offloaded model."""
+        return self._execution_device if self.offload else self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:

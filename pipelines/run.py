@@ -85,8 +85,9 @@ class Run:
     @property
     def can_fuse(self) -> bool:
         """True when every active LoRA acts the same at every step and everywhere (no schedule, no mask, no region):
-        only then may a method fuse them into the weights."""
-        return not self.layout and not self.schedules
+        only then may a method fuse them into the weights. Never on an offloaded model (`enable_offload`): its
+        weights move between devices (or are reloaded from accelerate's CPU copy) at every call."""
+        return not self.layout and not self.schedules and getattr(self.pipeline, "offload", None) is None
 
     def _apply_controls(self) -> None:
         """Strengths and block weights as per-layer factors in every router, masks as the UNet's spatial gates."""

@@ -169,3 +169,53 @@ def test_transformer_lora_reader_uses_only_public_helpers():
     assert not [n for n in imported if n.startswith("_")]
     assert {"build_adapters", "describe_lora", "tensor_element_size"} <= set(lora.__all__)
     assert callable(lora_formats.alphas_from_adapter_metadata)
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "{spec}", "--cpu-offload"],
+    ["generate", "{spec}", "--sequential-offload"],
+    ["ui", "--cpu-offload", "--port", "0"],
+    ["bench", "run", "{bench}", "--out", "{out}", "--sequential-offload"],
+])
+def test_offload_flags_without_an_accelerator_are_one_error_line(argv, tmp_path, capsys, monkeypatch):
+    """No accelerator (this machine): each offload flag is one 'loraloom: error:' line naming the flag and the fix,
+    exit 2, nothing loaded or written."""
+    import yaml
+
+    from loraloom.app.cli import main
+    from loraloom.pipelines import composed
+
+    monkeypatch.setattr(composed, "accelerator_device", lambda: None)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"model": "tiny:flux", "prompts": ["a cat"], "out": str(tmp_path / "out")}))
+    bench = write_tiny_benchmark(tmp_path / "bench")
+    args = [a.format(spec=tmp_path / "spec.yaml", bench=bench, out=tmp_path / "out") for a in argv]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = next(a for a in argv if a.endswith("offload"))
+    assert len(err) == 1 and err[0].startswith(f"loraloom: error: {flag}") and "no accelerator" in err[0] and "Fix:" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode, call", [("model", "enable_model_cpu_offload"), ("sequential", "enable_sequential_cpu_offload")])
+def test_offload_calls_diffusers_when_an_accelerator_is_reported(mode, call, monkeypatch):
+    """With an accelerator reported, the pipeline is loaded on the CPU and diffusers' own offload method is called with
+    that device; LoRA factors are placed on it; --device cuda with offload is refused."""
+    from diffusers import FluxPipeline
+
+    from loraloom.composition.errors import GenerationError
+    from loraloom.pipelines import composed
+    from loraloom.pipelines.batch import PipelineCache
+    from loraloom.pipelines.spec import GenerationSpec
+
+    calls = []
+    monkeypatch.setattr(composed, "accelerator_device", lambda: "cuda")
+    for name in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        monkeypatch.setattr(FluxPipeline, name, lambda self, *a, _n=name, **kw: calls.append((_n, a, kw)))
+    cache = PipelineCache(device="cpu", offload=mode)
+    cp = cache.get(GenerationSpec(model="tiny:flux", prompt="a cat"))
+    assert calls == [(call, (), {"device": "cuda"})]
+    assert cp.offload == mode and cp.device == torch.device("cuda") and cp.denoiser.device.type == "cpu"
+    assert {str(r.execution_device) for r in cp.routers.values()} == {"cuda"}
+    with pytest.raises(GenerationError, match="--device cuda would load them onto the accelerator first"):
+        composed.check_offload(mode, "cuda")

@@ -48,6 +48,7 @@ class UIConfig:
     height: int | None = DEFAULTS.height
     width: int | None = DEFAULTS.width
     device: str = "cpu"
+    offload: str | None = None  # 'model' (--cpu-offload) or 'sequential' (--sequential-offload): `ComposedPipeline.enable_offload`
     dtype: str = "float32"
     local_files_only: bool = True
     max_png_mb: float = 20.0  # Reproduce uploads

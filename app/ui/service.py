@@ -147,7 +147,7 @@ class GenerationService:
         self.config = config
         config.output_dir = Path(config.output_dir).expanduser().resolve()
         config.models = [str(Path(m).expanduser().resolve()) if Path(m).expanduser().exists() else m for m in config.models]
-        self.cache = PipelineCache(device=config.device, local_files_only=config.local_files_only)
+        self.cache = PipelineCache(device=config.device, local_files_only=config.local_files_only, offload=config.offload)
         self.lock = threading.Lock()
         self._library: list[LibraryItem] | None = None
         self._library_lock = threading.Lock()

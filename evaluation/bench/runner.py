@@ -24,6 +24,7 @@ from loraloom.composition.errors import LoraloomError, SpecError
 from loraloom.composition.files import remove_stale_temps
 from loraloom.composition.lora_file import file_sha256
 from loraloom.pipelines.batch import PipelineCache, generate_image, pipeline_arguments
+from loraloom.pipelines.composed import check_offload
 from loraloom.pipelines.spec import GenerationSpec, save_png
 
 from .manifest import BenchSet, Manifest, missing_files
@@ -62,6 +63,7 @@ class RunOptions:
     threads: int | None = None
     argv: list[str] = field(default_factory=list)
     cache: PipelineCache | None = None  # reuse loaded pipelines across runs in one process (library use, tests)
+    offload: str | None = None  # 'model' / 'sequential': --cpu-offload / --sequential-offload (`ComposedPipeline.enable_offload`)
 
 
 @dataclass
@@ -123,8 +125,9 @@ class BenchPipelines:
     """The pipeline cache of `loraloom generate`, plus what a benchmark adds: the base model's VAE override,
     LoRA categories from the manifest, and the sampler check of reference seeding."""
 
-    def __init__(self, device: str, allow_download: bool, reference_seeding: bool, cache: PipelineCache | None = None):
-        self.cache = cache or PipelineCache(device=device, local_files_only=not allow_download)
+    def __init__(self, device: str, allow_download: bool, reference_seeding: bool, cache: PipelineCache | None = None,
+                 offload: str | None = None):
+        self.cache = cache or PipelineCache(device=device, local_files_only=not allow_download, offload=offload)
         self.reference_seeding = reference_seeding
         self.allow_download = allow_download
         self._prepared = None
@@ -206,6 +209,7 @@ def run_benchmark(opts: RunOptions) -> RunSummary:
     """Generate what is missing; returns this process's summary (the main process's has the totals)."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    check_offload(opts.offload, opts.device)  # no accelerator: refused before the store is touched
     missing = missing_files(opts.manifest, opts.sets, opts.lora_dir)
     if missing:
         raise MissingFilesError(missing.message(opts.manifest, opts.manifest.lora_folder(opts.lora_dir)))
@@ -279,7 +283,7 @@ def _run(opts: RunOptions, dist: Distributed) -> RunSummary:
 def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[WorkItem], summary: RunSummary) -> None:
     from tqdm.auto import tqdm
 
-    pipes = BenchPipelines(dist.device, opts.allow_download, opts.reference_seeding, opts.cache)
+    pipes = BenchPipelines(dist.device, opts.allow_download, opts.reference_seeding, opts.cache, opts.offload)
     first = {}
     for it in todo:
         first.setdefault(it.set.base_model, len(first))
