@@ -5,6 +5,8 @@ local folder, one torch thread."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from dit_references import SD3_TARGETS, write_peft_lora
@@ -219,3 +221,27 @@ def test_offload_calls_diffusers_when_an_accelerator_is_reported(mode, call, mon
     assert {str(r.execution_device) for r in cp.routers.values()} == {"cuda"}
     with pytest.raises(GenerationError, match="--device cuda would load them onto the accelerator first"):
         composed.check_offload(mode, "cuda")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_every_method_runs_or_refuses_with_its_reason(family, folders, tmp_path):
+    """The README's methods x families table: on FLUX.1 and SD3 each method either generates or is refused with a
+    GenerationError naming the reason (METHOD_LIMITS) before any step, never another exception."""
+    from loraloom.composition.errors import GenerationError
+    from loraloom.composition.methods import available_methods
+    from loraloom.pipelines import ComposedPipeline
+    from loraloom.pipelines.families.base import DIT_METHODS, METHOD_LIMITS
+
+    cp = ComposedPipeline(BUILD[family](0))
+    for name in ("char_a", "ink"):
+        cp.load_lora(folders[family] / "loras" / f"{name}.safetensors")
+    builtin = ("merge", "switch", "composite", "klora", "ziplora", "hypernet", "clora", "cmlora", "loratorio", "tokenroute")
+    assert set(builtin) <= set(available_methods())
+    for method in builtin:
+        kw = dict(loras=["char_a", "ink"], method=method, num_inference_steps=2, height=16, width=16, output_type="latent",
+                  progress_bar=False, output_dir=tmp_path)
+        if method in DIT_METHODS:
+            assert torch.isfinite(cp("a cat", **kw).latents).all()
+        else:
+            with pytest.raises(GenerationError, match=f"'{method}' does not run on .*{re.escape(METHOD_LIMITS['transformer'][method][:30])}"):
+                cp("a cat", **kw)
