@@ -386,6 +386,8 @@ class LoRARouter:
         self._routing_key = None  # (routing, layer_gates) last applied; None forces a rebuild
         self.scales: dict[str, dict[str, float]] = {}  # adapter -> module path -> factor (strengths, block weights)
         self.gates: dict[str, SpatialGate] = {}  # adapter -> where it acts
+        self.keep_fused = False  # `fused` leaves its weights in place on exit (ComposedPipeline.keep_fused)
+        self._kept: tuple | None = None  # (key, original weights, original biases) of weights left fused
 
     # --- adapters -------------------------------------------------------------------------------------------
     def bind(self, lora: LoRA) -> tuple[dict[str, str], list[str]]:
@@ -450,6 +452,7 @@ class LoRARouter:
         """Make a LoRA resident (checked first; on error nothing changes). Its factors are moved to the model.
 
         The LoRA's layers are re-keyed by the model's module names (see `bind`)."""
+        self.release()
         if lora.name in self.adapters:
             raise AdapterNameError(f"an adapter named {lora.name!r} is already loaded in the {self.component}; pick another name.")
         names = self.check(lora, model_family, lora_family)
@@ -479,6 +482,7 @@ class LoRARouter:
     def remove(self, name: str) -> None:
         if name not in self.adapters:
             return
+        self.release()
         for path in list(self.layers):
             routed = self.layers[path]
             layer = routed.factors.pop(name, None)
@@ -503,6 +507,7 @@ class LoRARouter:
                      gates: Mapping[str, SpatialGate] | None = None) -> None:
         """Per-adapter factors by module path and spatial gates, applied to every routing and fused merge until
         changed (`composition.controls`); `set_controls()` clears them."""
+        # Weights kept fused (`keep_fused`) stay: the next `fused` compares the controls it would fuse with theirs.
         self.scales = {k: dict(v) for k, v in (scales or {}).items()}
         self.gates = dict(gates or {})
         self.invalidate()
@@ -523,6 +528,8 @@ class LoRARouter:
         Adapters unknown to this model are ignored (a LoRA may have no text-encoder part).
         """
         routing = routing or Routing.none()
+        if routing.blocks and self._kept is not None:  # adapters routed again: the base weights come back first
+            self.release()
         if self._routing_key is not None and self._routing_key[0] == routing and self._routing_key[1] is layer_gates:
             return  # the same routing again (e.g. every step of Composite): nothing to rebuild
         terms: dict[str, list] = {path: [] for path in self.layers}
@@ -558,6 +565,12 @@ class LoRARouter:
         The fused weight is a new tensor swapped in for the run; the original tensor is kept aside untouched and
         swapped back, so no fuse/unfuse drift is possible. While fused, routing is cleared (the adapters are in
         the weights). Every adapter's ΔW is taken against the original weights (DoRA and OFT depend on them).
+
+        With `keep_fused` set (`ComposedPipeline.keep_fused`: a batch of generations), the fused weights stay in
+        place on a clean exit, and the next `fused` with the same adapters, gates and controls reuses them instead of
+        fusing again (diffusers' `fuse_lora` keeps its fused weights the same way). Anything else that needs the
+        base weights — other gates, a routing with adapters, adding or removing an adapter, other controls,
+        `release` — swaps the originals back first.
         """
         if self._fused is not None:
             raise RuntimeError(f"{self.component}: already fused")
@@ -565,36 +578,80 @@ class LoRARouter:
         if masked:
             raise ValueError(f"{', '.join(masked)}: a LoRA with a mask acts only in part of the image and cannot be fused "
                              "into the weights; run unfused.")
+        key = self._fuse_key(gates)
+        self.release_unless(gates)
         saved_routing = self._routing
-        self._fused = {}
         biases: dict[str, torch.Tensor] = {}
+        keep = False
         try:
-            with torch.no_grad():
-                for path, routed in self.layers.items():
-                    terms = [(routed.factors[n], g * self.scales.get(n, {}).get(path, 1.0)) for n, g in gates.items()
-                             if n in routed.factors and g != 0.0]
-                    terms = [(layer, g) for layer, g in terms if g != 0.0]
-                    if not terms:
-                        continue
-                    module = routed.module
-                    weight = module.weight
-                    original = weight.data
-                    delta = sum(g * layer.delta(torch.float32, original).reshape(original.shape) for layer, g in terms)
-                    bias_terms = [(g, d) for layer, g in terms if (d := layer.bias_delta(torch.float32)) is not None]
-                    self._fused[path] = original
-                    weight.data = (original.float() + delta).to(weight.dtype)
-                    if bias_terms:
-                        bias = module.bias
-                        biases[path] = bias.data
-                        bias.data = (bias.data.float() + sum(g * d for g, d in bias_terms)).to(bias.dtype)
+            if self._kept is not None:  # the same fused weights as the last generation: reused as they are
+                _, self._fused, biases = self._kept
+                self._kept = None
+            else:
+                self._fused = {}
+                self._fuse_into_weights(gates, biases)
             self.invalidate()
             self.set_routing(None)
             yield self
+            keep = self.keep_fused and not saved_routing.blocks
         finally:
-            for path, original in (self._fused or {}).items():
-                self.layers[path].module.weight.data = original
-            for path, original in biases.items():
-                self.layers[path].module.bias.data = original
-            self._fused = None
-            self.invalidate()
-            self.set_routing(saved_routing)
+            if keep:
+                self._kept = (key, self._fused, biases)
+                self._fused = None
+            else:
+                self._restore(self._fused or {}, biases)
+                self._fused = None
+                self.invalidate()
+                self.set_routing(saved_routing)
+
+    def _fuse_into_weights(self, gates: Mapping[str, float], biases: dict) -> None:
+        """Swap a fused weight (and bias) tensor into every layer an adapter of `gates` targets; the originals go to
+        `self._fused` and `biases`."""
+        with torch.no_grad():
+            for path, routed in self.layers.items():
+                terms = [(routed.factors[n], g * self.scales.get(n, {}).get(path, 1.0)) for n, g in gates.items()
+                         if n in routed.factors and g != 0.0]
+                terms = [(layer, g) for layer, g in terms if g != 0.0]
+                if not terms:
+                    continue
+                module = routed.module
+                weight = module.weight
+                original = weight.data
+                delta = sum(g * layer.delta(torch.float32, original).reshape(original.shape) for layer, g in terms)
+                bias_terms = [(g, d) for layer, g in terms if (d := layer.bias_delta(torch.float32)) is not None]
+                self._fused[path] = original
+                weight.data = (original.float() + delta).to(weight.dtype)
+                if bias_terms:
+                    bias = module.bias
+                    biases[path] = bias.data
+                    bias.data = (bias.data.float() + sum(g * d for g, d in bias_terms)).to(bias.dtype)
+
+    def _restore(self, weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor]) -> None:
+        for path, original in weights.items():
+            self.layers[path].module.weight.data = original
+        for path, original in biases.items():
+            self.layers[path].module.bias.data = original
+
+    def _fuse_key(self, gates: Mapping[str, float]) -> tuple:
+        """What fused weights depend on: each adapter's gate and its per-layer factors (the spatial gates refuse)."""
+        return (tuple(sorted((n, float(g)) for n, g in gates.items())),
+                tuple(sorted((n, tuple(sorted(self.scales.get(n, {}).items()))) for n in gates)))
+
+    @property
+    def kept_fused(self) -> bool:
+        """True while weights are left fused between generations (`keep_fused`)."""
+        return self._kept is not None
+
+    def release(self) -> None:
+        """Swap the base weights back in where fused weights were kept (`keep_fused`); bit-exact, as `fused`'s exit."""
+        if self._kept is None:
+            return
+        _, weights, biases = self._kept
+        self._kept = None
+        self._restore(weights, biases)
+        self.invalidate()
+
+    def release_unless(self, gates: Mapping[str, float] | None) -> None:
+        """`release`, unless the kept weights are those `fused(gates)` would make."""
+        if self._kept is not None and (gates is None or self._fuse_key(gates) != self._kept[0]):
+            self.release()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -454,6 +455,8 @@ def run_specs(
     paths, skipped = [], 0
     order = sorted(range(len(specs)), key=lambda i: (specs[i].model, specs[i].family or "", specs[i].dtype))
     bar = tqdm(total=len(specs), desc="images", disable=not progress, unit="img")
+    kept = ExitStack()  # each pipeline keeps Merge's fused weights between images (fused once per LoRA set)
+    held: set[int] = set()
     try:
         for i in order:
             spec = specs[i]
@@ -462,6 +465,9 @@ def run_specs(
                 skipped += 1
             else:
                 cp = cache.get(spec)
+                if id(cp) not in held:
+                    held.add(id(cp))
+                    kept.enter_context(cp.keep_fused())
                 out = generate_image(cp, spec, out_dir)
                 # The file name stays that of the spec as written; the PNG records what was used (`recorded`).
                 done, provenance = cache.recorded(spec, out)
@@ -471,6 +477,7 @@ def run_specs(
             paths.append(path)
             bar.update(1)
     finally:
+        kept.close()
         bar.close()
     return paths, skipped
 

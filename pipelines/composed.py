@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,6 +327,7 @@ class ComposedPipeline:
 
             with run:
                 check_method_controls(method, run)
+                run.claim_fused(method)
                 method.prepare(run)
                 latents, interrupted = denoise(run.scheduler, latents, predict, generator=generator,
                                                on_step=on_step if callback_on_step_end is not None else None,
@@ -338,6 +340,24 @@ class ComposedPipeline:
                 scheduler={"_class_name": type(run.scheduler).__name__, **run.scheduler.config},
                 steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
             )
+
+    @contextmanager
+    def keep_fused(self):
+        """Within the block, Merge's fused weights stay in place between generations, and a generation that fuses
+        the same LoRAs at the same gates and controls reuses them (a batch: the fusing once, not per image). Any
+        other generation, and the block's end, restores the base weights bit-exactly first
+        (`LoRARouter.fused`)."""
+        routers = list(self.routers.values())
+        previous = [r.keep_fused for r in routers]
+        for r in routers:
+            r.keep_fused = True
+        try:
+            yield self
+        finally:
+            for r, keep in zip(routers, previous, strict=True):
+                r.keep_fused = keep
+                if not keep:
+                    r.release()
 
     def run(self, loras: Sequence[str | tuple[str, float]] = (), prompt: str = "", negative_prompt: str = "",
             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,

@@ -76,6 +76,14 @@ class Run:
         if self.layout:
             self.enter(regional_cross_attention(pipeline.pipe.unet, self.layout.spans, self.layout.weights))
 
+    def claim_fused(self, method) -> None:
+        """Before `method.prepare`: weights kept fused from the last generation (`ComposedPipeline.keep_fused`) stay
+        only where this method fuses the same gates (`Method.fused_gates`); everywhere else the base weights come
+        back before the method reads or routes anything."""
+        gates = method.fused_gates(self)
+        for router in self.pipeline.routers.values():
+            router.release_unless(gates if router is self.unet_router else None)
+
     # --- per-LoRA controls (composition.controls) ------------------------------------------------------------------
     @property
     def regional(self) -> bool:
@@ -125,7 +133,7 @@ class Run:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(*exc)
 
     # --- text and UNet ------------------------------------------------------------------------------------------
     def encode(self, text_gates, prompts=None):
@@ -296,9 +304,11 @@ class Run:
         """A DDPM scheduler with the model's own noise schedule (add_noise at training timesteps; merge objectives)."""
         return training_scheduler(self.pipeline.pipe)
 
-    def close(self) -> None:
+    def close(self, *exc) -> None:
+        """Close what the method opened; an exception that ended the run (`exc`, as `__exit__` gets it) is passed on,
+        so that e.g. fused weights are restored rather than kept (`ComposedPipeline.keep_fused`)."""
         try:
-            self._stack.close()
+            self._stack.__exit__(*(exc or (None, None, None)))
         finally:
             for router in self.pipeline.routers.values():
                 if router.scales or router.gates:

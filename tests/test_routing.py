@@ -252,3 +252,43 @@ def test_stacked_terms_equal_per_term_loop(tmp_path, tiny_sd, lora_files):
         assert torch.equal(layer(inp), layer.base_forward(inp))
         router.set_routing(None)
         router.set_controls()
+
+
+def test_keep_fused_reuses_the_same_merge_and_restores_for_anything_else(tiny_sd, lora_files, monkeypatch):
+    """In `keep_fused` (a batch), Merge fuses once for consecutive generations with the same LoRAs and gates and
+    gives what fusing afresh gives; another method, other gates, a LoRA loaded or a failure restore the base weights
+    first; the block's end leaves them bit-identical."""
+    from loraloom.composition.routing import LoRARouter
+
+    for name, path in lora_files.items():
+        tiny_sd.load_lora(path, name)
+    names = list(lora_files)
+    kw = dict(num_inference_steps=3, output_type="latent", progress_bar=False)
+    before = weights_hash(tiny_sd.pipe.unet)
+    fresh = {s: tiny_sd("a star", loras=names, method="merge", seed=s, **kw).latents for s in (1, 2)}
+    other = tiny_sd("a star", loras=[(names[0], 0.5), *names[1:]], method="merge", seed=1, **kw).latents
+    switch = tiny_sd("a star", loras=names, method="switch", seed=1, **kw).latents
+    fusings = []
+    real = LoRARouter._fuse_into_weights
+    monkeypatch.setattr(LoRARouter, "_fuse_into_weights", lambda self, *a: fusings.append(1) or real(self, *a))
+    router = tiny_sd.routers["unet"]
+    with tiny_sd.keep_fused():
+        for s in (1, 2):
+            assert torch.equal(tiny_sd("a star", loras=names, method="merge", seed=s, **kw).latents, fresh[s])
+        assert len(fusings) == 1 and router.kept_fused and weights_hash(tiny_sd.pipe.unet) != before
+        assert torch.equal(tiny_sd("a star", loras=names, method="switch", seed=1, **kw).latents, switch)
+        assert not router.kept_fused  # the switch run routed the adapters over the base weights
+        tiny_sd("a star", loras=names, method="merge", seed=1, **kw)
+        assert torch.equal(tiny_sd("a star", loras=[(names[0], 0.5), *names[1:]], method="merge", seed=1, **kw).latents, other)
+        assert len(fusings) == 3
+        with pytest.raises(RuntimeError, match="stop"):
+            tiny_sd("a star", loras=names, method="merge", seed=1, callback_on_step_end=lambda *_: (_ for _ in ()).throw(RuntimeError("stop")), **kw)
+        assert not router.kept_fused and weights_hash(tiny_sd.pipe.unet) == before
+        tiny_sd("a star", loras=names, method="merge", seed=1, **kw)
+        tiny_sd.load_lora(lora_files[names[0]], "again")  # a LoRA added: checked and bound against the base weights
+        assert not router.kept_fused and weights_hash(tiny_sd.pipe.unet) == before
+        tiny_sd("a star", loras=names, method="merge", seed=1, **kw)
+    assert not router.kept_fused and weights_hash(tiny_sd.pipe.unet) == before
+    # outside the block nothing is kept
+    tiny_sd("a star", loras=names, method="merge", seed=1, **kw)
+    assert not router.kept_fused and weights_hash(tiny_sd.pipe.unet) == before

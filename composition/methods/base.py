@@ -168,6 +168,11 @@ class Method:
     def prepare(self, ctx: DenoiseContext) -> None:
         raise NotImplementedError
 
+    def fused_gates(self, ctx: DenoiseContext) -> Mapping[str, float] | None:
+        """The gates this method will fuse into the denoiser's weights in `prepare` (None: it fuses nothing). Weights
+        kept fused from the last generation (`ComposedPipeline.keep_fused`) stay only when they are these."""
+        return None
+
     def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
         raise NotImplementedError
 

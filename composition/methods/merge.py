@@ -28,11 +28,18 @@ class Merge(Method):
     supports_regions = True
     description = "All LoRAs summed into the weights (baseline)."
 
+    def gates(self, ctx: DenoiseContext) -> dict[str, float]:
+        return {l.name: l.weight * self.params.lora_scale for l in ctx.loras}
+
+    def fused_gates(self, ctx: DenoiseContext) -> dict[str, float] | None:
+        # a schedule or a mask changes the LoRAs per step or place: unfused
+        return self.gates(ctx) if self.params.fuse and ctx.can_fuse else None
+
     def prepare(self, ctx: DenoiseContext) -> None:
-        gates = {l.name: l.weight * self.params.lora_scale for l in ctx.loras}
+        gates = self.gates(ctx)
         # The text encoder sees every LoRA too, as in the reference implementation.
         self.cond = cfg_pair(ctx.encode([gates])[0])
-        if self.params.fuse and ctx.can_fuse:  # a schedule or a mask changes the LoRAs per step or place: unfused
+        if self.fused_gates(ctx) is not None:
             ctx.enter(ctx.unet_router.fused(gates))
             self.routing = Routing.none()
         else:

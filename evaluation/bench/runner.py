@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,9 +293,14 @@ def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[
     bar = tqdm(total=summary.assigned, initial=summary.already_done, unit="img", desc=desc, disable=not opts.progress,
                position=dist.index if dist.count > 1 else None, dynamic_ncols=True, file=sys.stderr)
     long_prompts: set[str] = set()
+    kept = ExitStack()  # each base model keeps Merge's fused weights between items with the same LoRAs and gates
+    held: set[int] = set()
     try:
         for it in todo:
             cp = pipes.model(it)  # a base model that cannot load stops the run
+            if id(cp) not in held:
+                held.add(id(cp))
+                kept.enter_context(cp.keep_fused())
             if it.set.id not in long_prompts and (n := prompt_tokens(cp, it.spec.prompt)) > cp.pipe.tokenizer.model_max_length:
                 long_prompts.add(it.set.id)
                 log.warning("set %s: the prompt has %d tokens; the text encoder reads %d, so its tail (the last LoRAs' "
@@ -322,6 +328,7 @@ def _generate_all(opts: RunOptions, dist: Distributed, store: Store, todo: list[
                 bar.set_postfix(failed=summary.failed)
             bar.update(1)
     finally:
+        kept.close()
         bar.close()
 
 
