@@ -116,7 +116,11 @@ def test_generation_regions_group_shared_boxes_and_leave_full_ones_unmasked():
     plain, regions = R.generation_regions(ids, R.set_regions(ids))
     assert plain == ["background_1"]
     assert R.generation_regions(["character_2", "clothing_2"], R.set_regions(["character_2", "clothing_2"]))[0] == ["clothing_2"]
-    assert [r.loras for r in regions] == [("character_1", "style_1"), ("clothing_1",), ("object_1",)]
+    # the subject's concepts share one region (the union of their boxes), the corner object has its own
+    assert [r.loras for r in regions] == [("character_1", "clothing_1", "style_1"), ("object_1",)]
+    subject = R.set_regions(ids)["character_1"]
+    assert subject == R._union([R.lora_region(i, "star") for i in ("character_1", "clothing_1", "style_1")])
+    assert R.set_regions(["character_1"])["character_1"] == R.lora_region("character_1", "star")  # alone: its own box
     assert all(r.prompt is None for r in regions)  # the run's prompt in every region
 
 

@@ -19,6 +19,10 @@ The regions per LoRA:
 - object: its corner's box;
 - background: `"full"` (it is drawn everywhere behind the others).
 
+In a set, the subject's concepts (character, style, clothing) that are not `"full"` then share one region, the union
+of their boxes (a top hat's box reaches above the shape's: as two overlapping regions they halved each other's
+conditioning, docs/toyworld.md).
+
 `set_regions(set)` gives a set's mapping (LoRA id -> box or `"full"`); `write_regions` writes them for every set of
 the benchmark to `regions.yaml` next to `benchmark.yaml` (the benchmark manifest's reader refuses keys it does not
 know, so the regions live in their own file); `generation_regions` turns a mapping into what
@@ -123,9 +127,23 @@ def set_regions(loras: Sequence[S.ConceptLoRA | str]) -> dict[str, Box | str]:
             out[spec.id] = lora_region(spec, shapes[0])
         else:
             boxes = [lora_region(spec, sh) for sh in S.ATTRIBUTES["shape"]]
-            out[spec.id] = FULL if FULL in boxes else (min(b[0] for b in boxes), min(b[1] for b in boxes),
-                                                       max(b[2] for b in boxes), max(b[3] for b in boxes))
+            out[spec.id] = FULL if FULL in boxes else _union(boxes)
+    # The subject's concepts (character, its style, its clothing) are drawn on one figure: they share one region,
+    # the union of their boxes. Two regions that overlap without being equal would blend their prompt copies half
+    # and half where they overlap, giving each concept half of its conditioning on its own pixels (measured:
+    # docs/toyworld.md, "Regions").
+    subject = [s.id for s in specs if s.attribute in SUBJECT and out[s.id] != FULL]
+    if len(subject) > 1:
+        box = _union([out[i] for i in subject])
+        out.update(dict.fromkeys(subject, box))
     return out
+
+
+SUBJECT = ("shape", "style", "clothing")  # the concepts drawn on the figure itself
+
+
+def _union(boxes) -> Box:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def generation_regions(loras: Sequence[str], regions: Mapping[str, object]) -> tuple[list, list]:
@@ -153,7 +171,7 @@ def regions_document() -> dict:
                        + ", ".join(f"{a} {m}" for a, m in MARGIN_PX.items())
                        + f") and snapped outward to the {GRID}x{GRID} latent grid; 'full' = the whole image "
                        "(backgrounds). Derived from the generator's layout (evaluation/toyworld/regions.py), not from "
-                       "images. Character and style share the shape's box.",
+                       "images. The subject's concepts (character, style, clothing) share one box, the union of theirs.",
         "grid": GRID,
         "sets": {s["id"]: {lid: (list(r) if isinstance(r, tuple) else r) for lid, r in set_regions(s["loras"]).items()}
                  for s in benchmark_sets()},
