@@ -245,3 +245,17 @@ def test_every_method_runs_or_refuses_with_its_reason(family, folders, tmp_path)
         else:
             with pytest.raises(GenerationError, match=f"'{method}' does not run on .*{re.escape(METHOD_LIMITS['transformer'][method][:30])}"):
                 cp("a cat", **kw)
+
+
+def test_ui_scheduler_box_fits_the_model(folders, tmp_path):
+    """Choosing a FLUX model in the UI sets the Scheduler box to 'default' (its own flow-matching scheduler: an SD
+    scheduler name would be refused at Generate); an SD model keeps what the box says."""
+    from loraloom.app.ui.config import UIConfig
+    from loraloom.app.ui.service import GenerationService
+
+    folder = str((folders["flux"] / "model").resolve())
+    service = GenerationService(UIConfig(models=[folder, "tiny:sd1"], lora_dirs=[folders["flux"] / "loras"],
+                                         output_dir=tmp_path / "out"))
+    assert service.scheduler_for(folder, "dpmsolver++") == "default"
+    assert service.scheduler_for(folder, "FlowMatchEulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
+    assert service.scheduler_for("tiny:sd1", "dpmsolver++") == "dpmsolver++"

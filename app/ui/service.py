@@ -202,6 +202,14 @@ class GenerationService:
                         "Fix: pick a model from the list; other models (hub ids, tiny:sdxl, …) are offered by starting "
                         "the UI with `loraloom ui --model …` or `--model-dir …`.")
 
+    def scheduler_for(self, model: str, scheduler: str | None) -> str | None:
+        """The Scheduler box's value for `model` (loaded): as it is on a UNet model; 'default' (the model's own
+        flow-matching scheduler) on FLUX.1 / SD 3.x, unless it names that scheduler's class."""
+        cp = self.pipeline(model)
+        if cp.arch.denoiser == "unet" or scheduler == type(cp.pipe.scheduler).__name__:
+            return scheduler
+        return "default"
+
     def pipeline(self, model: str):
         """Load (or keep) `model`; waits for a running generation."""
         spec = GenerationSpec(model=self.resolve_model(model), prompt="", dtype=self.config.dtype)

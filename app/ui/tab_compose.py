@@ -650,3 +650,10 @@ def wire_model_loading(form: ComposeForm, status: gr.Markdown, service: Generati
     ev = form.model.change(load_model, [form.model, form.height, form.width], [form.height, form.width, status],
                            api_name="load_model", show_progress_on=[status], **ON_MODEL_QUEUE)
     show_failures(ev, status, "load model")
+
+    def fit_scheduler(model, scheduler):
+        """A flow-matching model (FLUX.1, SD 3.x) samples with its own scheduler only: the Scheduler box shows
+        'default' for it (an SD scheduler name would be refused at Generate); SD models keep the box as it is."""
+        return service.scheduler_for(model, scheduler)
+
+    ev.success(fit_scheduler, [form.model, form.scheduler], form.scheduler, **PRIVATE)
