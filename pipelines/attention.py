@@ -242,10 +242,11 @@ def capture_cross_attention(unet, tokens: torch.Tensor, latent_hw: tuple[int, in
             m.set_processor(p)
 
 
-def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
-    """Positions (BOS = 0) of each word's tokens in the prompt as the text encoder sees it (truncated to the
-    tokenizer's length); a word appearing twice gives all its positions; a missing word gives []."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+def token_positions(tokenizer, prompt: str, words: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Positions (BOS = 0) of each word's tokens in the prompt as the text encoder sees it (truncated to
+    `max_length`, default the tokenizer's length); a word appearing twice gives all its positions; a missing word
+    gives []."""
+    ids = tokenizer(prompt, truncation=True, max_length=max_length or tokenizer.model_max_length).input_ids
     out = []
     for word in words:
         pieces = tokenizer(word, add_special_tokens=False).input_ids

@@ -28,6 +28,7 @@ from loraloom.composition.routing import Routing, RowBlock, SpatialGate
 
 from .attention import StopForward, capture_cross_attention, token_positions
 from .denoise import denoise, guided
+from .joint_attention import capture_joint_attention
 from .regions import RegionLayout, regional_cross_attention
 from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
 
@@ -96,6 +97,11 @@ class Run:
         only then may a method fuse them into the weights. Never on an offloaded model (`enable_offload`): its
         weights move between devices (or are reloaded from accelerate's CPU copy) at every call."""
         return not self.layout and not self.schedules and getattr(self.pipeline, "offload", None) is None
+
+    @property
+    def feature_cache(self) -> bool:
+        """True when `predict_features` works: a UNet (DeepCache's cut); the diffusion transformers have none."""
+        return self.pipeline.arch.denoiser == "unet"
 
     def _apply_controls(self) -> None:
         """Strengths and block weights as per-layer factors in every router, masks as the UNet's spatial gates."""
@@ -216,10 +222,18 @@ class Run:
 
     # --- attention maps, latent updates, feature caching (CLoRA, CMLoRA) -------------------------------------------
     def token_indices(self, prompt, words):
+        """Positions of each word's tokens among the text tokens the denoiser attends to (SD: the CLIP tokenizer's;
+        FLUX, SD3: the family's `token_positions`)."""
+        arch = self.pipeline.arch
+        if arch.denoiser != "unet":
+            return arch.token_positions(prompt, words)
         return token_positions(self.pipeline.pipe.tokenizer, prompt, words)
 
     def predict_with_attention(self, latents, step, conditioning, routing, tokens, map_side=None, output=True):
-        """One UNet call that also captures cross-attention maps (see DenoiseContext.predict_with_attention)."""
+        """One UNet call that also captures cross-attention maps (see DenoiseContext.predict_with_attention). On the
+        diffusion transformers the maps are the joint attention's image->text block (`pipelines.joint_attention`)."""
+        if self.pipeline.arch.denoiser != "unet":
+            return self._predict_with_joint_attention(latents, step, conditioning, routing, tokens, map_side, output)
         unet = self.pipeline.pipe.unet
         x = self.scheduler.scale_model_input(latents, step.timestep)
         if len(conditioning) != x.shape[0] or tokens.shape[0] != x.shape[0]:
@@ -231,6 +245,42 @@ class Run:
             with capture_cross_attention(unet, tokens, tuple(latents.shape[-2:]), map_side, stop_after_last=not output) as store:
                 try:
                     out = unet(x, step.timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
+                except StopForward:
+                    pass
+        self.unet_calls += 1
+        self.unet_rows += x.shape[0]
+        return out, store.maps()
+
+    def _predict_with_joint_attention(self, latents, step, conditioning, routing, tokens, map_side, output):
+        arch = self.pipeline.arch
+        transformer = self.pipeline.pipe.transformer
+        if len(conditioning) != latents.shape[0] or tokens.shape[0] != latents.shape[0]:
+            raise ValueError(f"{latents.shape[0]} latent rows, {len(conditioning)} conditioning rows, {tokens.shape[0]} token rows")
+        if conditioning.null is not None and bool(conditioning.null.any()):
+            # FLUX.1's negative rows are null (no prediction, zero): computed are the others; their maps too
+            null = conditioning.null.to(tokens.device)
+            if bool((tokens[null] >= 0).any()):
+                raise ValueError("attention maps asked of a null (FLUX.1 negative) row: it has no text to attend to")
+            keep = (~conditioning.null).nonzero().flatten()
+            out = torch.zeros_like(latents) if output else None
+            maps = None
+            if len(keep):
+                o, m = self._predict_with_joint_attention(latents[keep.to(latents.device)], step, conditioning.select(keep),
+                                                          routing_of_rows(routing, keep.tolist()), tokens[keep.to(tokens.device)],
+                                                          map_side, output)
+                if output:
+                    out[keep.to(out.device)] = o
+                maps = m.new_zeros((latents.shape[0], *m.shape[1:]))
+                maps[keep.to(m.device)] = m
+            return out, maps
+        x = arch.model_input(self.scheduler, latents, step.timestep)
+        self.unet_router.set_routing(self._at_step(routing, step))
+        grid = arch.attention_grid(tuple(latents.shape[-2:]))
+        out = None
+        with frozen(transformer) if torch.is_grad_enabled() else nullcontext():
+            with capture_joint_attention(transformer, arch.name, tokens, grid, map_side, stop_after_last=not output) as store:
+                try:
+                    out = arch.predict(x, step.timestep, conditioning, self.model_guidance)
                 except StopForward:
                     pass
         self.unet_calls += 1

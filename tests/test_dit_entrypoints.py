@@ -223,6 +223,10 @@ def test_offload_calls_diffusers_when_an_accelerator_is_reported(mode, call, mon
         composed.check_offload(mode, "cuda")
 
 
+# the words naming each LoRA in "a cat", for the methods that need them (these LoRAs have no trigger words)
+WORDS = {"clora": {"concepts": ["cat", "a"]}, "tokenroute": {"concepts": {"char_a": "cat"}, "roles": {"ink": "global"}}}
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_every_method_runs_or_refuses_with_its_reason(family, folders, tmp_path):
     """The README's methods x families table: on FLUX.1 and SD3 each method either generates or is refused with a
@@ -239,7 +243,7 @@ def test_every_method_runs_or_refuses_with_its_reason(family, folders, tmp_path)
     assert set(builtin) <= set(available_methods())
     for method in builtin:
         kw = dict(loras=["char_a", "ink"], method=method, num_inference_steps=2, height=16, width=16, output_type="latent",
-                  progress_bar=False, output_dir=tmp_path)
+                  progress_bar=False, output_dir=tmp_path, method_params=WORDS.get(method, {}))
         if method in DIT_METHODS:
             assert torch.isfinite(cp("a cat", **kw).latents).all()
         else:

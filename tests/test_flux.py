@@ -18,6 +18,7 @@ from dit_references import (
     write_xlabs_flux_lora,
 )
 
+from loraloom.composition.controls import Region
 from loraloom.composition.errors import GenerationError, IncompatibleLoRA, SpecError
 from loraloom.pipelines import ComposedPipeline
 from loraloom.pipelines.tiny_dit import build_tiny_flux
@@ -113,12 +114,12 @@ def test_other_families_methods_and_samplers_are_refused(tmp_path, files):
         cp.load_lora(sd3)
     assert cp.loras == {}
     cp.load_lora(files["a"])
-    with pytest.raises(GenerationError, match="'cmlora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite, klora, loratorio"):
-        ours(cp, ["a"], "cmlora")
+    with pytest.raises(GenerationError, match="'ziplora' does not run on FLUX.1 models.*Fix: use one of merge, switch, composite, klora, loratorio, cmlora, clora"):
+        ours(cp, ["a"], "ziplora")
     with pytest.raises(SpecError, match="does not sample FLUX.1 models"):
         cp(PROMPT, loras=["a"], scheduler="dpmsolver++", num_inference_steps=1, height=32, width=32)
-    with pytest.raises(GenerationError, match="regions and masked LoRAs are not implemented on flux"):
-        cp(PROMPT, loras=[{"name": "a", "mask": "left"}], num_inference_steps=1, height=32, width=32)
+    with pytest.raises(GenerationError, match="regions \\(prompts per part of the image\\) are not implemented on flux"):
+        cp(PROMPT, loras=["a"], regions=[Region("left", prompt="a dog", loras=("a",))], num_inference_steps=1, height=32, width=32)
     sd_cp = ComposedPipeline(build_tiny_sd())
     with pytest.raises(IncompatibleLoRA, match="was made for FLUX.1 \\(header ss_base_model_version\\), but the loaded model is Stable Diffusion 1.x"):
         sd_cp.load_lora(files["kohya"])

@@ -81,8 +81,8 @@ def test_switch_and_composite_equal_set_adapters_references(files):
     comp = composite_reference(ref_pipe, ["a", "b"], 0.8, PROMPT, 3, GUIDANCE, sd3_predict(ref_pipe, PROMPT, GUIDANCE))
     lat, out = ours(cp, ["a", "b"], "composite", steps=3)
     assert (lat - comp).abs().max() <= TOL and (out.unet_calls, out.unet_rows) == (3, 12)
-    with pytest.raises(GenerationError, match="'cmlora' does not run on Stable Diffusion 3/3.5 models"):
-        ours(cp, ["a", "b"], "cmlora")
+    with pytest.raises(GenerationError, match="'ziplora' does not run on Stable Diffusion 3/3.5 models"):
+        ours(cp, ["a", "b"], "ziplora")
     # K-LoRA: b adapts only the attention projections K-LoRA chooses in, so with the subject (a) winning every one of
     # them, and a's other layers merged, the result is a alone
     lat, out = ours(cp, ["a", "b"], "klora", roles="given", alpha=0.0, beta=1e-9)

@@ -67,6 +67,7 @@ class DenoiseContext(Protocol):
     write_policy: WritePolicy  # where files a method writes may go: `composition.files.write_file(path, …, write_policy)`
     can_fuse: bool  # no LoRA has a schedule, mask or region: fusing the LoRAs into the weights is allowed
     regional: bool  # some LoRA is bound to a region or mask (`pipelines.regions`)
+    feature_cache: bool  # `predict_features` works: a UNet with a DeepCache cut (not the diffusion transformers)
 
     def encode(
         self, text_gates: Sequence[Mapping[str, float]], prompts: Sequence[str] | None = None
@@ -93,7 +94,8 @@ class DenoiseContext(Protocol):
 
     # --- attention maps, latent updates, feature caching, profiling (CLoRA, CMLoRA) --------------------------
     def token_indices(self, prompt: str, words: Sequence[str]) -> list[list[int]]:
-        """Positions (BOS = 0) of each word's tokens in `prompt` as the text encoder sees it; [] for a missing word."""
+        """Positions (BOS = 0) of each word's tokens in `prompt` among the text tokens the denoiser attends to (SD: the
+        CLIP tokens; FLUX: T5's; SD3: CLIP's 77, then T5's from 77); [] for a missing word."""
 
     def predict_with_attention(
         self,
@@ -108,7 +110,8 @@ class DenoiseContext(Protocol):
         """UNet output and the cross-attention maps (rows, h, w, K) of token positions `tokens` (rows, K; -1 = none),
         averaged over layers x heads at one resolution (`map_side` cells across; None: CLoRA's W/32 rule).
         `output=False` stops the UNet after the last captured layer and returns (None, maps). Differentiable with
-        respect to `latents` when grad is enabled (the UNet's own parameters are not tracked)."""
+        respect to `latents` when grad is enabled (the UNet's own parameters are not tracked). On FLUX/SD3: the joint
+        attention's image->text maps on the image token grid, averaged over its joint blocks (`pipelines.joint_attention`)."""
 
     def predict_features(
         self,

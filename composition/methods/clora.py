@@ -9,6 +9,17 @@ rest). All branches (each a CFG pair) run in one batched UNet call. The loss's l
 (`concept_positions`): a trigger word two LoRAs share (the reference notebook's 'sks') is labelled by the concept
 whose LoRA the branch runs, as the reference's per-branch index lists do.
 
+FLUX.1 and SD 3/3.5: both parts carry over. The maps are the joint attention's image->text block (image queries
+against the text keys, softmax over the text keys, averaged over heads and every double-stream / joint block;
+`pipelines.joint_attention`), differentiable with respect to the latents as the UNet's are, so the InfoNCE latent
+update and the masks work unchanged on the image token grid (FLUX: the latent in 2x2 patches), and the masked fusion
+of the branches' predictions is elementwise on the latent, whatever the prediction means (noise on SD, a flow
+velocity here). The words are looked up among the tokens the transformer attends to (FLUX: T5's; SD3: CLIP's 77,
+then T5's). The gradient passes through the transformer, which costs its activations' memory on the update steps;
+`step_size` (20) was tuned by CLoRA on SD's noise-prediction latents and is not re-tuned for flow models. FLUX.1 has
+no negative branch (null rows, not computed), so `reference_mode`, which averages the maps of both CFG halves, is
+refused there. "UNet" below reads "transformer" there.
+
 Where we differ from the reference code (`reference_mode=True` restores it):
 - Fusion uses the noise predictions of the *updated* latents (one extra no-grad pass on the update steps). The
   reference fuses the predictions of the forward pass made before its last latent update, i.e. of latents that
@@ -125,6 +136,11 @@ class CLoRA(Method):
             if late:
                 raise MethodError(f"clora: token position(s) {sorted(set(late))} of branch {b.name or 'base'!r} are past the "
                                  f"text encoder's {length} tokens")
+        neg = conds[0][0]
+        if p.reference_mode and neg.null is not None and bool(neg.null.any()):
+            raise MethodError("clora: reference_mode averages the attention maps of both CFG halves, but this model has "
+                              "no negative branch (FLUX.1: guidance is a model input, the negative rows are null). Fix: "
+                              "leave reference_mode off (maps from the conditional rows).")
         self.cond_all = Conditioning.cat([part for pair in conds for part in pair])  # [neg_0, pos_0, neg_1, pos_1, ...]
         self.cond_pos = Conditioning.cat([pair[1] for pair in conds])
         self.routing_all = Routing.from_blocks([(2, b.gates) for b in self.branches])

@@ -22,6 +22,15 @@ Default (paper-intent) mode, per step:
   - the late phase (L LoRAs join the rotation) starts after step floor(late_phase_start * T), an integer computed
     without floating-point error: step 120 at T = 220 is still early, as the reference's `i <= 120`.
 
+FLUX.1 and SD 3/3.5: the feature cache is off. It is DeepCache (Ma et al., CVPR 2024), an approximation that
+saves compute: a shallow pass on cached deep features stands in for the full UNet pass (equal to it when the
+features are fresh), at the cut between the UNet's outermost level and everything deeper (`pipelines.unet_cache`).
+A transformer's blocks all work at one resolution, with no such cut, so with `cache_mode="features"` every LoRA runs
+the full transformer at every step: the computation the cache approximates. What makes CMLoRA's composition — the
+frequency partition and order, the rotating dominant LoRA on the refresh schedule, the weights — is unchanged
+(`extras["feature_cache"]` says so). `cache_mode="noise"` (reusing a LoRA's cached prediction between refreshes)
+needs no cut and works as on the UNet.
+
 `reference_mode=True` reproduces the reference code (`pipeline_offline.py`, docs/methods/cmlora.md#reference-code), bugs included: partition by
 category (background = L), caching only for uniform intervals >= 2 (the non-uniform schedule and interval 1 never
 use the cache), only the newly dominant LoRA recomputed at a refresh and the dominant LoRA shallow like the others
@@ -191,11 +200,15 @@ class CMLoRA(Method):
         else:
             self.conds = ctx.encode(gates)
         self.gates = gates
+        # No DeepCache cut in a transformer (module doc): cached features off, every LoRA runs the full model.
+        self.features_off = p.cache_mode == "features" and not getattr(ctx, "feature_cache", True)
         self.cache: list[torch.Tensor | None] = [None] * self.k
         self.refresh: set[int] | None = None
         self.refreshes = 0  # paper: refreshes so far; reference: its `kcount`
         self.extras.update({"order": [l.name for l in self.order], "H": [l.name for l in high],
                             "L": [l.name for l in low], "dominant": [], "full_rows": 0, "cached_rows": 0})
+        if self.features_off:
+            self.extras["feature_cache"] = "off: the denoiser has no DeepCache cut (a transformer); every LoRA runs in full"
 
     def frequency_deltas(self, ctx: DenoiseContext, loras: list[ActiveLoRA]) -> dict[str, float]:
         """ΔH per LoRA: high-frequency score of images made with it alone minus the same without it (docs/methods/cmlora.md#frequency-profile)."""
@@ -272,7 +285,7 @@ class CMLoRA(Method):
         cached = [j for j in range(self.k) if j not in full]
         b = latents.shape[0]
         eps: list[torch.Tensor | None] = [None] * self.k
-        uses_cache = (p.cache_interval > 1) if p.reference_mode else (p.cache_interval != 1)
+        uses_cache = ((p.cache_interval > 1) if p.reference_mode else (p.cache_interval != 1)) and not self.features_off
         if full:
             rows, cond, routing = self._rows(latents, full)
             if uses_cache and p.cache_mode == "features":

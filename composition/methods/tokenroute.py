@@ -9,6 +9,13 @@ LoRAs (or a soft share) give one mask per subject LoRA (`composition/spatial_wei
 on each subject LoRA's delta is multiplied by its mask in every image-side UNet layer (`ctx.set_masks`, the routing
 layer's spatial gates). Global LoRAs (style, background by category; `roles` overrides) are never masked.
 
+FLUX.1 and SD 3/3.5: the maps are the joint attention's image->text block (image queries against the text keys,
+softmax over the text keys, averaged over heads and every double-stream / joint block; `pipelines.joint_attention`)
+on the image token grid, and the words are looked up among the tokens the transformer attends to (FLUX: T5's; SD3:
+CLIP's 77, then T5's). "UNet" below reads "transformer" there. FLUX.1 has no unconditional branch (its negative
+rows are null), so the CFG pair is the conditional prediction; `restart` runs its phase 1 on the flow-matching
+scheduler, whose inputs are not scaled.
+
 Where we differ from the reference code (github.com/yaoliliu/FreeFuse, its SDXL pipeline; docs/methods/tokenroute.md#reference-code):
 - Default: the masks come from the run's own early steps (LoRAs on, unmasked, on those steps) and confine the
   LoRAs for the rest of the run; the reference first runs the early steps without UNet LoRAs, then restarts from
@@ -142,16 +149,19 @@ class TokenRoute(Method):
         LoRA in the UNet, plain CFG; the maps of the last step make the masks. The run's own scheduler is not stepped."""
         sched = copy.deepcopy(ctx.scheduler)
         timesteps = sched.timesteps
+        # Flow-matching schedulers (FLUX, SD3) do not scale the model input: the latents go in as they are.
+        scaled = hasattr(sched, "scale_model_input")
         # The run's first scaling call fixes its step index (index-based schedulers such as Euler): make it now, at
         # step 0, as the run itself would, so that the calls below cannot move it.
-        ctx.scheduler.scale_model_input(latents, timesteps[0])
+        if scaled:
+            ctx.scheduler.scale_model_input(latents, timesteps[0])
         extra = {"generator": torch.Generator("cpu").manual_seed(0)} if "generator" in inspect.signature(sched.step).parameters else {}
         z, off = latents, Routing.none()
         for i in range(n):
             t = timesteps[i]
             # ctx.predict scales its input with the run's scheduler (still at step 0); give it the input this
             # phase's scheduler wants, divided by the run's scale, so that it reaches the UNet scaled for step i
-            x = sched.scale_model_input(z, t) / ctx.scheduler.scale_model_input(torch.ones_like(z), t)
+            x = sched.scale_model_input(z, t) / ctx.scheduler.scale_model_input(torch.ones_like(z), t) if scaled else z
             here = Step(i, step.count, t)
             if i == n - 1:
                 self._capture(ctx, x, here, off, i)  # masks in place from the run's step 0

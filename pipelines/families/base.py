@@ -96,16 +96,13 @@ def text_routing_gates(text_gates: list[Mapping[str, float]]):
 
 
 # Methods that run on the diffusion transformers (FLUX.1, SD3); the others refuse, each with its reason.
-DIT_METHODS = ("merge", "switch", "composite", "klora", "loratorio")
+DIT_METHODS = ("merge", "switch", "composite", "klora", "loratorio", "cmlora", "clora")
 METHOD_LIMITS: dict[str, dict[str, str]] = {
     "transformer": {
         "ziplora": "its merge objective trains on the UNet's noise predictions (DDPM training scheduler); the "
                    "flow-matching objective is not implemented.",
         "hypernet": "the shipped hypernetwork and its trainer are made for the SD UNet's layer shapes.",
-        "clora": "its masks come from UNet cross-attention maps; the joint attention's image-to-text maps are not "
-                 "captured yet.",
-        "cmlora": "its feature cache skips UNet decoder blocks (DeepCache); a transformer has no such cut.",
-        "tokenroute": "its masks come from UNet cross-attention maps; the joint attention's image-to-text maps are "
-                      "not captured yet.",
+        "tokenroute": "its masks are made (from the joint attention's image-to-text maps), but the routing layer's "
+                      "spatial gates do not act on a transformer's image tokens yet, so they cannot confine the LoRAs.",
     },
 }

@@ -127,6 +127,17 @@ class FluxFamily:
         vsf = self.pipe.vae_scale_factor
         return FluxPipeline._unpack_latents(out, h * vsf, w * vsf, vsf)
 
+    def attention_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The image token grid the joint attention's maps are over: the latent packed into 2x2 patches."""
+        return latent_hw[0] // 2, latent_hw[1] // 2
+
+    def token_positions(self, prompt: str, words) -> list[list[int]]:
+        """Positions of each word's tokens among the text tokens the transformer attends to: T5's (its first token is
+        position 0; CLIP gives FLUX only its pooled vector)."""
+        from ..attention import token_positions
+
+        return token_positions(self.pipe.tokenizer_2, prompt, words, self.max_sequence_length)
+
     def decode(self, latents, output_type="pil"):
         vae = self.pipe.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

@@ -102,6 +102,24 @@ class SD3Family:
         return self.pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=conditioning.hidden,
                                      pooled_projections=conditioning.pooled, return_dict=False)[0]
 
+    def attention_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The image token grid the joint attention's maps are over: the latent in p x p patches."""
+        p = self.pipe.transformer.config.patch_size
+        return latent_hw[0] // p, latent_hw[1] // p
+
+    def token_positions(self, prompt: str, words) -> list[list[int]]:
+        """Positions of each word's tokens among the text tokens the transformer attends to: the 77 CLIP positions
+        (CLIP-L and CLIP-G side by side in each; CLIP-L's tokenizer, BOS = 0), then T5's tokens from position 77, a
+        word counted in both (with no T5 encoder those positions hold zeros: CLIP's only)."""
+        from ..attention import token_positions
+
+        clip_len = self.pipe.tokenizer_max_length
+        clip = token_positions(self.pipe.tokenizer, prompt, words, clip_len)
+        if getattr(self.pipe, "text_encoder_3", None) is None:
+            return clip
+        t5 = token_positions(self.pipe.tokenizer_3, prompt, words, self.max_sequence_length)
+        return [c + [clip_len + i for i in t] for c, t in zip(clip, t5, strict=True)]
+
     def decode(self, latents, output_type="pil"):
         vae = self.pipe.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
