@@ -25,7 +25,7 @@ loop. Several terms on the same rows with small factors (Merge unfused, masked L
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -102,21 +102,45 @@ class SpatialGate:
     """Where one adapter acts: a mask over the latent (H, W), and for layers that read the prompt, the spans of
     the (concatenated) conditioning the adapter may change (`spans`; None: all of it).
 
-    `on(delta, reads_text)` gives the multiplier for a delta of a layer: (1, 1, h, w) for a feature map, (1, n, 1)
-    for n image tokens (the latent downsampled to h·w = n), (1, t, 1) for t text positions, or None (no gate).
-    A layer without positions (the time embedding, a resnet's time projection: (batch, features)) has no inside or
-    outside: a masked adapter's delta there is scaled by the mask's mean (the share of the image it covers; exact for
-    an empty or full mask, an approximation in between: that change reaches every position).
+    `on(delta, reads_text, stream)` gives the multiplier for a delta of a layer: (1, 1, h, w) for a feature map,
+    (1, n, 1) for n image tokens (the latent downsampled to h·w = n), (1, t, 1) for t text positions, or None (no gate).
+    A layer without positions (the time embedding, a resnet's time projection, a DiT block's modulation: (batch,
+    features)) has no inside or outside: a masked adapter's delta there is scaled by the mask's mean (the share of the
+    image it covers; exact for an empty or full mask, an approximation in between: that change reaches every position).
     Resized masks are cached per shape.
+
+    Diffusion transformers (FLUX.1, SD 3/3.5) name each layer's tokens (`stream`, from the family's `token_stream`):
+    'image' (the packed/patchified image tokens only, on the `grid` (h, w) the family gives for the run's size),
+    'text' (the prompt's tokens only) or 'joint' (FLUX's single-stream blocks: the text tokens, then the image
+    tokens; the text count is what the grid leaves). Image tokens take the mask resized to the grid, as a UNet's
+    attention layers do. Text tokens have no position; they take `text`: one factor for every text token (None:
+    ungated, the adapter acts there fully). A run's masked LoRA gets the smallest value of its mask on the grid
+    (`Run`): every image token attends to every text token, so a change of the text tokens reaches all image tokens
+    alike, and the most that keeps "outside the mask, the layer's output is the base output" is what the least-covered
+    image token allows. A mask with an outside (a 0 somewhere) leaves the text side untouched, so the image tokens
+    outside it attend to exactly the base model's text keys and values, as on a UNet, where a masked LoRA's change of
+    the cross-attention keys and values reaches only its own region's prompt copy; a full mask acts fully, so it
+    equals the unmasked LoRA. (What this gives up: inside a partial mask the LoRA's text-side change is missing, where
+    the UNet has it in the region's copy; the joint attention has no per-region copy of the prompt to put it in.)
     """
 
-    def __init__(self, mask: torch.Tensor, spans: Sequence[slice] | None = None):
+    def __init__(self, mask: torch.Tensor, spans: Sequence[slice] | None = None, grid: tuple[int, int] | None = None,
+                 text: float | None = None):
         self.mask = mask.float()
         self.spans = list(spans) if spans is not None else None
+        self.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
+        self.text = None if text is None else float(text)
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def on(self, delta: torch.Tensor, reads_text: bool) -> torch.Tensor | None:
-        if reads_text:
+    def on(self, delta: torch.Tensor, reads_text: bool, stream: str | None = None) -> torch.Tensor | None:
+        if stream is not None and delta.ndim == 3:
+            key = (stream, delta.shape[1])
+            if key not in self._cache:
+                g = self._tokens(stream, delta.shape[1])
+                if g is None:
+                    return None
+                self._cache[key] = g
+        elif reads_text:
             if self.spans is None:
                 return None
             key = ("text", delta.shape[1])
@@ -136,12 +160,35 @@ class SpatialGate:
         else:
             key = ("tokens", delta.shape[1])
             if key not in self._cache:
-                h, w = token_grid(delta.shape[1], tuple(self.mask.shape))
+                h, w = self.grid if self.grid is not None and self.grid[0] * self.grid[1] == delta.shape[1] else \
+                    token_grid(delta.shape[1], tuple(self.mask.shape))
                 self._cache[key] = resize_mask(self.mask, h, w).reshape(1, h * w, 1)
         g = self._cache[key]
         if g.device != delta.device or g.dtype != delta.dtype:
             g = self._cache[key] = g.to(delta.device, delta.dtype)
         return g
+
+    def _tokens(self, stream: str, n: int) -> torch.Tensor | None:
+        """The (1, n, 1) gate of a transformer layer over n tokens of `stream` ('image', 'text', 'joint')."""
+        if stream == "text":
+            return None if self.text is None else torch.full((1, 1, 1), self.text)
+        if stream not in ("image", "joint"):
+            raise ValueError(f"unknown token stream {stream!r}; a layer's tokens are 'image', 'text' or 'joint'")
+        if self.grid is None:
+            if stream == "joint":
+                raise ValueError(f"a layer over text and image tokens ({n} in all) needs the image token grid to tell "
+                                 "them apart; build the gate with SpatialGate(mask, grid=family.attention_grid(latent_hw)).")
+            h, w = token_grid(n, tuple(self.mask.shape))
+        else:
+            h, w = self.grid
+        image = resize_mask(self.mask, h, w).reshape(-1)
+        texts = n - h * w
+        if texts < 0 or (stream == "image" and texts != 0):
+            raise ValueError(f"a layer of {stream} tokens has {n} tokens, but the image token grid is {h}x{w} = {h * w}; "
+                             "the gate was built for another image size. Fix: build the gate for this run's size.")
+        if texts:
+            image = torch.cat([torch.full((texts,), 1.0 if self.text is None else self.text), image])
+        return image.view(1, n, 1)
 
 
 class Stacked:
@@ -185,13 +232,13 @@ class Stacked:
     def takes(self, term) -> bool:
         return id(term) in self.ids
 
-    def _gate(self, h: torch.Tensor, reads_text: bool) -> torch.Tensor | None:
+    def _gate(self, h: torch.Tensor, reads_text: bool, stream: str | None = None) -> torch.Tensor | None:
         """The combined gate over the stacked intermediate h (None: every gate open everywhere)."""
         key = (tuple(h.shape[1:]) if not self.is_conv else tuple(h.shape[2:]), h.device, h.dtype)
         if key not in self._gate_cache:
             parts, any_gate = [], False
             for gate, r in zip(self.gates, self.ranks, strict=True):
-                g = None if gate is None else gate.on(h, reads_text)
+                g = None if gate is None else gate.on(h, reads_text, stream)
                 any_gate = any_gate or g is not None
                 if self.is_conv:  # (1, 1, h, w) per term -> (1, r, h, w)
                     shape = (1, r, *h.shape[2:])
@@ -206,11 +253,11 @@ class Stacked:
         if self.is_conv:
             m = layer.module
             h = F.conv2d(xs, self.down, None, m.stride, m.padding, m.dilation, m.groups)
-            g = self._gate(h, layer.reads_text)
+            g = self._gate(h, layer.reads_text, layer.stream)
             ys += F.conv2d(h if g is None else h * g, self.up)
             return
         h = F.linear(xs, self.down)
-        g = self._gate(h, layer.reads_text)
+        g = self._gate(h, layer.reads_text, layer.stream)
         if g is not None:
             h = h * g
         if ys.is_contiguous():
@@ -234,6 +281,7 @@ class RoutedLayer:
     stacked: Stacked | None = None  # several low-rank terms on the same rows as one wider low-rank term
     installed: bool = False
     needs_output: bool = False  # some active term reads the base output (DoRA, OFT, BOFT)
+    stream: str | None = None  # a transformer layer's tokens: 'image', 'text', 'joint' (`SpatialGate`); None on a UNet
 
     def __post_init__(self):
         self.is_conv = isinstance(self.module, nn.Conv2d)
@@ -300,14 +348,14 @@ class RoutedLayer:
             h = F.conv2d(xs, down, None, m.stride, m.padding, m.dilation, m.groups)
             if up.shape[-2:] != (1, 1):  # a spatial up-projection mixes positions: gate its output instead
                 delta = F.conv2d(h * weight, up)
-                g = gate.on(delta, self.reads_text)
+                g = gate.on(delta, self.reads_text, self.stream)
                 ys += delta if g is None else delta * g
                 return
-            g = gate.on(h, self.reads_text)
+            g = gate.on(h, self.reads_text, self.stream)
             ys += F.conv2d(h * weight if g is None else h * (g * weight), up)
             return
         h = F.linear(xs, down)
-        g = gate.on(h, self.reads_text)
+        g = gate.on(h, self.reads_text, self.stream)
         if g is not None:
             h = h * g
         if ys.is_contiguous():
@@ -342,7 +390,7 @@ class RoutedLayer:
                     up.add_(xs, ys, y0s)
                     continue
                 delta = up.delta(xs, y0s)
-                g = gate.on(delta, self.reads_text)
+                g = gate.on(delta, self.reads_text, self.stream)
                 ys += delta if g is None else delta * g
                 continue
             if gate is not None:  # the delta only where the gate is open: outside it the output is the base's exactly
@@ -409,6 +457,9 @@ class LoRARouter:
         self._routing_key = None  # (routing, layer_gates) last applied; None forces a rebuild
         self.scales: dict[str, dict[str, float]] = {}  # adapter -> module path -> factor (strengths, block weights)
         self.gates: dict[str, SpatialGate] = {}  # adapter -> where it acts
+        # A diffusion transformer's {module path -> 'image' | 'text' | 'joint' | None}: which tokens each layer sees
+        # (the family's `token_stream`, set by `ComposedPipeline`); None on a UNet and the text encoders.
+        self.token_stream: Callable[[str], str | None] | None = None
         self.keep_fused = False  # `fused` leaves its weights in place on exit (ComposedPipeline.keep_fused)
         self._kept: tuple | None = None  # (key, original weights, original biases) of weights left fused
 
@@ -496,6 +547,7 @@ class LoRARouter:
             if routed is None:
                 routed = RoutedLayer(module, path)
                 routed.reads_text = reads_text(modules, path)
+                routed.stream = self.token_stream(path) if self.token_stream is not None else None
                 self.layers[path] = routed
             routed.factors[lora.name] = layer
         self.adapters[lora.name] = lora

@@ -122,6 +122,8 @@ class ComposedPipeline:
         self.model_path = Path(model_path).expanduser().resolve() if model_path else None  # a local folder or file
         denoiser = self.arch.denoiser
         self.routers: dict[str, LoRARouter] = {denoiser: LoRARouter(getattr(pipe, denoiser), denoiser)}
+        # A transformer's layers see image tokens, text tokens or both: the family says which (masked LoRAs' gates).
+        self.routers[denoiser].token_stream = getattr(self.arch, "token_stream", None)
         for comp in self.arch.text_components:
             self.routers[comp] = LoRARouter(getattr(pipe, comp), comp)
         self.loras: dict[str, LoRA] = {}

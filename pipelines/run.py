@@ -25,6 +25,7 @@ from loraloom.composition.lora import LoRA
 from loraloom.composition.merge_objective import training_scheduler
 from loraloom.composition.methods import ActiveLoRA, Step
 from loraloom.composition.routing import Routing, RowBlock, SpatialGate
+from loraloom.composition.spatial import mask_from, resize_mask
 
 from .attention import StopForward, capture_cross_attention, token_positions
 from .denoise import denoise, guided
@@ -67,11 +68,12 @@ class Run:
         self._stack = ExitStack()
         vsf = pipeline.pipe.vae_scale_factor
         has_masks = bool(regions) or any(a.controls.mask is not None for a in self.loras)
+        # On a diffusion transformer masked LoRAs gate the image tokens (`_token_gates`); regions' prompts are refused.
+        self.token_gates: dict[str, SpatialGate] = {}
         if has_masks and arch.denoiser != "unet":
-            raise GenerationError(f"regions and masked LoRAs are not implemented on {arch.name} models yet (the spatial gates "
-                                  "act on UNet feature maps). Fix: leave out the regions and masks.")
+            self.token_gates = self._token_gates(regions, base_weight)
         self.layout = RegionLayout(self.loras, regions, (height // vsf, width // vsf), pipeline.pipe.tokenizer.model_max_length,
-                                   base_weight) if has_masks else None
+                                   base_weight) if has_masks and arch.denoiser == "unet" else None
         self.schedules = {a.name: a.controls.schedule for a in self.loras if a.controls.schedule is not None}
         self._apply_controls()
         if self.layout:
@@ -88,15 +90,43 @@ class Run:
     # --- per-LoRA controls (composition.controls) ------------------------------------------------------------------
     @property
     def regional(self) -> bool:
-        """True when some LoRA is bound to a region or mask (the conditioning then holds several prompt copies)."""
-        return bool(self.layout)
+        """True when some LoRA is bound to a region or mask (on a UNet the conditioning then holds several prompt
+        copies; on a diffusion transformer masked LoRAs gate the image tokens)."""
+        return bool(self.layout) or bool(self.token_gates)
 
     @property
     def can_fuse(self) -> bool:
         """True when every active LoRA acts the same at every step and everywhere (no schedule, no mask, no region):
         only then may a method fuse them into the weights. Never on an offloaded model (`enable_offload`): its
         weights move between devices (or are reloaded from accelerate's CPU copy) at every call."""
-        return not self.layout and not self.schedules and getattr(self.pipeline, "offload", None) is None
+        return not self.regional and not self.schedules and getattr(self.pipeline, "offload", None) is None
+
+    def _token_gates(self, regions: Sequence[Region], base_weight: float) -> dict[str, SpatialGate]:
+        """The spatial gates of the masked LoRAs on a diffusion transformer (FLUX.1, SD 3/3.5): each LoRA's mask at the
+        latent's size, on the family's image token grid (`attention_grid`: FLUX's 2x2-packed tokens, SD3's patches), and
+        on the text tokens the smallest value of the mask on that grid (`SpatialGate`: a text token reaches every image
+        token; a mask with an outside leaves the text side as the base model's, a full mask acts fully). Regions with
+        prompts are refused: the UNet blends each region's prompt in its own cross-attention, and the joint attention
+        (text and image tokens in one attention) has no separate cross-attention to blend per region."""
+        arch = self.pipeline.arch
+        if regions:
+            raise GenerationError(f"regions (prompts per part of the image) are not implemented on {arch.name} models: a "
+                                  "region's prompt is blended per region in a UNet's cross-attention, and the joint attention "
+                                  "of these transformers (text and image tokens in one attention) has no separate "
+                                  "cross-attention to blend. Fix: leave out the regions; to confine a LoRA to a part of the "
+                                  "image, give it a mask.")
+        if base_weight:
+            raise GenerationError(f"base_weight mixes the run's prompt into regions' prompts; {arch.name} models have no "
+                                  "regions, and a masked LoRA uses the run's prompt. Fix: leave out base_weight.")
+        latent_hw = tuple(arch.latent_shape(self.height, self.width)[-2:])
+        grid = arch.attention_grid(latent_hw)
+        gates = {}
+        for a in self.loras:
+            if a.controls.mask is None:
+                continue
+            mask = mask_from(a.controls.mask, *latent_hw, feather=a.controls.feather)
+            gates[a.name] = SpatialGate(mask, grid=grid, text=float(resize_mask(mask, *grid).min()))
+        return gates
 
     @property
     def feature_cache(self) -> bool:
@@ -117,7 +147,9 @@ class Run:
                 lpb = self._layers_per_block() if blocks else None
                 per = layer_block_weights(blocks, comp, paths, lpb) if blocks else dict.fromkeys(paths, 1.0)
                 scales[a.name] = {p: factor * w for p, w in per.items()}
-            gates = self.layout.gates() if self.layout and comp == "unet" else None
+            gates = None
+            if comp == self.pipeline.arch.denoiser:
+                gates = self.layout.gates() if self.layout else (dict(self.token_gates) or None)
             if scales or gates:
                 router.set_controls(scales, gates)
 
@@ -176,6 +208,8 @@ class Run:
     def _copies(self, prompt: str, gates) -> list[tuple[str, str, dict]]:
         """The prompt copies one branch's conditioning is made of: just (prompt, negative, gates) without regions."""
         if not self.layout:
+            if self.token_gates:  # a masked LoRA's text-encoder part acts as its text tokens do (`_token_gates`)
+                gates = {k: v * self.token_gates[k].text if k in self.token_gates else v for k, v in gates.items()}
             return [(prompt, self.negative_prompt, dict(gates))]
         regions = self.layout.regions
         return [(p, n, g) for p, n, g in zip(
@@ -322,7 +356,8 @@ class Run:
                 lh, lw = self.height // self.pipeline.pipe.vae_scale_factor, self.width // self.pipeline.pipe.vae_scale_factor
                 if tuple(mask.shape) != (lh, lw):
                     raise ValueError(f"mask of {name!r} is {tuple(mask.shape)}, the latent is {(lh, lw)}")
-                gates[name] = SpatialGate(mask.detach().float().cpu())
+                grid = self.pipeline.arch.attention_grid((lh, lw)) if self.pipeline.arch.denoiser != "unet" else None
+                gates[name] = SpatialGate(mask.detach().float().cpu(), grid=grid)
         self.unet_router.set_controls(self.unet_router.scales, gates)
 
     # --- whole samples and training (profiling, reference images, merge objectives) -----------------------------------

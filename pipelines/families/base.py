@@ -95,6 +95,19 @@ def text_routing_gates(text_gates: list[Mapping[str, float]]):
     return Routing.from_blocks([(1, g) for g in text_gates])
 
 
+def joint_block_stream(leaf: str) -> str | None:
+    """Which tokens a layer of an MMDiT joint block (FLUX's double-stream, SD3's joint blocks) sees, by its path inside
+    the block: the text stream's projections (`attn.add_q_proj`, `attn.add_k_proj`, `attn.add_v_proj`,
+    `attn.to_add_out`) and `ff_context` see the text tokens; the image stream's (`attn.to_q/k/v`, `attn.to_out`,
+    SD 3.5's second attention `attn2`) and `ff` the image tokens; the modulations (`norm1.linear`,
+    `norm1_context.linear`: the time embedding, no positions) neither (None)."""
+    if leaf.startswith(("attn.add_", "attn.to_add_out", "ff_context.")):
+        return "text"
+    if leaf.startswith(("attn.to_", "attn2.", "ff.")):
+        return "image"
+    return None
+
+
 # Methods that run on the diffusion transformers (FLUX.1, SD3); the others refuse, each with its reason.
 DIT_METHODS = ("merge", "switch", "composite", "klora", "loratorio", "cmlora", "clora")
 METHOD_LIMITS: dict[str, dict[str, str]] = {

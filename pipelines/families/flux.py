@@ -17,7 +17,7 @@ import torch
 
 from loraloom.composition.conditioning import Conditioning
 
-from .base import flow_scheduler, read_configs, vae_scale
+from .base import flow_scheduler, joint_block_stream, read_configs, vae_scale
 
 
 class FluxFamily:
@@ -137,6 +137,21 @@ class FluxFamily:
         from ..attention import token_positions
 
         return token_positions(self.pipe.tokenizer_2, prompt, words, self.max_sequence_length)
+
+    @staticmethod
+    def token_stream(path: str) -> str | None:
+        """Which tokens the transformer layer at `path` sees (for masked LoRAs, `composition.routing.SpatialGate`):
+        'image' (the packed 2x2-patch tokens, on `attention_grid`), 'text' (T5's tokens) or 'joint' (the single-stream
+        blocks' `attn.to_q/k/v`, `proj_mlp`, `proj_out`: the text tokens, then the image tokens); None for layers
+        without positions (the modulations `norm1.linear`, `norm.linear`, `norm_out.linear`, the time/guidance/pooled
+        embedders)."""
+        block, _, rest = path.partition(".")
+        if block == "transformer_blocks":
+            return joint_block_stream(rest.partition(".")[2])
+        if block == "single_transformer_blocks":
+            leaf = rest.partition(".")[2]
+            return "joint" if leaf.startswith(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")) else None
+        return {"x_embedder": "image", "proj_out": "image", "context_embedder": "text"}.get(path)
 
     def decode(self, latents, output_type="pil"):
         vae = self.pipe.vae

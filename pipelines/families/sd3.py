@@ -9,7 +9,7 @@ import torch
 
 from loraloom.composition.conditioning import Conditioning
 
-from .base import flow_scheduler, read_configs, vae_scale
+from .base import flow_scheduler, joint_block_stream, read_configs, vae_scale
 
 
 class SD3Family:
@@ -119,6 +119,18 @@ class SD3Family:
             return clip
         t5 = token_positions(self.pipe.tokenizer_3, prompt, words, self.max_sequence_length)
         return [c + [clip_len + i for i in t] for c, t in zip(clip, t5, strict=True)]
+
+    @staticmethod
+    def token_stream(path: str) -> str | None:
+        """Which tokens the transformer layer at `path` sees (for masked LoRAs, `composition.routing.SpatialGate`):
+        'image' (the p x p patch tokens, on `attention_grid`: the joint blocks' image-side projections and `ff`, SD 3.5's
+        `attn2`, the final `proj_out`) or 'text' (the context side: `attn.add_*`, `attn.to_add_out`, `ff_context`,
+        `context_embedder`); None for the modulations and embedders without positions. The patch embedding
+        (`pos_embed.proj`, a convolution) sees the latent as a feature map, which the gate resizes to as on a UNet."""
+        block, _, rest = path.partition(".")
+        if block == "transformer_blocks":
+            return joint_block_stream(rest.partition(".")[2])
+        return {"proj_out": "image", "context_embedder": "text"}.get(path)
 
     def decode(self, latents, output_type="pil"):
         vae = self.pipe.vae
