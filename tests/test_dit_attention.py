@@ -2,7 +2,8 @@
 captured maps equal the image->text block of the joint attention computed from the queries and keys the attention
 itself receives (softmax over the text keys), the layer outputs are unchanged, the maps are differentiable in the
 latents; trigger words are found among the tokens the transformer attends to (FLUX: T5's, SD3: CLIP's then T5's);
-tokenroute's masks follow the attention of the named tokens and with masks of ones it is unfused Merge; CMLoRA runs
+tokenroute's masks follow the attention of the named tokens, reach the transformer's gates, and with masks of
+ones it is unfused Merge; CMLoRA runs
 without the UNet feature cache and equals its no-cache reference; CLoRA runs (one concept, no update, threshold 0 =
 unfused Merge)."""
 
@@ -142,13 +143,6 @@ def test_maps_are_differentiable_in_the_latents(family):
 
 
 # --- tokenroute ---------------------------------------------------------------------------------------------------
-def _lift_tokenroute_refusal(monkeypatch):
-    """tokenroute's masks are made on the DiTs; its refusal (METHOD_LIMITS) stands only for the spatial gates."""
-    from loraloom.pipelines.families.base import METHOD_LIMITS
-
-    monkeypatch.delitem(METHOD_LIMITS["transformer"], "tokenroute", raising=False)
-
-
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_tokenroute_masks_follow_the_named_tokens(family, files, monkeypatch):
     """Attention made to look where the words are (the first trigger's tokens attended by the left half of the image
@@ -189,7 +183,6 @@ def test_tokenroute_with_masks_of_ones_is_unfused_merge(family, restart, files, 
     their masks replaced by ones too."""
     from loraloom.composition.methods.tokenroute import TokenRoute
 
-    _lift_tokenroute_refusal(monkeypatch)
     cp = _pipeline(family, files)
     merge = _gen(cp, ["a", "c"], "merge", fuse=False).latents
     ours = _gen(cp, ["a", "c"], "tokenroute", lora_scale=0.8, restart=restart, concepts={"a": "ohwx"}, roles={"c": "global"})
@@ -202,6 +195,32 @@ def test_tokenroute_with_masks_of_ones_is_unfused_merge(family, restart, files, 
                  concepts={"a": "ohwx", "b": "zorp"}, roles={"c": "global"})
     assert (ours3.latents - merge3).abs().max().item() < TOL
     assert (merge3 - merge).abs().max().item() > 1e-3  # b does something
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_tokenroute_masks_reach_the_transformers_gates(family, files, monkeypatch):
+    """Real masks split the image between the two subject LoRAs (their gates on the image tokens): not Merge; masks
+    of ones but one 0.999 cell, through the gates, are Merge but for that cell and rounding."""
+    from loraloom.composition.methods.tokenroute import TokenRoute
+
+    cp = _pipeline(family, files)
+    kw = dict(lora_scale=0.8, concepts={"a": "ohwx", "b": "zorp"}, roles={"c": "global"})
+    merge = _gen(cp, ["a", "b", "c"], "merge", fuse=False).latents
+    real = _gen(cp, ["a", "b", "c"], "tokenroute", **kw)
+    masks = real.extras["masks"]
+    assert set(masks) == {"a", "b"} and 0 < masks["a"].mean().item() < 1
+    torch.testing.assert_close(masks["a"] + masks["b"], torch.ones_like(masks["a"]))  # hard argmax: a partition
+    assert (real.latents - merge).abs().max().item() > 1e-2
+
+    def almost_ones(self, maps, h, w):
+        m = torch.ones(h, w)
+        m[0, 0] = 0.999
+        return {l.name: m for l in self.subjects}
+
+    monkeypatch.setattr(TokenRoute, "masks", almost_ones)
+    ours = _gen(cp, ["a", "b", "c"], "tokenroute", **kw).latents
+    torch.testing.assert_close(ours, merge, atol=2e-3, rtol=1e-4)
+    assert (ours - merge).abs().max().item() > 0
 
 
 # --- cmlora -------------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ layer's spatial gates). Global LoRAs (style, background by category; `roles` ove
 FLUX.1 and SD 3/3.5: the maps are the joint attention's image->text block (image queries against the text keys,
 softmax over the text keys, averaged over heads and every double-stream / joint block; `pipelines.joint_attention`)
 on the image token grid, and the words are looked up among the tokens the transformer attends to (FLUX: T5's; SD3:
-CLIP's 77, then T5's). "UNet" below reads "transformer" there. FLUX.1 has no unconditional branch (its negative
+CLIP's 77, then T5's). The masks gate each subject LoRA on the transformer's image tokens (`set_masks`: the
+family's token grid; its text tokens, and FLUX's single-stream text part, ungated, as a UNet's prompt keys/values).
+"UNet" below reads "transformer" there. FLUX.1 has no unconditional branch (its negative
 rows are null), so the CFG pair is the conditional prediction; `restart` runs its phase 1 on the flow-matching
 scheduler, whose inputs are not scaled.
 

@@ -109,13 +109,11 @@ def joint_block_stream(leaf: str) -> str | None:
 
 
 # Methods that run on the diffusion transformers (FLUX.1, SD3); the others refuse, each with its reason.
-DIT_METHODS = ("merge", "switch", "composite", "klora", "loratorio", "cmlora", "clora")
+DIT_METHODS = ("merge", "switch", "composite", "klora", "loratorio", "cmlora", "clora", "tokenroute")
 METHOD_LIMITS: dict[str, dict[str, str]] = {
     "transformer": {
         "ziplora": "its merge objective trains on the UNet's noise predictions (DDPM training scheduler); the "
                    "flow-matching objective is not implemented.",
         "hypernet": "the shipped hypernetwork and its trainer are made for the SD UNet's layer shapes.",
-        "tokenroute": "its masks are made (from the joint attention's image-to-text maps), but the routing layer's "
-                      "spatial gates do not act on a transformer's image tokens yet, so they cannot confine the LoRAs.",
     },
 }
