@@ -44,6 +44,10 @@ OTHER_DIT_LAYOUTS = {"flux2": "FLUX.2", "chroma": "Chroma"}
 FAMILY_LABELS = {"sd": "Stable Diffusion 1.x/2.x/XL", "flux": "FLUX.1", "sd3": "SD 3/3.5"}
 DIT_CLASSES = {"flux": ("FluxPipeline", "FluxTransformer2DModel"),
                "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel")}
+# Where the all-in-one saves keep the VAE and the text encoders (diffusers' LDM_VAE_KEYS, CHECKPOINT_KEY_NAMES).
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+TEXT_ENCODER_PREFIXES = {"flux": ("text_encoders.clip_l.", "text_encoders.t5xxl."),
+                         "sd3": ("text_encoders.clip_l.", "text_encoders.clip_g.", "text_encoders.t5xxl.")}
 CONFIG_EXAMPLES = {"flux": "black-forest-labs/FLUX.1-dev for a FLUX.1-dev file, black-forest-labs/FLUX.1-schnell for schnell",
                    "sd3": "stabilityai/stable-diffusion-3.5-large for SD 3.5 Large, "
                           "stabilityai/stable-diffusion-3-medium-diffusers for SD 3 Medium"}
@@ -103,10 +107,12 @@ def single_file_family(path: str | Path, family: str | None = None) -> str:
 def _load_dit_single_file(path: Path, family: str, *, torch_dtype, local_files_only: bool, config: str | None):
     """A FLUX.1 or SD 3/3.5 pipeline from an original-layout file and the diffusers folder or hub id `config`.
 
-    A file with a VAE (`first_stage_model.*` / `vae.*`, the all-in-one saves) loads through the pipeline's
-    `from_single_file`: every component the file holds comes from it, the rest from `config`. A transformer-only file
-    (the usual flux1-dev.safetensors, sd3.5_large.safetensors without encoders) loads with the transformer's
-    `from_single_file` and the text encoders, tokenizers, VAE and scheduler from `config`."""
+    The transformer comes from the file (the transformer class's `from_single_file`), and so does the VAE where the
+    file has one (`first_stage_model.*` / `vae.*`: `AutoencoderKL.from_single_file`); everything else (text encoders,
+    tokenizers, scheduler) from `config`. A file that holds every text encoder too (the all-in-one saves:
+    `text_encoders.clip_l.*`, `clip_g.*` for SD3, `t5xxl.*`) loads through the pipeline's `from_single_file`, which
+    reads every model from the file. (diffusers' pipeline loader looks for text-encoder weights in the config folder
+    under diffusers' weight names, which transformers does not use, so it cannot fill in missing encoders.)"""
     import diffusers
 
     pipe_name, transformer_name = DIT_CLASSES[family]
@@ -124,13 +130,16 @@ def _load_dit_single_file(path: Path, family: str, *, torch_dtype, local_files_o
                                  f"give a diffusers {pipe_name} folder or hub id (--model-config / model_config).")
     pipe_cls, transformer_cls = getattr(diffusers, pipe_name), getattr(diffusers, transformer_name)
     keys = _file_keys(path)
+    has_vae = any(k.startswith(VAE_PREFIXES) for k in keys)
+    has_encoders = all(any(k.startswith(prefix) for k in keys) for prefix in TEXT_ENCODER_PREFIXES[family])
     kwargs = {"config": config, "dtype": torch_dtype, "local_files_only": local_files_only}
     try:
-        if any(k.startswith(("first_stage_model.", "vae.")) for k in keys):
+        if has_vae and has_encoders:
             return pipe_cls.from_single_file(str(path), **kwargs)
-        transformer = transformer_cls.from_single_file(str(path), subfolder="transformer", **kwargs)
-        return pipe_cls.from_pretrained(config, transformer=transformer, dtype=torch_dtype,
-                                        local_files_only=local_files_only)
+        models = {"transformer": transformer_cls.from_single_file(str(path), subfolder="transformer", **kwargs)}
+        if has_vae:
+            models["vae"] = diffusers.AutoencoderKL.from_single_file(str(path), subfolder="vae", **kwargs)
+        return pipe_cls.from_pretrained(config, **models, dtype=torch_dtype, local_files_only=local_files_only)
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -211,3 +212,53 @@ def test_generate_spec_with_a_flux_single_file(files, flux_width, tmp_path, caps
     assert main(["generate", str(spec)]) == 0, capsys.readouterr().err
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert len(pngs) == 1 and "1 image(s) written" in capsys.readouterr().out
+
+
+def test_sd3_file_with_its_vae_loads_both_from_the_file(files, tmp_path):
+    """sd3_medium.safetensors' layout: the MMDiT and the VAE (`first_stage_model.*`), no text encoders. Both models
+    come from the file (the config folder's VAE weights are deleted too); the encoders from the config folder."""
+    from ldm_checkpoint import vae_to_ldm
+
+    pipe, full, config, _ = files["sd3"]
+    ckpt = save_original({**sd3_original_state_dict(pipe.transformer), **vae_to_ldm(pipe.vae)}, tmp_path / "sd3-vae.safetensors")
+    no_vae = tmp_path / "config-without-vae-weights"
+    shutil.copytree(config, no_vae)
+    for weights in (no_vae / "vae").glob("*.safetensors"):
+        weights.unlink()
+    loaded = ComposedPipeline.from_pretrained(str(ckpt), config=str(no_vae), local_files_only=True)
+    for comp in ("transformer", "vae"):
+        want, got = getattr(pipe, comp).state_dict(), getattr(loaded.pipe, comp).state_dict()
+        assert set(got) == set(want), comp
+        assert all(torch.equal(got[k], v) for k, v in want.items()), comp
+    reference = ComposedPipeline.from_pretrained(str(full), local_files_only=True)
+    gen = {**GEN, "output_type": "pil"}  # decoded: the VAE read from the file takes part
+    images = [np.asarray(_realigned(cp)("a lighthouse", **gen).images[0]) for cp in (loaded, reference)]
+    assert images[0].shape == (32, 32, 3) and np.array_equal(*images)
+
+
+def test_all_in_one_flux_file_loads_every_model_from_the_file(files, flux_width, tmp_path):
+    """An all-in-one save (ComfyUI's checkpoint save): the BFL transformer under `model.diffusion_model.`, the VAE
+    (`first_stage_model.*`), CLIP-L (`text_encoders.clip_l.transformer.text_model.*`) and T5
+    (`text_encoders.t5xxl.transformer.*`). Only tokenizers and scheduler come from the config folder, whose model
+    weights are all deleted here."""
+    from ldm_checkpoint import vae_to_ldm
+
+    pipe, full, config, _ = files["flux"]
+    state = {**flux_original_state_dict(pipe.transformer, DIT_PREFIX), **vae_to_ldm(pipe.vae)}
+    state.update({"text_encoders.clip_l.transformer.text_model." + k.removeprefix("text_model."): v
+                  for k, v in pipe.text_encoder.state_dict().items()})
+    state.update({"text_encoders.t5xxl.transformer." + k: v for k, v in pipe.text_encoder_2.state_dict().items()})
+    ckpt = save_original({k: v.clone().contiguous() for k, v in state.items()}, tmp_path / "flux-aio.safetensors")
+    bare = tmp_path / "config-without-weights"
+    shutil.copytree(config, bare)
+    for weights in bare.rglob("*.safetensors"):
+        weights.unlink()
+    loaded = ComposedPipeline.from_pretrained(str(ckpt), config=str(bare), local_files_only=True)
+    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(pipe, comp).state_dict(), getattr(loaded.pipe, comp).state_dict()
+        assert set(got) == set(want), comp
+        assert all(torch.equal(got[k], v) for k, v in want.items()), comp
+    reference = ComposedPipeline.from_pretrained(str(full), local_files_only=True)
+    gen = {**GEN, "output_type": "pil"}
+    images = [np.asarray(_realigned(cp)("a lighthouse", **gen).images[0]) for cp in (loaded, reference)]
+    assert np.array_equal(*images)
