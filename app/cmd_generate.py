@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
     p.add_argument("--allow-pickle", action="store_true", help="also load .ckpt/.pt/.bin LoRAs (torch.load weights_only=True)")
     p.add_argument("--max-pixels", type=int, help="largest height x width a spec may ask for (default 2048x2048)")
-    p.add_argument("--model-config", help="config folder/hub id for a single-file checkpoint")
+    p.add_argument("--model-config", help="diffusers folder/hub id of the same architecture for a single-file "
+                                          "checkpoint (needed for FLUX.1 and SD3 files)")
     p.add_argument("--force", action="store_true", help="regenerate images that already exist")
     p.add_argument("--dry-run", action="store_true", help="list the images the spec describes and stop")
     p.set_defaults(func=run)
