@@ -254,12 +254,12 @@ class Stacked:
             m = layer.module
             h = F.conv2d(xs, self.down, None, m.stride, m.padding, m.dilation, m.groups)
             g = self._gate(h, layer.reads_text, layer.stream)
-            ys += F.conv2d(h if g is None else h * g, self.up)
+            ys += F.conv2d(h if g is None else h.mul_(g), self.up)
             return
         h = F.linear(xs, self.down)
         g = self._gate(h, layer.reads_text, layer.stream)
         if g is not None:
-            h = h * g
+            h.mul_(g)
         if ys.is_contiguous():
             ys.view(-1, ys.shape[-1]).addmm_(h.reshape(-1, self.down.shape[0]), self.up.t())
         else:
@@ -357,7 +357,7 @@ class RoutedLayer:
         h = F.linear(xs, down)
         g = gate.on(h, self.reads_text, self.stream)
         if g is not None:
-            h = h * g
+            h.mul_(g)
         if ys.is_contiguous():
             ys.view(-1, ys.shape[-1]).addmm_(h.reshape(-1, down.shape[0]), up.t(), alpha=weight)
         else:
