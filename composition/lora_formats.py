@@ -203,7 +203,7 @@ class PeftLayout(KeyLayout):
 
     @staticmethod
     def convert(state_dict, metadata, path, unet_config=None):
-        state_dict = _mixed_to_peft({k.removeprefix("base_model.model."): v for k, v in state_dict.items()})
+        state_dict = mixed_to_peft({k.removeprefix("base_model.model."): v for k, v in state_dict.items()})
         layers = _group_peft(state_dict, path)
         alphas_from_adapter_metadata(metadata, layers, path)
         return layers
@@ -240,7 +240,7 @@ class OldDiffusersLayout(KeyLayout):
 
     @staticmethod
     def convert(state_dict, metadata, path, unet_config=None):
-        layers = _group_peft(_mixed_to_peft(state_dict), path)
+        layers = _group_peft(mixed_to_peft(state_dict), path)
         alphas_from_adapter_metadata(metadata, layers, path)
         return layers
 
@@ -248,7 +248,7 @@ class OldDiffusersLayout(KeyLayout):
 _OLD_DIFFUSERS_KEY = re.compile(r"(\.lora\.(down|up)\.|_lora\.(down|up)\.|\.lora_linear_layer\.)")
 
 
-def _mixed_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def mixed_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys in the old diffusers spellings converted to PEFT names, the others kept: diffusers' own
     `convert_state_dict_to_diffusers` (what its training scripts save) writes `lora.down` for the UNet,
     `lora_linear_layer` for the text encoders' attention projections and `lora_A` for their MLP in one file."""

@@ -92,6 +92,83 @@ def write_xlabs_flux_lora(folder, name, *, seed=0, rank=4, inner=32):
     return path
 
 
+def _pairs(sd, g, rank, alpha, modules):
+    """kohya-style `lora_down`/`lora_up` (and `alpha` unless None) for {module key: (n_in, n_out)}."""
+    for module, (n_in, n_out) in modules.items():
+        sd[f"{module}.lora_down.weight"] = torch.randn(rank, n_in, generator=g) * 0.1
+        sd[f"{module}.lora_up.weight"] = torch.randn(n_out, rank, generator=g) * 0.1
+        if alpha is not None:
+            sd[f"{module}.alpha"] = torch.tensor(float(alpha))
+
+
+def _clip_modules(prefix, sep, hidden=32, mlp=37, attention=True):
+    """The tiny CLIP's layer-0 attention and MLP modules in a producer's spelling (`sep`: `_` for kohya, `.` for
+    dotted paths). diffusers 0.42's FLUX loader drops the attention projections of kohya/ComfyUI files (its converter
+    spells them `self_attn.to_q_lora`, which its text-encoder loader reports as unexpected keys): `attention=False`
+    writes the MLP only, for comparisons with diffusers' own loading."""
+    base = sep.join(["text_model", "encoder", "layers", "0"])
+    attn, mlp_ = f"{base}{sep}self_attn{sep}", f"{base}{sep}mlp{sep}"
+    out = {f"{prefix}{attn}q_proj": (hidden, hidden), f"{prefix}{attn}v_proj": (hidden, hidden)} if attention else {}
+    return {**out, f"{prefix}{mlp_}fc1": (hidden, mlp), f"{prefix}{mlp_}fc2": (mlp, hidden)}
+
+
+def write_kohya_te_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32, mlp=128, attention=True):
+    """sd-scripts' FLUX layout with the CLIP-L part it trains (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj`,
+    `…_mlp_fc1`; sd-scripts calls T5 `lora_te3_`, which diffusers' converter does not load)."""
+    path = write_kohya_flux_lora(folder, name, seed=seed, rank=rank, alpha=alpha, inner=inner, mlp=mlp)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    _pairs(sd, torch.Generator().manual_seed(seed + 100), rank, alpha, _clip_modules("lora_te1_", "_", attention=attention))
+    save_file(sd, str(path), metadata=header(path))
+    return path
+
+
+def write_comfyui_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32, mlp=128, attention=True):
+    """ComfyUI's FLUX layout (its LoRA saver; ai-toolkit's ComfyUI export): BFL module paths under `diffusion_model.`
+    with kohya's `lora_down`/`lora_up`/`alpha` (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`), the
+    CLIP-L part under `text_encoders.clip_l.transformer.`."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for s in ("img", "txt"):
+        modules.update({f"diffusion_model.double_blocks.0.{s}_attn.qkv": (inner, 3 * inner),
+                        f"diffusion_model.double_blocks.0.{s}_attn.proj": (inner, inner),
+                        f"diffusion_model.double_blocks.0.{s}_mlp.0": (inner, mlp),
+                        f"diffusion_model.double_blocks.0.{s}_mlp.2": (mlp, inner),
+                        f"diffusion_model.double_blocks.0.{s}_mod.lin": (inner, 6 * inner)})
+    modules["diffusion_model.single_blocks.0.linear2"] = (inner + mlp, inner)
+    modules.update(_clip_modules("text_encoders.clip_l.transformer.", ".", attention=attention))
+    sd = {}
+    _pairs(sd, g, rank, alpha, modules)
+    path = folder / f"{name}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def write_onetrainer_flux_lora(folder, name, *, seed=0, rank=4, alpha=2.0, inner=32):
+    """OneTrainer's FLUX layout: kohya-style spellings of diffusers' module paths (`lora_transformer_…_attn_to_q`) with
+    the CLIP-L part as `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (diffusers' converter maps the
+    transformer blocks' attention projections and CLIP's attention and MLP)."""
+    path = write_lora_transformer_flux_lora(folder, name, seed=seed, rank=rank, alpha=alpha, inner=inner)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    _pairs(sd, torch.Generator().manual_seed(seed + 100), rank, alpha, _clip_modules("lora_te1_", "_"))
+    save_file(sd, str(path))
+    return path
+
+
+def write_peft_down_flux_lora(pipe, folder, name, *, seed=0, rank=4, targets=FLUX_TARGETS):
+    """diffusers module paths with kohya's factor names (`transformer.transformer_blocks.0.attn.to_q.lora_down.weight`,
+    no alpha), the mixed spelling some trainers and converters (fal, Civitai re-uploads) write."""
+    layers = random_lora_state_dict(pipe.transformer, rank, seed=seed, targets=targets, std=0.1)
+    sd = {"transformer." + k.replace("lora_A.weight", "lora_down.weight").replace("lora_B.weight", "lora_up.weight"): v
+          for k, v in layers.items()}
+    path = folder / f"{name}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
 def unpack(pipe, latents, size=SIZE):
     """FLUX's packed output latents -> (B, C, h, w), as loraloom keeps them; other families' latents unchanged."""
     if latents.ndim == 3:

@@ -12,8 +12,12 @@ from dit_references import (
     diffusers_latents,
     flux_predict,
     switch_reference,
+    write_comfyui_flux_lora,
     write_kohya_flux_lora,
+    write_kohya_te_flux_lora,
     write_lora_transformer_flux_lora,
+    write_onetrainer_flux_lora,
+    write_peft_down_flux_lora,
     write_peft_lora,
     write_xlabs_flux_lora,
 )
@@ -42,6 +46,10 @@ def files(tmp_path_factory):
         "kohya": write_kohya_flux_lora(folder, "kohya", seed=2),
         "xlabs": write_xlabs_flux_lora(folder, "xlabs", seed=6),
         "lora_transformer": write_lora_transformer_flux_lora(folder, "lora_transformer", seed=7),
+        "kohya_te": write_kohya_te_flux_lora(folder, "kohya_te", seed=8, attention=False),
+        "comfyui": write_comfyui_flux_lora(folder, "comfyui", seed=9, attention=False),
+        "onetrainer": write_onetrainer_flux_lora(folder, "onetrainer", seed=10),
+        "peft_down": write_peft_down_flux_lora(pipe, folder, "peft_down", seed=11),
         "a": write_peft_lora(pipe, folder, "a", seed=3, text_encoder=False),
         "b": write_peft_lora(pipe, folder, "b", seed=4, text_encoder=False, targets=FLUX_TARGETS[:8]),
     }
@@ -60,7 +68,12 @@ def test_base_model_equals_diffusers_and_saved_folder(tmp_path):
     assert loaded.family == "flux" and (ours(loaded)[0] - lat).abs().max() <= TOL  # same weights; BLAS may round apart
 
 
-@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs", "lora_transformer"])
+LAYOUT_NAMES = {"peft": "diffusers-peft", "peft_down": "diffusers-peft", "lora_transformer": "kohya", "kohya_te": "kohya",
+                "onetrainer": "kohya"}
+HEADER_FAMILY = {"peft": "modelspec.architecture", "kohya": "ss_base_model_version", "kohya_te": "ss_base_model_version"}
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya", "xlabs", "lora_transformer", "kohya_te", "comfyui", "onetrainer", "peft_down"])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
     ref_pipe = build_tiny_flux(0)
@@ -68,16 +81,17 @@ def test_one_lora_equals_diffusers_load_lora_weights(files, layout, fuse):
     ref = diffusers_latents(ref_pipe, PROMPT, STEPS, GUIDANCE)
     cp = ComposedPipeline(build_tiny_flux(0))
     lora = cp.load_lora(files[layout])
-    assert lora.info.layout == {"peft": "diffusers-peft", "lora_transformer": "kohya"}.get(layout, layout)
-    # xlabs and lora_transformer files have no header: the family comes from the key names
-    assert lora.info.family == "flux" and lora.info.family_source == {
-        "peft": "modelspec.architecture", "kohya": "ss_base_model_version"}.get(layout, "keys: FLUX double/single-stream block names")
+    assert lora.info.layout == LAYOUT_NAMES.get(layout, layout)
+    # files without a header: the family comes from the key names
+    assert lora.info.family == "flux" and lora.info.family_source == HEADER_FAMILY.get(layout, "keys: FLUX double/single-stream block names")
     base = ours(cp)[0]
     lat = ours(cp, [layout], lora_scale=1.0, fuse=fuse)[0]
     assert (lat - base).abs().max() > 1e-3  # the LoRA does something
     assert (lat - ref).abs().max() <= TOL
-    if layout == "peft":  # the CLIP text encoder's part is loaded and routed too
+    if layout in ("peft", "kohya_te", "comfyui", "onetrainer"):  # the CLIP text encoder's part is loaded and routed too
         assert lora.layers.get("text_encoder")
+    if layout in ("peft", "peft_down"):
+        assert "single_transformer_blocks.0.proj_mlp" in lora.layers["transformer"]
     else:  # the fused q/k/v became the three projections (joint: add_q/k/v_proj); kohya's alpha folded in by diffusers
         assert {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out"} <= set(lora.layers["transformer"])
 
@@ -208,3 +222,63 @@ def test_loras_without_text_encoder_layers_share_one_encoding(tmp_path):
         out = run.encode([{"plain": 0.8}, {"with_te": 0.8}, {"plain": 0.8, "with_te": 0.8}, {}])
     assert batches == [2] and torch.equal(out[0][1].hidden, out[3][1].hidden) and torch.equal(out[1][1].hidden, out[2][1].hidden)
     assert not torch.equal(out[0][1].pooled, out[1][1].pooled)  # FLUX reads only CLIP's pooled output
+
+
+def test_clip_attention_of_kohya_and_comfyui_files_is_loaded(tmp_path):
+    """diffusers 0.42's FLUX loader drops the CLIP attention projections of kohya and ComfyUI files (its converter spells
+    them `self_attn.to_q_lora`, which its text-encoder loader does not take); loraloom maps them to `q_proj`/`v_proj`
+    with the file's alpha: ΔW = alpha/rank · up @ down."""
+    from safetensors.torch import load_file
+
+    from loraloom.composition.transformer_loras import load_transformer_lora
+
+    for write, key in ((write_kohya_te_flux_lora, "lora_te1_text_model_encoder_layers_0_self_attn_v_proj"),
+                       (write_comfyui_flux_lora, "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.v_proj")):
+        path = write(tmp_path, key[:6], seed=1)
+        sd = load_file(str(path))
+        layers = load_transformer_lora(path, "flux").layers["text_encoder"]
+        expected = sd[f"{key}.alpha"] / 4 * sd[f"{key}.lora_up.weight"] @ sd[f"{key}.lora_down.weight"]
+        assert torch.allclose(layers["text_model.encoder.layers.0.self_attn.v_proj"].delta(torch.float32), expected, atol=1e-6)
+        assert "text_model.encoder.layers.0.self_attn.q_proj" in layers
+
+
+def _pair(module, n_in=32, n_out=32, value=0.1):
+    return {f"{module}.lora_down.weight": torch.full((4, n_in), value), f"{module}.lora_up.weight": torch.full((n_out, 4), value)}
+
+
+@pytest.mark.parametrize("case", ["bfl", "bfl_control", "t5_kohya", "t5_onetrainer", "onetrainer_mlp"])
+def test_layouts_diffusers_does_not_convert_are_refused_by_name(tmp_path, case):
+    from safetensors.torch import save_file
+
+    from loraloom.composition.errors import LoRAFileError
+
+    kohya = _pair("lora_unet_double_blocks_0_img_attn_proj")
+    sd, match = {
+        "bfl": ({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.ones(4, 32),
+                 "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.ones(96, 4)},
+                "is in BFL.s key layout with PEFT factor names .*which diffusers' FLUX.1 converter does not read"),
+        "bfl_control": ({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.ones(4, 32),
+                         "double_blocks.0.img_attn.qkv.lora_B.weight": torch.ones(96, 4),
+                         "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16)}, "is a FLUX.1 Control LoRA"),
+        "t5_kohya": ({**kohya, **_pair("lora_te3_encoder_block_0_layer_0_SelfAttention_q")},
+                     "has T5-XXL text-encoder layers \\(e.g. 'lora_te3_encoder_block_0_layer_0_SelfAttention_q"),
+        "t5_onetrainer": ({**_pair("lora_transformer_transformer_blocks_0_attn_to_q"),
+                           **_pair("lora_te2_encoder_block_0_layer_0_SelfAttention_q")}, "has T5-XXL text-encoder layers"),
+        "onetrainer_mlp": ({**_pair("lora_transformer_transformer_blocks_0_attn_to_q"),
+                            **_pair("lora_transformer_single_transformer_blocks_0_proj_mlp", n_out=128)},
+                           "is a OneTrainer-style .*no mapping for .*lora_transformer_single_transformer_blocks_0_proj_mlp"),
+    }[case]
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    cp = ComposedPipeline(build_tiny_flux(0))
+    with pytest.raises(LoRAFileError, match=r"x\.safetensors: " + match):
+        cp.load_lora(tmp_path / "x.safetensors")
+    assert cp.loras == {}
+
+
+def test_all_zero_t5_layers_are_dropped_as_diffusers_does(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {**_pair("lora_unet_double_blocks_0_img_attn_proj"), **_pair("lora_te3_encoder_block_0_layer_0_SelfAttention_q", value=0.0)}
+    save_file(sd, str(tmp_path / "z.safetensors"))
+    lora = ComposedPipeline(build_tiny_flux(0)).load_lora(tmp_path / "z.safetensors")
+    assert set(lora.layers) == {"transformer"}

@@ -92,16 +92,21 @@ def test_switch_and_composite_equal_set_adapters_references(files):
     assert (lat - ours(cp, ["a"], fuse=False)[0]).abs().max() <= TOL and out.unet_rows == 4 * STEPS
 
 
-
-def test_kohya_sd3_file_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("layout", ["kohya", "onetrainer", "comfyui"])
+def test_sd3_layouts_diffusers_does_not_convert_are_refused_by_name(tmp_path, layout):
+    """SD3LoraLoaderMixin converts no key layout but diffusers/PEFT: kohya/sd-scripts (`lora_unet_joint_blocks_…`),
+    OneTrainer (`lora_transformer_…`) and ComfyUI (`diffusion_model.joint_blocks.…`) SD3 files are refused by name."""
     import torch
     from safetensors.torch import save_file
 
     from loraloom.composition.errors import LoRAFileError
 
-    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 32),
-               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 4)}, str(tmp_path / "k.safetensors"))
+    module = {"kohya": "lora_unet_joint_blocks_0_x_block_attn_qkv", "onetrainer": "lora_transformer_transformer_blocks_0_attn_to_q",
+              "comfyui": "diffusion_model.joint_blocks.0.x_block.attn.qkv"}[layout]
+    save_file({f"{module}.lora_down.weight": torch.zeros(4, 32), f"{module}.lora_up.weight": torch.zeros(96, 4)},
+              str(tmp_path / "k.safetensors"))
     cp = ComposedPipeline(build_tiny_sd3(0))
-    with pytest.raises(LoRAFileError, match=r"k\.safetensors: has a key loraloom does not read on transformer models"):
+    shown = "comfyui" if layout == "comfyui" else "kohya"
+    with pytest.raises(LoRAFileError, match=rf"k\.safetensors: is an SD3 LoRA in the {shown} layout .*diffusers has no converter"):
         cp.load_lora(tmp_path / "k.safetensors")
     assert cp.loras == {}
