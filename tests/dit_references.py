@@ -169,6 +169,16 @@ def write_peft_down_flux_lora(pipe, folder, name, *, seed=0, rank=4, targets=FLU
     return path
 
 
+def write_kohya_lycoris_flux_lora(folder, name, modules, metadata=None):
+    """A LyCORIS file in the kohya FLUX names lycoris-lora and sd-scripts write: {BFL module in kohya spelling
+    (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_adaLN_modulation_1`): {part: tensor}}
+    -> `lora_unet_double_blocks_0_img_attn_qkv.lokr_w1`, `….alpha`, …"""
+    sd = {f"lora_unet_{module}.{part}": value.contiguous() for module, parts in modules.items() for part, value in parts.items()}
+    path = folder / f"{name}.safetensors"
+    save_file(sd, str(path), metadata=metadata or {"ss_base_model_version": "flux1", "ss_network_module": "lycoris.kohya"})
+    return path
+
+
 def unpack(pipe, latents, size=SIZE):
     """FLUX's packed output latents -> (B, C, h, w), as loraloom keeps them; other families' latents unchanged."""
     if latents.ndim == 3:
