@@ -128,3 +128,23 @@ def test_dora_on_a_fused_module_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedLoRAFormat, match="module lora_unet_double_blocks_0_img_attn_qkv is a DoRA adapter on a fused "
                                                     "BFL module that diffusers splits into transformer_blocks.0.attn.to_q"):
         cp.load_lora(path)
+
+
+def test_comfyui_names_read_as_the_kohya_names(files, tmp_path):
+    """The same LoHa under ComfyUI's `diffusion_model.` BFL paths gives the same layers."""
+    from safetensors.torch import load_file, save_file
+
+    from loraloom.composition.transformer_loras import load_transformer_lora
+
+    path, _ = files["loha"]
+    dotted = {"double_blocks_0_txt_attn_qkv": "double_blocks.0.txt_attn.qkv", "single_blocks_0_linear1": "single_blocks.0.linear1",
+              "single_blocks_0_linear2": "single_blocks.0.linear2", "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
+    sd = {}
+    for key, value in load_file(str(path)).items():
+        module, _, part = key.removeprefix("lora_unet_").partition(".")
+        sd[f"diffusion_model.{dotted[module]}.{part}"] = value
+    save_file(sd, str(tmp_path / "comfy.safetensors"))
+    kohya, comfy = load_transformer_lora(path, "flux"), load_transformer_lora(tmp_path / "comfy.safetensors", "flux")
+    assert comfy.info.layout == "comfyui" and set(comfy.layers["transformer"]) == set(kohya.layers["transformer"])
+    for module, adapter in kohya.layers["transformer"].items():
+        assert torch.equal(comfy.layers["transformer"][module].delta(), adapter.delta())
