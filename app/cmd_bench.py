@@ -7,6 +7,7 @@ import math
 import sys
 
 from .bench_tuning import apply_tuned, register_tune
+from .cli_options import add_offload_arguments
 
 
 def _csv(value: str) -> list[str]:
@@ -49,13 +50,7 @@ def register(sub) -> None:
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available; under accelerate "
                                                     "each process gets its own GPU)")
     r.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
-    offload = r.add_mutually_exclusive_group()
-    offload.add_argument("--cpu-offload", dest="offload", action="store_const", const="model",
-                         help="keep the models in CPU memory, each moved to the GPU while it runs (diffusers' "
-                              "enable_model_cpu_offload; needs an accelerator)")
-    offload.add_argument("--sequential-offload", dest="offload", action="store_const", const="sequential",
-                         help="keep the models in CPU memory, moved to the GPU layer by layer (diffusers' "
-                              "enable_sequential_cpu_offload: least memory, slowest; needs an accelerator)")
+    add_offload_arguments(r)
     r.add_argument("--threads", type=int, help="torch CPU threads per process")
     r.add_argument("--allow-download", action="store_true", help="let diffusers fetch hub models that are not cached")
     r.add_argument("--no-retry-failed", action="store_true", help="leave items that failed before as they are")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from loraloom.composition.errors import SpecError
 
+from .cli_options import add_offload_arguments
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -32,13 +34,7 @@ def register(sub) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
-    offload = p.add_mutually_exclusive_group()
-    offload.add_argument("--cpu-offload", dest="offload", action="store_const", const="model",
-                         help="keep the models in CPU memory, each moved to the GPU while it runs (diffusers' "
-                              "enable_model_cpu_offload; needs an accelerator)")
-    offload.add_argument("--sequential-offload", dest="offload", action="store_const", const="sequential",
-                         help="keep the models in CPU memory, moved to the GPU layer by layer (diffusers' "
-                              "enable_sequential_cpu_offload: least memory, slowest; needs an accelerator)")
+    add_offload_arguments(p)
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
     p.add_argument("--allow-pickle", action="store_true", help="also load .ckpt/.pt/.bin LoRAs (torch.load weights_only=True)")
     p.add_argument("--max-pixels", type=int, help="largest height x width a spec may ask for (default 2048x2048)")

@@ -8,6 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .cli_options import add_offload_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("ui", help="start the web UI (Gradio) on 127.0.0.1",
@@ -29,13 +31,7 @@ def register(sub) -> None:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
-    offload = p.add_mutually_exclusive_group()
-    offload.add_argument("--cpu-offload", dest="offload", action="store_const", const="model",
-                         help="keep the models in CPU memory, each moved to the GPU while it runs (diffusers' "
-                              "enable_model_cpu_offload; needs an accelerator)")
-    offload.add_argument("--sequential-offload", dest="offload", action="store_const", const="sequential",
-                         help="keep the models in CPU memory, moved to the GPU layer by layer (diffusers' "
-                              "enable_sequential_cpu_offload: least memory, slowest; needs an accelerator)")
+    add_offload_arguments(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice less one core, at least 1: "
                    "1 on a 2-core machine, where it measured faster; see docs/ui.md)")
     p.add_argument("--judge", choices=["openai", "transformers"],
