@@ -186,3 +186,34 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
     except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as err:
         raise _corrupted(path, err) from None
     return tensors, metadata
+
+
+PEFT_CONFIG = "adapter_config.json"
+
+
+def peft_adapter_metadata(path: str | os.PathLike, metadata: dict[str, str], component: str) -> dict[str, str]:
+    """The header `metadata` with PEFT's saved LoraConfig added as diffusers' `lora_adapter_metadata` for `component`.
+
+    PEFT's `save_pretrained` writes the factors to `adapter_model.safetensors` and alpha, rank/alpha patterns, rsLoRA
+    and DoRA to `adapter_config.json` beside it, not to the header; without it every layer would be read at alpha =
+    rank. A header that already has `lora_adapter_metadata` (diffusers' own saves) wins; no config file: unchanged.
+    """
+    config_path = Path(path).with_name(PEFT_CONFIG)
+    if "lora_adapter_metadata" in metadata or not config_path.is_file():
+        return metadata
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LoRAFileError(config_path, f"cannot be read as PEFT's adapter config ({err}).",
+                            f"fix or remove {PEFT_CONFIG}; without it the LoRA is read at alpha = rank.") from None
+    if not isinstance(config, dict):
+        raise LoRAFileError(config_path, "is not a JSON object (PEFT writes its LoraConfig as one).",
+                            f"fix or remove {PEFT_CONFIG}.")
+    kind = str(config.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        raise LoRAFileError(config_path, f"describes a PEFT {kind} adapter; loraloom reads PEFT LoRA adapters from "
+                                         f"{PEFT_CONFIG} + adapter_model.safetensors.",
+                            "use a LoRA adapter (peft_type LORA), or the LyCORIS export of this adapter.")
+    keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
+    saved = {f"{component}.{k}": config[k] for k in keys if k in config}
+    return {**metadata, "lora_adapter_metadata": json.dumps(saved)}
