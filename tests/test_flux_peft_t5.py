@@ -199,3 +199,25 @@ def test_final_layer_is_applied_at_its_alpha(tmp_path):
     up, down = sd["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"], sd["lora_unet_final_layer_adaLN_modulation_1.lora_down.weight"]
     shift, scale = up.chunk(2)  # BFL: (shift, scale); diffusers' norm_out.linear: (scale, shift)
     assert torch.allclose(layers["norm_out.linear"].delta(), 0.5 * torch.cat([scale, shift]) @ down, atol=1e-7)
+
+
+def test_sd3_peft_save_pretrained_folder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from loraloom.pipelines.tiny_dit import build_tiny_sd3
+
+    pipe = build_tiny_sd3(0)
+    peft_model = get_peft_model(pipe.transformer, LoraConfig(r=4, lora_alpha=12, target_modules=["attn.to_q", "attn.add_k_proj", "ff.net.2"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(str(tmp_path / "sd3-style"))
+    ref = diffusers_latents(pipe, PROMPT, STEPS, 5.0)
+    cp = ComposedPipeline(build_tiny_sd3(0))
+    lora = cp.load_lora(tmp_path / "sd3-style" / "adapter_model.safetensors")
+    assert lora.info.layout == "peft-adapter" and lora.layers["transformer"]["transformer_blocks.0.attn.to_q"].scale == 3.0
+    out = cp(PROMPT, loras=["sd3-style"], method="merge", method_params={"lora_scale": 1.0}, num_inference_steps=STEPS,
+             height=32, width=32, guidance_scale=5.0, seed=0, output_type="latent", progress_bar=False)
+    assert (out.latents - ref).abs().max() <= TOL
