@@ -10,6 +10,15 @@ Block weights follow the LoRA Block Weight extension (hako-mikan/sd-webui-lora-b
 `middle_block`, `output_blocks`), the same vector lengths (17 and 26 for SD 1.x/2.x, 12 and 20 for SDXL; shorter
 lists leave the blocks they do not name at 0, as the extension's `to26` does), the same presets, and a weight of 1
 for layers in no block (the time embedding, `conv_out`).
+
+On the diffusion transformers (FLUX.1, SD 3/3.5) the blocks are the transformer's own, numbered as diffusers numbers
+them — for FLUX the blocks ComfyUI's block-weight nodes weigh (e.g. Inspire Pack's LoRA Block Weight; BFL's
+`double_blocks.N` and `single_blocks.N`, 19 + 38 on FLUX.1): `BASE` (the text encoders), `D00`… (FLUX's
+double-stream `transformer_blocks.N`), `S00`… (FLUX's single-stream `single_transformer_blocks.N`), `J00`… (SD3's
+joint `transformer_blocks.N`). A vector lists BASE first, as the extension's do, then the blocks in that order
+(FLUX.1: 1 + 19 + 38 = 58 values), or the blocks only (BASE = 1). The counts are the loaded transformer's (`dit_block_ids`). The presets
+that mean the same on every model (`DIT_PRESETS`: ALL, NONE, ALL0.5) apply; the UNet's (INS, OUTD, …) are refused.
+Layers in no block (`x_embedder`, `context_embedder`, `time_text_embed`, `norm_out`, `proj_out`) weigh 1.
 """
 
 from __future__ import annotations
@@ -42,8 +51,29 @@ LBW_PRESETS: dict[str, str] = {
 }
 
 
+# The presets whose value is the same in every block, so they mean the same on a diffusion transformer.
+DIT_PRESETS: dict[str, float] = {"ALL": 1.0, "NONE": 0.0, "ALL0.5": 0.5}
+
+
 class ControlError(LoraloomError, ValueError):
     """A control that cannot be applied (bad vector, unknown preset, empty schedule)."""
+
+
+def block_spec(spec: str | Sequence[float]) -> str | tuple[float, ...]:
+    """Block weights as given, checked without knowing the model: a preset's name (upper case) or the numbers of a
+    vector (a text of comma-separated numbers is read as one). How many numbers the model takes is checked when it is
+    known (`block_vector` for the UNets, `flux_block_vector` / `sd3_block_vector` for the transformers)."""
+    if isinstance(spec, str):
+        if spec.strip().upper() in LBW_PRESETS:
+            return spec.strip().upper()
+        try:
+            return tuple(float(v) for v in spec.split(","))
+        except ValueError:
+            raise ControlError(f"block weights {spec!r}: not a preset ({', '.join(LBW_PRESETS)}) nor a list of numbers") from None
+    values = tuple(float(v) for v in spec)
+    if not values:
+        raise ControlError("block weights: an empty list (give a preset or one number per block)")
+    return values
 
 
 def block_vector(spec: str | Sequence[float]) -> dict[str, float]:
@@ -90,11 +120,86 @@ def block_of(component: str, path: str, layers_per_block: int = 2) -> str | None
     return None
 
 
-def layer_block_weights(weights: Mapping[str, float], component: str, paths, layers_per_block: int = 2) -> dict[str, float]:
-    """{module path: weight} of one component's layers under block weights (1 for layers in no block)."""
+def dit_block_ids(family: str, num_layers: int, num_single_layers: int = 0) -> list[str]:
+    """The block ids of a diffusion transformer in vector order: BASE, then FLUX's double-stream blocks `D00`… and
+    single-stream blocks `S00`… (`num_layers`, `num_single_layers` of its config; FLUX.1: 19 and 38), or SD3's joint
+    blocks `J00`… (`num_layers`: 24 on SD 3/3.5 Medium, 38 on 3.5 Large)."""
+    if family == "flux":
+        return ["BASE", *(f"D{i:02d}" for i in range(num_layers)), *(f"S{i:02d}" for i in range(num_single_layers))]
+    if family == "sd3":
+        return ["BASE", *(f"J{i:02d}" for i in range(num_layers))]
+    raise ControlError(f"block weights: no block ids for the {family!r} transformer (known: flux, sd3)")
+
+
+def _span(ids: Sequence[str], letter: str) -> str:
+    own = [b for b in ids if b[0] == letter]
+    return f"{own[0]}–{own[-1]}" if len(own) > 1 else own[0] if own else ""
+
+
+def dit_block_vector(spec: str | Sequence[float], ids: Sequence[str], model: str) -> dict[str, float]:
+    """{block id: weight} of a preset (ALL, NONE, ALL0.5) or a vector on a diffusion transformer whose blocks are
+    `ids` (`dit_block_ids`, BASE first): len(ids) values in that order, or len(ids) - 1 (the blocks; BASE = 1).
+    `model` names the model in messages."""
+    blocks = [b for b in ids if b != "BASE"]
+    layout = ", ".join(filter(None, (_span(ids, k) for k in "DSJ")))
+    lengths = (f"{len(ids)} values (BASE, {layout}) or {len(blocks)} ({layout}; BASE, the text encoders, at 1)")
+    try:
+        parsed = block_spec(spec)
+    except ControlError:
+        raise ControlError(f"block weights {spec!r}: not a preset ({', '.join(DIT_PRESETS)} on {model}) nor a list of "
+                           f"numbers; {model} takes a vector of {lengths}") from None
+    if isinstance(parsed, str):
+        if parsed not in DIT_PRESETS:
+            raise ControlError(f"block weights {parsed}: a preset of the SD UNet's blocks (IN…, M00, OUT…); {model} has "
+                               f"BASE, {layout}. Fix: a preset that means the same here ({', '.join(DIT_PRESETS)}) or a "
+                               f"vector of {lengths}")
+        return dict.fromkeys(ids, DIT_PRESETS[parsed])
+    if len(parsed) == len(ids):
+        return dict(zip(ids, parsed, strict=True))
+    if len(parsed) == len(blocks):
+        return {"BASE": 1.0, **dict(zip(blocks, parsed, strict=True))}
+    raise ControlError(f"block weights: {model} takes a vector of {lengths}, got {len(parsed)} values")
+
+
+def flux_block_vector(spec: str | Sequence[float], num_layers: int = 19, num_single_layers: int = 38) -> dict[str, float]:
+    """{block id: weight} on a FLUX.1 transformer of `num_layers` double-stream and `num_single_layers` single-stream
+    blocks (FLUX.1: 19 + 38, ComfyUI's `double_blocks` / `single_blocks`): a preset, or 1 + 19 + 38 = 58 values
+    (BASE, D00–D18, S00–S37) or 57 (BASE = 1)."""
+    return dit_block_vector(spec, dit_block_ids("flux", num_layers, num_single_layers), "FLUX.1")
+
+
+def sd3_block_vector(spec: str | Sequence[float], num_layers: int = 24) -> dict[str, float]:
+    """{block id: weight} on an SD 3/3.5 transformer of `num_layers` joint blocks (24 on Medium, 38 on 3.5 Large): a
+    preset, or 1 + num_layers values (BASE, J00, …) or num_layers (BASE = 1)."""
+    return dit_block_vector(spec, dit_block_ids("sd3", num_layers), "SD3")
+
+
+_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
+_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
+
+
+def dit_block_of(component: str, path: str, family: str) -> str | None:
+    """The block id of a module of a diffusion transformer (diffusers path) of `family` ("flux" or "sd3"): BASE for
+    the text encoders, D/S (FLUX's double/single-stream blocks) or J (SD3's joint blocks) with the block's number;
+    None for layers in no block (x_embedder, context_embedder, time_text_embed, norm_out, proj_out)."""
+    if component != "transformer":
+        return "BASE"
+    m = _SINGLE.match(path)
+    if m:
+        return f"S{int(m.group(1)):02d}" if family == "flux" else None
+    m = _DOUBLE.match(path)
+    if m:
+        return f"{'D' if family == 'flux' else 'J'}{int(m.group(1)):02d}"
+    return None
+
+
+def layer_block_weights(weights: Mapping[str, float], component: str, paths, layers_per_block: int = 2,
+                        dit: str | None = None) -> dict[str, float]:
+    """{module path: weight} of one component's layers under block weights (1 for layers in no block). `dit`: the
+    diffusion transformer's family ("flux", "sd3": `dit_block_of`), or None for a UNet (`block_of`)."""
     out = {}
     for path in paths:
-        block = block_of(component, path, layers_per_block)
+        block = block_of(component, path, layers_per_block) if dit is None else dit_block_of(component, path, dit)
         out[path] = 1.0 if block is None else float(weights.get(block, 0.0))
     return out
 
@@ -145,8 +250,9 @@ class Schedule:
 
 @dataclass(frozen=True)
 class LoRAControls:
-    """A LoRA's controls in one generation. `te`/`unet`: strength multipliers of its text-encoder and UNet parts
-    (A1111's `<lora:name:te:unet>`, relative to the LoRA's weight); `blocks`: block weights (preset or vector);
+    """A LoRA's controls in one generation. `te`/`unet`: strength multipliers of its text-encoder and denoiser parts
+    (A1111's `<lora:name:te:unet>`, relative to the LoRA's weight; on FLUX.1 and SD3 `unet` is the transformer's
+    strength); `blocks`: block weights (preset or vector);
     `schedule`; `mask`: where in the image it acts (see `composition.spatial.mask_from`)."""
 
     te: float = 1.0
@@ -202,8 +308,9 @@ def use_from(item) -> tuple[str, float, LoRAControls]:
                                 tuple((float(p), float(v)) for p, v in (frames or ())))
         blocks = item.get("lbw", item.get("blocks"))
         if blocks is not None:
-            block_vector(blocks)  # a bad vector or preset fails here
-            blocks = blocks if isinstance(blocks, str) else tuple(float(v) for v in blocks)
+            # an unknown preset or a non-number fails here; the length when the model is known (`Run`)
+            parsed = block_spec(blocks)
+            blocks = blocks if isinstance(blocks, str) else parsed
         controls = LoRAControls(te=float(item.get("te", 1.0)), unet=float(item.get("unet", 1.0)), blocks=blocks,
                                 schedule=schedule, mask=item.get("mask"), feather=float(item.get("feather", 0.0)))
         return str(item["name"]), float(item.get("weight", 1.0)), controls

@@ -5,10 +5,12 @@ A1111 reads `<type:a:b:…>` out of a prompt (modules/extra_networks.py: `<(\\w+
 weight, `loradealer`) reads more keys from the same tag. loraloom reads the same spellings with the same meaning:
 
 - `<lora:name>` / `<lora:name:w>`: strength w (1 when left out) in the text encoders and the UNet;
-- `<lora:name:te:unet>`: text-encoder strength te, UNet strength unet;
+- `<lora:name:te:unet>`: text-encoder strength te, UNet strength unet (on FLUX.1 and SD3: the transformer's);
 - `te=`, `unet=`: the same by name (the extension's `multidealer`: either one alone sets both);
-- `lbw=` (or `w=`, the extension's other spelling): block weights, a preset name (`ALL`, `INS`, `OUTD`, …) or 12,
-  17, 20 or 26 numbers separated by commas inside the tag;
+- `lbw=` (or `w=`, the extension's other spelling): block weights, a preset name (`ALL`, `INS`, `OUTD`, …) or
+  numbers separated by commas inside the tag: 12, 17, 20 or 26 on SD/SDXL; on FLUX.1 58 (BASE, D00–D18, S00–S37) or
+  57; on SD3 one per joint block, BASE first or not (`composition.controls`; the length is checked against the
+  loaded model);
 - `start=`, `stop=`, `step=a-b`: the steps (counted from 0) from which / until which / between which the LoRA acts.
   Whole numbers are step numbers, as in the extension; numbers with a decimal point from 0 to 1 are fractions of the
   run (a loraloom addition: `start=0.25`).
@@ -19,7 +21,8 @@ not add a LoRA. What the tag says wins over the spec's entry for that LoRA: its 
 number means 1, as in A1111), `lbw=` and the schedule (start/stop/step) when the tag has them; the entry's other
 controls (mask, feather, keyframes, …) stay. The tags are removed from the prompt (runs of spaces left behind are
 made one, which changes nothing the CLIP tokenizer reads). Everything is checked before any model loads: malformed
-tags, names the spec does not have and values out of range are a `SpecError` naming the tag and the fix.
+tags, names the spec does not have and values out of range are a `SpecError` naming the tag and the fix (the
+length of an `lbw=` vector is the one check left to the loaded model, whose blocks it counts).
 
 Not supported (refused with the reason): `dyn=` and a third positional value (A1111's dynamic rank), `lbwe=`
 (elemental weights), the random `R`/`U` and inherited `X` values of block-weight vectors, `<hypernet:…>`.
@@ -151,7 +154,8 @@ def parse_tag(text: str, args: str, where: str = "prompt") -> LoRATag:
     if lbw is not None:
         if lbw.upper() not in LBW_PRESETS and "," not in lbw:
             raise _fail(where, text, f"lbw={lbw} is neither a preset ({', '.join(LBW_PRESETS)}) nor a vector",
-                        "lbw=PRESET or lbw= 12, 17, 20 or 26 numbers separated by commas")
+                        "lbw=PRESET or lbw= one number per block separated by commas (12, 17, 20 or 26 on SD/SDXL, "
+                        "58 on FLUX.1; docs/controls.md)")
         lbw = checked_lbw(lbw, f"{where}: tag {text}")
     start = stop = unit = None
     if "step" in named:

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraloom.composition.conditioning import Conditioning
-from loraloom.composition.controls import Region, block_vector, layer_block_weights
+from loraloom.composition.controls import (
+    ControlError,
+    Region,
+    block_vector,
+    flux_block_vector,
+    layer_block_weights,
+    sd3_block_vector,
+)
 from loraloom.composition.errors import GenerationError
 from loraloom.composition.files import WritePolicy
 from loraloom.composition.grad import frozen
@@ -134,31 +141,50 @@ class Run:
         return self.pipeline.arch.denoiser == "unet"
 
     def _apply_controls(self) -> None:
-        """Strengths and block weights as per-layer factors in every router, masks as the UNet's spatial gates."""
+        """Strengths and block weights as per-layer factors in every router, masks as the denoiser's spatial gates. The
+        denoiser (a UNet, or FLUX's / SD3's transformer) takes a LoRA's `unet` strength, the text encoders its `te`."""
+        arch = self.pipeline.arch
         for comp, router in self.pipeline.routers.items():
             scales = {}
             for a in self.loras:
                 c = a.controls
-                factor = c.unet if comp == "unet" else c.te
+                factor = c.unet if comp == arch.denoiser else c.te
                 if factor == 1.0 and c.blocks is None:
                     continue
                 paths = [p for p, layer in router.layers.items() if a.name in layer.factors]
-                blocks = block_vector(c.blocks) if c.blocks is not None else None
-                lpb = self._layers_per_block() if blocks else None
-                per = layer_block_weights(blocks, comp, paths, lpb) if blocks else dict.fromkeys(paths, 1.0)
+                if c.blocks is None:
+                    per = dict.fromkeys(paths, 1.0)
+                elif arch.denoiser == "unet":
+                    per = layer_block_weights(self._block_weights(a.name, c.blocks), comp, paths, self._layers_per_block())
+                else:
+                    per = layer_block_weights(self._block_weights(a.name, c.blocks), comp, paths, dit=arch.name)
                 scales[a.name] = {p: factor * w for p, w in per.items()}
             gates = None
-            if comp == self.pipeline.arch.denoiser:
+            if comp == arch.denoiser:
                 gates = self.layout.gates() if self.layout else (dict(self.token_gates) or None)
             if scales or gates:
                 router.set_controls(scales, gates)
 
     def _layers_per_block(self) -> int:
-        if self.pipeline.arch.denoiser != "unet":
-            raise GenerationError(f"LoRA block weights (lbw) name UNet blocks; {self.pipeline.arch.name} models have none. "
-                                  "Fix: leave out lbw.")
         unet_config = self.pipeline.pipe.unet.config
         return unet_config.layers_per_block if isinstance(unet_config.layers_per_block, int) else unet_config.layers_per_block[0]
+
+    def _block_weights(self, name: str, blocks) -> dict[str, float]:
+        """{block id: weight} of a LoRA's block weights on this model: the LoRA Block Weight extension's UNet vectors
+        (`block_vector`), or the diffusion transformer's blocks as its config counts them (`flux_block_vector`,
+        `sd3_block_vector`). A vector of a length this model does not take is refused here, where the model is known."""
+        arch = self.pipeline.arch
+        try:
+            if arch.denoiser == "unet":
+                return block_vector(blocks)
+            config = self.pipeline.pipe.transformer.config
+            if arch.name == "flux":
+                return flux_block_vector(blocks, config.num_layers, config.num_single_layers)
+            if arch.name == "sd3":
+                return sd3_block_vector(blocks, config.num_layers)
+        except ControlError as err:
+            raise GenerationError(f"LoRA {name!r}: {err}") from None
+        raise GenerationError(f"LoRA {name!r}: block weights (lbw) have no block ids on {arch.name} models. Fix: leave out lbw.")
 
     def _at_step(self, routing: Routing, step: Step) -> Routing:
         """`routing` with every scheduled LoRA's gate times its schedule's factor at this step (0 drops it)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from loraloom.composition.controls import LBW_PRESETS, ControlError, LoRAControls, Region, Schedule, block_vector
+from loraloom.composition.controls import LBW_PRESETS, ControlError, LoRAControls, Region, Schedule, block_spec
 from loraloom.composition.errors import SpecError
 from loraloom.composition.files import WritePolicy, write_file
 from loraloom.composition.metadata import CATEGORIES, FAMILY_NAMES
@@ -202,13 +202,18 @@ def pin_mask(mask, where: str):
     return {**mask, "sha256": _load_mask(mask, where)[1]}
 
 
+LBW_FIX = (f"a preset ({', '.join(LBW_PRESETS)}) or a vector, one number per block (the LoRA Block Weight extension's: "
+           "12, 17, 20 or 26 on SD/SDXL, BASE, IN…, MID, OUT…; FLUX.1: 58, BASE, D00–D18, S00–S37, or 57 without BASE; "
+           "SD3: 1 + its joint blocks, BASE, J00…, or one per joint block; docs/controls.md)")
+
+
 def checked_lbw(value, where: str):
-    """Block weights as a spec records them: a LoRA Block Weight preset's name (upper case) or a list of 12, 17, 20
-    or 26 numbers (a text of comma-separated numbers is read as one)."""
+    """Block weights as a spec records them: a LoRA Block Weight preset's name (upper case) or a list of numbers (a
+    text of comma-separated numbers is read as one). How many numbers depends on the model (the UNets' 12, 17, 20 or
+    26; FLUX.1's and SD3's blocks as the loaded transformer counts them): that is checked when the model is loaded."""
     if value is None:
         return None
-    fix = (f"a preset ({', '.join(LBW_PRESETS)}) or 12, 17, 20 or 26 numbers (the extension's vectors: BASE, IN…, MID, "
-           "OUT…)")
+    fix = LBW_FIX
     if isinstance(value, str):
         if value.strip().upper() in LBW_PRESETS:
             return value.strip().upper()
@@ -225,7 +230,7 @@ def checked_lbw(value, where: str):
             raise SpecError(f"{where}: lbw value {v!r} is not a number (random R/U and X values are not supported). Fix: {fix}") from None
         numbers.append(checked_number(f"{where}: lbw value", number, float, -100.0, 100.0))
     try:
-        block_vector(numbers)
+        block_spec(numbers)
     except ControlError as err:
         raise SpecError(f"{where}: lbw: {err}. Fix: {fix}") from None
     return numbers
@@ -242,7 +247,8 @@ class LoRARef:
     """A LoRA as a spec names it: file, user weight, what the user says it is, and its controls.
 
     Controls (`composition.controls`; all optional): `te`/`unet` multiply the weight in the text encoders / the
-    UNet (A1111's <lora:name:te:unet>); `lbw` block weights (a LoRA Block Weight preset or vector); `start`/`stop`
+    denoiser (A1111's <lora:name:te:unet>; on FLUX.1 and SD3 `unet` is the transformer's strength); `lbw` block
+    weights (a LoRA Block Weight preset or vector; `checked_lbw`); `start`/`stop`
     when it acts (fractions of the run, or step numbers when one is above 1; `unit` "steps" or "fraction" says it
     instead), `keyframes` [[position, factor], …] ramp it; `mask` where it acts (a named region, a box, an image
     path: `checked_mask`) with `feather` (a fraction of the image) softening the mask's edge."""

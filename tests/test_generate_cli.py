@@ -68,7 +68,7 @@ def test_cli_overrides(tmp_path, lora_files):
     ({"dtype": "float8"}, "dtype 'float8' is not one of"),
     ({"prompts": ["a portrait <lora:chr:1>"]}, r"prompt: tag <lora:chr:1>: the spec has no LoRA named 'chr'; its LoRAs: char, style"),
     ({"prompts": ["x <lora:char:1:lbw=SOME>"]}, r"tag <lora:char:1:lbw=SOME>: lbw=SOME is neither a preset"),
-    ({"loras": [{"path": "x.safetensors", "lbw": [1, 2]}]}, r"LoRA x: lbw: block weights need 12, 17, 20 or 26 values"),
+    ({"loras": [{"path": "x.safetensors", "lbw": [1, 2, "R"]}]}, r"LoRA x: lbw value 'R' is not a number"),
     ({"regions": [{"mask": "left", "loras": ["nobody"]}]}, r"region 1 \(left\): LoRA 'nobody' is not one of this spec's LoRAs"),
     ({"regions": [{"mask": "elsewhere.png", "prompt": "x"}]}, r"region 1 \(elsewhere.png\): mask image .*: no such file"),
     ({"regions": [{"mask": "left", "prompt": "x"}], "methods": ["cmlora"]}, r"method 'cmlora' has no meaning for regions"),

@@ -257,10 +257,12 @@ def _lora_rows(config: UIConfig, names: list[str]) -> tuple[list[LoRARow], gr.St
                     with gr.Row():
                         te = gr.Number(1.0, step=0.05, label="TE", info="text-encoder strength", elem_id=f"te-{k + 1}",
                                        min_width=80)
-                        unet = gr.Number(1.0, step=0.05, label="UNet", info="UNet strength", elem_id=f"unet-{k + 1}",
-                                         min_width=80)
+                        unet = gr.Number(1.0, step=0.05, label="UNet", info="UNet (FLUX/SD3: transformer) strength",
+                                         elem_id=f"unet-{k + 1}", min_width=80)
                         lbw = gr.Dropdown(lbw_choices, value="", label="block weights", allow_custom_value=True,
-                                          info="a preset, or 12/17/20/26 numbers", elem_id=f"lbw-{k + 1}", min_width=140)
+                                          info="a preset, or one number per block: SD 12/17/20/26; FLUX.1 58 (BASE, D00–D18, "
+                                               "S00–S37; ALL, NONE, ALL0.5); SD3 BASE + joint blocks",
+                                          elem_id=f"lbw-{k + 1}", min_width=140)
                     with gr.Row():
                         # 0 = not set (an empty number box shows, and sends, 0 once the accordion opens)
                         start = gr.Number(0, label="start", info="step (or fraction) it starts at; 0: the first",
