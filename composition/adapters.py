@@ -17,6 +17,7 @@ How each applies (x: the layer input, y0: the base output without bias, g: the g
 | type | `kind` | update | applied through |
 |---|---|---|---|
 | LoRA / LoCon (`LoRALayer`) | LoRA | ΔW = α/r · up @ down | its factors (fast paths) |
+| LoRA with a bias diff (`LoRABias`) | LoRA+bias | ΔW = α/r · up @ down, Δb = diff_b (not scaled by α/r) | its factors plus the bias, as a term (no fast path) |
 | LoCon with Tucker mid | LoCon-Tucker | ΔW = α/r · mid ×₁ up ×₂ down | 1×1, k×k, 1×1 convolutions |
 | LoHa (incl. Tucker) | LoHa | ΔW = α/r · (w1a w1b) ⊙ (w2a w2b) | exact rank-r² factors (Khatri–Rao) when smaller than ΔW, else a cached dense ΔW |
 | LoKr | LoKr | ΔW = α/r · w1 ⊗ w2 (α/r = 1 when neither side is factorised) | reshapes: (w1 ⊗ w2) x = vec(w1 X w2ᵀ), ΔW never formed |
@@ -126,6 +127,25 @@ class LowRankTerm(Term):
             y += self.delta(x)
         else:
             y.view(-1, y.shape[-1]).addmm_(F.linear(x, self.down).reshape(-1, self.down.shape[0]), self.up.t(), alpha=self.weight)
+
+
+class LowRankBiasTerm(LowRankTerm):
+    """weight · (scale · up(down(x)) + Δb): a LoRA with a bias diff (`LoRABias`); the bias is not scaled by α/r."""
+
+    def __init__(self, module, down, up, bias, scale, weight):
+        super().__init__(module, down, up, weight * scale)
+        self.b, self.gate = bias, float(weight)
+
+    def delta(self, x, y0=None):
+        d = super().delta(x)
+        return d + _channels(d, self.b) * self.gate
+
+    def add_(self, x, y, y0=None):
+        if self.conv or not y.is_contiguous():
+            y += self.delta(x)
+            return
+        super().add_(x, y)  # the factors in place (LowRankTerm's addmm_), then the bias
+        y.add_(self.b, alpha=self.gate)
 
 
 class DenseTerm(Term):
@@ -514,6 +534,62 @@ class LoRALayer(Adapter):
     @property
     def cache_nbytes(self) -> int:
         return 0
+
+
+@dataclass(eq=False)
+class LoRABias(LoRALayer):
+    """A LoRA/LoCon with a bias diff beside its factors: ΔW = (alpha / rank) · up @ down, Δb = diff_b (a vector of
+    out_features, not scaled by alpha / rank). ComfyUI's "Extract and Save Lora" with `bias_diff` writes it
+    (`<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`, `.diff_b`), as do trainers that train the biases beside
+    a LoRA; ComfyUI applies W += s · (α/r) · up @ down and b += s · diff_b at strength s (diffusers drops diff_b).
+
+    Applied as a term (`lowrank()` is None: the routing layer's low-rank fast paths would skip the bias); fusing adds
+    `bias_delta()` to the layer's bias. It has no plain low-rank form: column-wise merges and the diffusers-layout
+    writer refuse it."""
+
+    diff_b: torch.Tensor | None = None
+
+    kind = "LoRA+bias"
+    _tensor_names = ("down", "up", "diff_b")
+
+    def __post_init__(self):
+        if self.diff_b is None:
+            raise ValueError("LoRABias needs its bias diff (diff_b)")
+
+    @property
+    def tensors(self):
+        return (self.down, self.up, self.diff_b)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.down, self.up, self.diff_b)
+
+    def check(self, module) -> str | None:
+        problem = super().check(module)
+        if problem is not None:
+            return problem
+        if getattr(module, "bias", None) is None:
+            return ("LoRA has a bias diff (diff_b), the model layer has no bias; re-export the LoRA without bias diffs "
+                    "(ComfyUI: Extract and Save Lora with bias_diff off) or for a model whose layer has one")
+        if self.diff_b.numel() != module.bias.numel():
+            return f"LoRA's bias diff (diff_b) has {self.diff_b.numel()} values, the model layer's bias {module.bias.numel()}"
+        return None
+
+    def lowrank(self):
+        return None
+
+    def term(self, module, weight=1.0):
+        return LowRankBiasTerm(module, self.down, self.up, self.diff_b.flatten(), self.scale, weight)
+
+    def apply(self, x, module=None, y0=None, weight=1.0):
+        if module is None:
+            if self.is_conv:
+                raise RuntimeError("a LoCon layer needs its module (stride, padding) to be applied")
+            return F.linear(F.linear(x, self.down) * (weight * self.scale), self.up, self.diff_b.flatten() * weight)
+        return self.term(module, weight).delta(x)
+
+    def bias_delta(self, dtype=None):
+        return _cast(self.diff_b.flatten(), dtype)
 
 
 @dataclass(eq=False)
@@ -1152,7 +1228,7 @@ class NormDiff(Adapter):
         return _cast(self.b_norm, dtype)
 
 
-ADAPTER_TYPES = (LoRALayer, TuckerLoCon, LoHa, LoKr, DoRA, OFT, BOFT, FullDiff, NormDiff)
+ADAPTER_TYPES = (LoRALayer, LoRABias, TuckerLoCon, LoHa, LoKr, DoRA, OFT, BOFT, FullDiff, NormDiff)
 
 
 # --- from a file's parts -------------------------------------------------------------------------------------------
@@ -1167,7 +1243,12 @@ _PART_GROUPS = {
 
 
 class AdapterPartsError(ValueError):
-    """A module's tensors do not make one adapter (missing or mixed parts, inconsistent shapes)."""
+    """A module's tensors do not make one adapter (missing or mixed parts, inconsistent shapes). `fix`: what to do,
+    where the parts are well-formed but a combination loraloom does not apply (None: the file is damaged)."""
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.fix = fix
 
 
 def _require(parts, names, kind):
@@ -1182,6 +1263,23 @@ def build_adapter(parts: dict[str, torch.Tensor], alpha: float | None = None, so
     mag, dora_scale = parts.get("magnitude"), parts.get("dora_scale")
     keys = set(parts) - {"magnitude", "dora_scale"}
     groups = [g for g, names in _PART_GROUPS.items() if keys & names]
+    bias_only = "diff_b" in keys and "diff" not in keys
+    if bias_only and len(groups) == 2 and "full" in groups:  # a bias diff beside another adapter's factors
+        other = next(g for g in groups if g != "full")
+        if other != "lora" or "mid" in parts or mag is not None or dora_scale is not None:
+            what = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT/BOFT", "norm": "norm-diff",
+                    "lora": "Tucker LoCon" if "mid" in parts else "DoRA"}[other]
+            raise AdapterPartsError(
+                f"has a bias diff (diff_b) beside a {what} adapter; loraloom applies diff_b beside a LoRA "
+                "(lora_down/lora_up) or a full diff only",
+                "re-export the adapter without bias diffs, or as a plain LoRA (lora_down/lora_up) with them")
+        _require(parts, ("down", "up"), "LoRA")
+        down, up, diff_b = parts["down"], parts["up"], parts["diff_b"]
+        if up.shape[1] != down.shape[0]:
+            raise AdapterPartsError(f"up factor has rank {up.shape[1]} but down has {down.shape[0]}")
+        if diff_b.numel() != up.shape[0]:
+            raise AdapterPartsError(f"bias diff (diff_b) has {diff_b.numel()} values, the LoRA {up.shape[0]} output rows")
+        return LoRABias(down, up, float(alpha) if alpha is not None else float(down.shape[0]), source=source, diff_b=diff_b)
     if len(groups) != 1:
         names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "full": "full-diff", "norm": "norm-diff"}
         raise AdapterPartsError(f"mixes the keys of {' and '.join(names[g] for g in groups)} adapters in one module"

@@ -14,7 +14,13 @@ onto `norm_out.linear` with its halves swapped. Their update is the fused weight
 - LoKr (ΔW = s · w1 ⊗ w2, w2 with c rows): when every piece starts and ends on a multiple of c, the rows of w1 —
   exact, still LoKr; otherwise (**dense split**) ΔW is formed once from the factors and each diffusers module gets its
   rows as a full diff (a dense (rows × in) tensor per module: on FLUX.1 up to 12288 × 3072 for `proj_mlp`);
-- full diffs (`diff`, `diff_b`): their rows.
+- full diffs (`diff`, `diff_b`): their rows;
+- LoRA with a bias diff (`lora_down`/`lora_up` + `diff_b`, ComfyUI's "Extract and Save Lora" with bias_diff): the up
+  factor's rows and diff_b's (`adapters.LoRABias`); a module that maps 1:1 keeps it as it is.
+
+Norm-layer diffs (a 1-D `diff`, `diff_b`, `w_norm`/`b_norm` on a `…norm…` module without LoRA factors, e.g. ComfyUI's
+`diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff`) are refused by name: FLUX.1's query/key norms are
+RMSNorms, which loraloom's norm adapter (LayerNorm/GroupNorm) does not cover, and diffusers drops them too.
 
 DoRA, OFT/BOFT, Tucker and norm adapters on a fused module are refused by name (their update is not a sum of
 per-row pieces loraloom keeps).
@@ -108,6 +114,8 @@ def _split_parts(parts: dict[str, torch.Tensor], alpha, idx: torch.Tensor, adapt
     keys = set(parts)
     if keys == {"down", "up"}:
         return {"down": parts["down"], "up": parts["up"][idx]}, alpha
+    if keys == {"down", "up", "diff_b"}:  # LoRA with a bias diff: the up factor's rows and the bias diff's
+        return {"down": parts["down"], "up": parts["up"][idx], "diff_b": parts["diff_b"].flatten()[idx]}, alpha
     if keys <= {"diff", "diff_b"}:
         return {k: v[idx] for k, v in parts.items()}, None
     if keys == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
@@ -135,6 +143,14 @@ def flux_lycoris_layers(state_dict: dict[str, torch.Tensor], to_diffusers, path)
                                 "loraloom reads LyCORIS modules in kohya names (`lora_unet_double_blocks_0_img_attn_qkv.lokr_w1`) "
                                 "or ComfyUI's (`diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1`).")
         modules.setdefault(parts[0], {})[parts[1]] = value
+    norms = [f"{n}.{p}" for n, keys in modules.items() for p, v in keys.items() if "norm" in n and v.ndim == 1
+             and p in ("diff", "diff_b", "w_norm", "b_norm") and "lora_down.weight" not in keys]
+    if norms:  # ComfyUI's and LyCORIS' norm diffs: 1-D changes of norm scales (FLUX's query_norm/key_norm are RMSNorms)
+        raise UnsupportedLoRAFormat(
+            path, f"holds {len(norms)} norm-layer diffs ({', '.join(norms[:3])}{', …' if len(norms) > 3 else ''}), which "
+                  "loraloom does not apply in FLUX.1 files (FLUX.1's query/key norms are RMSNorms; diffusers' FLUX "
+                  "loader drops norm diffs too).",
+            "re-export the LoRA without norm diffs, or delete those keys from the file (diffusers ignores them).")
     targets = probe_targets(modules, to_diffusers, path)
     out: dict[str, dict[str, RawLayer]] = {}
     for name, keys in modules.items():
@@ -146,7 +162,8 @@ def flux_lycoris_layers(state_dict: dict[str, torch.Tensor], to_diffusers, path)
         try:
             adapter = build_adapter(parts, alpha, name)
         except AdapterPartsError as err:
-            raise LoRAFileError(path, f"{name}: {err}.", "the file is damaged or incomplete; export it again.") from None
+            raise (UnsupportedLoRAFormat if err.fix else LoRAFileError)(
+                path, f"{name}: {err}.", err.fix or "the file is damaged or incomplete; export it again.") from None
         height = _height(parts)
         dense: dict = {}
         for comp, module, runs in targets[name]:
@@ -159,7 +176,7 @@ def flux_lycoris_layers(state_dict: dict[str, torch.Tensor], to_diffusers, path)
                 where = ", ".join(m for _, m, _ in targets[name])
                 raise UnsupportedLoRAFormat(
                     path, f"module {name} is a {adapter.kind} adapter on a fused BFL module that diffusers splits into "
-                          f"{where}; loraloom splits LoRA, LoHa, LoKr (without a Tucker core) and full diffs there, not {adapter.kind}.",
+                          f"{where}; loraloom splits LoRA (with or without a bias diff), LoHa, LoKr (without a Tucker core) and full diffs there, not {adapter.kind}.",
                     "train the adapter without this module, or as LoRA, LoHa or LoKr.")
             out.setdefault(comp, {})[module] = RawLayer(split, split_alpha, f"{name}[{idx[0]}:{idx[-1] + 1}]")
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .adapters import Adapter, AdapterPartsError, LoRALayer, build_adapter
-from .errors import LoRAFileError
+from .errors import LoRAFileError, UnsupportedLoRAFormat
 from .lora_file import read_header, read_tensors
 from .lora_formats import Layers, convert_to_layers
 from .metadata import family_from_keys, family_from_metadata, read_sidecar, trigger_suggestions
@@ -140,7 +140,8 @@ def build_adapters(raw: Layers, path) -> dict[str, dict[str, Adapter]]:
                 out.setdefault(comp, {})[module] = build_adapter(layer.parts, layer.alpha, layer.source)
             except AdapterPartsError as err:
                 where = layer.source or f"{comp}.{module}"
-                raise LoRAFileError(path, f"{where}: {err}.", "the file is damaged or incomplete; export it again.") from None
+                raise (UnsupportedLoRAFormat if err.fix else LoRAFileError)(
+                    path, f"{where}: {err}.", err.fix or "the file is damaged or incomplete; export it again.") from None
     return out
 
 

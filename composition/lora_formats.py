@@ -291,7 +291,8 @@ class KohyaLayout(KeyLayout):
     """kohya-ss / A1111 / LyCORIS: `lora_unet_*`, `lora_te_*`, `lora_te1_*`, `lora_te2_*` (LyCORIS on a bare model:
     `lycoris_*`, the UNet), each module with its adapter's keys: `lora_down`/`lora_up`[/`lora_mid`] (LoRA, LoCon,
     Tucker), `hada_*` (LoHa), `lokr_*` (LoKr), `oft_blocks` (OFT/BOFT), `diff`/`diff_b` (full), `w_norm`/`b_norm`
-    (norm layers), plus `alpha` and DoRA's `dora_scale`.
+    (norm layers), plus `alpha` and DoRA's `dora_scale`; `diff_b` beside `lora_down`/`lora_up` is a LoRA with a bias
+    diff (ComfyUI's "Extract and Save Lora" with bias_diff; `adapters.LoRABias`).
 
     Module names are mapped to diffusers paths one module at a time through diffusers' converter (so each keeps its
     own alpha and adapter type). The file's name stays with the layer (`source`): where the converter cannot spell a

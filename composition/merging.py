@@ -109,6 +109,10 @@ def svd_lora_layer(delta: torch.Tensor, rank: int, source: str | None = None) ->
 def as_lora_layer(layer: Adapter, svd_rank: int = 0, where: str = "") -> tuple[LoRALayer, float]:
     """(a LoRALayer with the same update, relative error): exact for LoRA/LoCon, Tucker LoCon and LoHa; the truncated
     SVD of ΔW at `svd_rank` for the other types (0: refused, with the fix)."""
+    if layer.bias_delta() is not None and isinstance(layer, LoRALayer):  # LoRABias: the bias has no column form
+        raise LoraloomError(f"{where}: a LoRA with a bias diff (diff_b) cannot be merged column-wise (the bias change "
+                            "has no columns). Fix: compose this LoRA with merge, switch or composite, or re-export it "
+                            "without bias diffs.")
     if isinstance(layer, LoRALayer):
         return layer, 0.0
     if isinstance(layer, TuckerLoCon):
@@ -130,7 +134,7 @@ def plain_lora(lora: LoRA, svd_rank: int = 0) -> tuple[LoRA, dict]:
     """The LoRA with every layer as plain LoRA factors (`as_lora_layer`), and a report {"converted": n, "svd": n,
     "max_relative_error": e}. A LoRA that is plain already is returned as it is."""
     report = {"converted": 0, "svd": 0, "max_relative_error": 0.0}
-    if all(isinstance(l, LoRALayer) for mods in lora.layers.values() for l in mods.values()):
+    if all(type(l) is LoRALayer for mods in lora.layers.values() for l in mods.values()):
         return lora, report
     layers: dict[str, dict[str, LoRALayer]] = {}
     for comp, mods in lora.layers.items():
@@ -159,6 +163,9 @@ def column_merged_layer(
     for layer, m, w in ((c, m_c, w_c), (s, m_s, w_s)):
         if layer is None:
             continue
+        if layer.bias_delta() is not None:  # a LoRA with a bias diff: its factors alone would drop the bias
+            raise ValueError(f"{layer.source or 'layer'}: a LoRA with a bias diff (diff_b) has no plain low-rank form "
+                             "to merge column-wise")
         down = layer.down
         if m is not None:
             if layer.is_conv:
@@ -227,7 +234,7 @@ def lora_state_dict(lora: LoRA, dtype: torch.dtype | None = torch.float32) -> di
     out = {}
     for comp, mods in lora.layers.items():
         for path, layer in mods.items():
-            if not isinstance(layer, LoRALayer):
+            if type(layer) is not LoRALayer:
                 raise LoraloomError(f"{lora.name}: {comp}.{path} is a {layer.kind} adapter; only plain LoRA factors are "
                                     "written in the diffusers layout. Fix: convert it first (merging.plain_lora).")
             down, up = layer.down.detach(), layer.up.detach() * layer.scale
@@ -262,7 +269,7 @@ def lora_fingerprint(lora: LoRA) -> str:
     for comp in sorted(lora.layers):
         for path in sorted(lora.layers[comp]):
             layer = lora.layers[comp][path]
-            tag = "" if isinstance(layer, LoRALayer) else f":{layer.kind}"  # plain LoRAs hash as they always did
+            tag = "" if type(layer) is LoRALayer else f":{layer.kind}"  # plain LoRAs hash as they always did
             h.update(f"{comp}.{path}:{layer.alpha}{tag}".encode())
             for t in layer.tensors:
                 h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())

@@ -12,8 +12,9 @@ FLUX.1 layouts read (`FluxLoraLoaderMixin.lora_state_dict` converts each):
 - OneTrainer (`lora_transformer_…`: kohya-style spellings of diffusers' paths; the converter maps the blocks'
   attention projections, the embedders and the output layers, and CLIP-L as `lora_te1_…`);
 - XLabs (`double_blocks.N.processor.…`);
-- LyCORIS (LoRA/LoCon, LoHa, LoKr, full diffs, DoRA) in kohya or ComfyUI names: `fused_lycoris` (the converter's
-  module map, BFL's fused q/k/v and linear1 split by rows).
+- LyCORIS (LoRA/LoCon, LoHa, LoKr, full diffs, DoRA) in kohya or ComfyUI names, and LoRAs with a bias diff
+  (`diff_b` beside `lora_down`/`lora_up`: ComfyUI's "Extract and Save Lora" with bias_diff; diffusers drops diff_b):
+  `fused_lycoris` (the converter's module map, BFL's fused q/k/v and linear1 split by rows; norm diffs refused).
 
 Read by loraloom before the converter (`respell_peft_names`, `t5_layers`, `fold_final_layer_alpha`):
 
