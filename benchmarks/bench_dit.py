@@ -14,7 +14,7 @@ single-stream proj_mlp/proj_out. Times cover prompt encoding and the denoising l
     composite_vs_reference  our Composite / a loop that calls diffusers' set_adapters per LoRA
                             and the transformer once per LoRA per step                         target <= 0.8
     composite_vs_limit      our Composite / (N x one single-LoRA generation)                  target <= 1.05
-    merge_vs_base           our Merge (fused) / the base model with no LoRA                   target <= 1.05
+    merge_vs_base           our Merge (default: fused where it pays, fuse_cost) / the base model  target <= 1.05
     lora_memory_ratio       memory added by making the N LoRAs resident / their file sizes    target <= 1.3
     klora_vs_single         our K-LoRA (2 LoRAs; its table made in prepare) / one fixed LoRA   target <= 1.05
     single_vs_diffusers     one LoRA through ours / through diffusers' load_lora_weights      (info)

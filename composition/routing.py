@@ -35,6 +35,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .errors import AdapterNameError, IncompatibleLoRA
+from .fuse_cost import fusing_pays
 from .lora import LoRA
 from .module_paths import resolve_module_path
 from .spatial import resize_mask, token_grid
@@ -633,13 +634,15 @@ class LoRARouter:
 
     # --- fusing ---------------------------------------------------------------------------------------------
     @contextmanager
-    def fused(self, gates: Mapping[str, float]):
+    def fused(self, gates: Mapping[str, float], paths: frozenset[str] | None = None):
         """Run with gate * delta of the given adapters added into the base weights (and biases, for full and norm
         diffs); restore them bit-exactly on exit.
 
         The fused weight is a new tensor swapped in for the run; the original tensor is kept aside untouched and
         swapped back, so no fuse/unfuse drift is possible. While fused, routing is cleared (the adapters are in
         the weights). Every adapter's ΔW is taken against the original weights (DoRA and OFT depend on them).
+
+        `paths`: fuse only these layers (`worth_fusing`); the caller routes the adapters on the others. None: all.
 
         With `keep_fused` set (`ComposedPipeline.keep_fused`: a batch of generations), the fused weights stay in
         place on a clean exit, and the next `fused` with the same adapters, gates and controls reuses them instead of
@@ -653,8 +656,8 @@ class LoRARouter:
         if masked:
             raise ValueError(f"{', '.join(masked)}: a LoRA with a mask acts only in part of the image and cannot be fused "
                              "into the weights; run unfused.")
-        key = self._fuse_key(gates)
-        self.release_unless(gates)
+        key = self._fuse_key(gates, paths)
+        self.release_unless(gates, paths)
         saved_routing = self._routing
         biases: dict[str, torch.Tensor] = {}
         keep = False
@@ -664,7 +667,7 @@ class LoRARouter:
                 self._kept = None
             else:
                 self._fused = {}
-                self._fuse_into_weights(gates, biases)
+                self._fuse_into_weights(gates, biases, paths)
             self.invalidate()
             self.set_routing(None)
             yield self
@@ -679,11 +682,13 @@ class LoRARouter:
                 self.invalidate()
                 self.set_routing(saved_routing)
 
-    def _fuse_into_weights(self, gates: Mapping[str, float], biases: dict) -> None:
-        """Swap a fused weight (and bias) tensor into every layer an adapter of `gates` targets; the originals go to
-        `self._fused` and `biases`."""
+    def _fuse_into_weights(self, gates: Mapping[str, float], biases: dict, paths: frozenset[str] | None = None) -> None:
+        """Swap a fused weight (and bias) tensor into every layer an adapter of `gates` targets (of `paths`, when
+        given); the originals go to `self._fused` and `biases`."""
         with torch.no_grad():
             for path, routed in self.layers.items():
+                if paths is not None and path not in paths:
+                    continue
                 terms = [(routed.factors[n], g * self.scales.get(n, {}).get(path, 1.0)) for n, g in gates.items()
                          if n in routed.factors and g != 0.0]
                 terms = [(layer, g) for layer, g in terms if g != 0.0]
@@ -710,10 +715,31 @@ class LoRARouter:
         for path, original in biases.items():
             self.layers[path].module.bias.data = original
 
-    def _fuse_key(self, gates: Mapping[str, float]) -> tuple:
-        """What fused weights depend on: each adapter's gate and its per-layer factors (the spatial gates refuse)."""
+    def _fuse_key(self, gates: Mapping[str, float], paths: frozenset[str] | None = None) -> tuple:
+        """What fused weights depend on: each adapter's gate and its per-layer factors (the spatial gates refuse), and
+        which layers are fused."""
         return (tuple(sorted((n, float(g)) for n, g in gates.items())),
-                tuple(sorted((n, tuple(sorted(self.scales.get(n, {}).items()))) for n in gates)))
+                tuple(sorted((n, tuple(sorted(self.scales.get(n, {}).items()))) for n in gates)),
+                None if paths is None else tuple(sorted(paths)))
+
+    def worth_fusing(self, gates: Mapping[str, float], token_rows: Callable[[str], int]) -> frozenset[str]:
+        """The layers adapted by `gates` where fusing costs less than routing over the run's `token_rows(path)`
+        (`composition.fuse_cost`). A convolution, and a layer with an adapter that has no low-rank form (LoHa, LoKr,
+        DoRA, full diffs), is always fused, as before."""
+        chosen = set()
+        for path, routed in self.layers.items():
+            layers = [routed.factors[n] for n, g in gates.items() if g != 0.0 and n in routed.factors]
+            if not layers:
+                continue
+            lows = [layer.lowrank() for layer in layers]
+            weight = routed.module.weight
+            if weight.ndim != 2 or any(low is None or not _fits_matrix(low, weight) for low in lows):
+                chosen.add(path)
+                continue
+            rank = sum(int(low[0].shape[0]) for low in lows)
+            if fusing_pays(weight.shape[0], weight[0].numel(), rank, token_rows(path)):
+                chosen.add(path)
+        return frozenset(chosen)
 
     @property
     def kept_fused(self) -> bool:
@@ -729,7 +755,7 @@ class LoRARouter:
         self._restore(weights, biases)
         self.invalidate()
 
-    def release_unless(self, gates: Mapping[str, float] | None) -> None:
-        """`release`, unless the kept weights are those `fused(gates)` would make."""
-        if self._kept is not None and (gates is None or self._fuse_key(gates) != self._kept[0]):
+    def release_unless(self, gates: Mapping[str, float] | None, paths: frozenset[str] | None = None) -> None:
+        """`release`, unless the kept weights are those `fused(gates, paths)` would make."""
+        if self._kept is not None and (gates is None or self._fuse_key(gates, paths) != self._kept[0]):
             self.release()

@@ -27,6 +27,7 @@ from loraloom.composition.controls import (
 )
 from loraloom.composition.errors import GenerationError
 from loraloom.composition.files import WritePolicy
+from loraloom.composition.fuse_cost import token_rows
 from loraloom.composition.grad import frozen
 from loraloom.composition.lora import LoRA
 from loraloom.composition.merge_objective import training_scheduler
@@ -91,8 +92,23 @@ class Run:
         only where this method fuses the same gates (`Method.fused_gates`); everywhere else the base weights come
         back before the method reads or routes anything."""
         gates = method.fused_gates(self)
+        paths = self.fuse_paths(gates) if gates is not None else None
         for router in self.pipeline.routers.values():
-            router.release_unless(gates if router is self.unet_router else None)
+            router.release_unless(gates if router is self.unet_router else None, paths)
+
+    def fuse_paths(self, gates: Mapping[str, float]) -> frozenset[str] | None:
+        """The denoiser layers worth fusing `gates` into for this run (`composition.fuse_cost`); None (all of them) on
+        a UNet. On a diffusion transformer: each layer's token rows are its stream's tokens (FLUX's packed image
+        tokens, the text tokens, both, or one vector for the modulations) × rows per call (1 with FLUX.1's distilled
+        guidance, 2 with CFG) × the run's steps."""
+        arch = self.pipeline.arch
+        if arch.denoiser == "unet" or self.unet_router.token_stream is None:
+            return None
+        grid = arch.attention_grid(tuple(arch.latent_shape(self.height, self.width)[-2:]))
+        image, text = grid[0] * grid[1], int(arch.text_tokens)
+        calls, rows = len(self.scheduler.timesteps), 1 if arch.distilled_guidance else 2
+        stream = self.unet_router.token_stream
+        return self.unet_router.worth_fusing(gates, lambda path: token_rows(stream(path), image, text, calls, rows))
 
     # --- per-LoRA controls (composition.controls) ------------------------------------------------------------------
     @property

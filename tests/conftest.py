@@ -30,6 +30,15 @@ one_thread = pytest.fixture(_single_threaded, name="one_thread")
 one_thread_module = pytest.fixture(_single_threaded, scope="module", name="one_thread_module")  # for module-scoped servers
 
 
+@pytest.fixture(autouse=True)
+def fuse_every_layer(request, monkeypatch):
+    """Merge's `fuse: true` fuses every adapted layer in tests (unless marked `fuse_cost`): on the tiny FLUX/SD3 models
+    a run is too short for fusing to pay anywhere (`composition.fuse_cost`), and the tests of fused weights (against
+    diffusers' fused LoRAs, keep_fused, bit-exact restores) are about the fused path."""
+    if request.node.get_closest_marker("fuse_cost") is None:
+        monkeypatch.setattr("loraloom.composition.routing.fusing_pays", lambda *args, **kwargs: True)
+
+
 @pytest.fixture
 def library_bars_restored(monkeypatch):
     """For tests of `quiet_library_bars`: afterwards the libraries' bars are on again, and

@@ -86,6 +86,10 @@ class DenoiseContext(Protocol):
     ) -> torch.Tensor:
         """UNet output for each row under `routing` (chunked into calls of at most `max_batch` rows)."""
 
+    def fuse_paths(self, gates: Mapping[str, float]) -> frozenset[str] | None:
+        """The denoiser layers worth fusing `gates` into for this run (`composition.fuse_cost`: fusing costs less than
+        routing over its steps and tokens); None = every adapted layer (a UNet)."""
+
     def enter(self, cm: AbstractContextManager) -> Any:
         """Keep a context (e.g. fused weights) open until the generation ends, even on error."""
 

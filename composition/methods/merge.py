@@ -16,7 +16,8 @@ class MergeParams:
     lora_scale: float = param(0.8, "Global LoRA scale (ComposLoRA: 0.8); each LoRA's own weight multiplies it. "
                                    "Merge applies every LoRA at this scale, not divided by their number.")
     fuse: bool = param(True, "Add the LoRA updates into the UNet weights for the run (as fast as the base model); "
-                             "the original weights are restored bit-exactly afterwards.")
+                             "the original weights are restored bit-exactly afterwards. On FLUX.1/SD3 only the layers "
+                             "where fusing costs less than routing over the run are fused (composition.fuse_cost).")
 
 
 @register
@@ -39,12 +40,22 @@ class Merge(Method):
         gates = self.gates(ctx)
         # The text encoder sees every LoRA too, as in the reference implementation.
         self.cond = cfg_pair(ctx.encode([gates])[0])
-        if self.fused_gates(ctx) is not None:
-            ctx.enter(ctx.unet_router.fused(gates))
+        self.layer_gates = None
+        if self.fused_gates(ctx) is None:
+            self.routing = Routing.uniform(gates)
+            return
+        # On a diffusion transformer only the layers where fusing costs less than routing are fused
+        # (`composition.fuse_cost`); the adapters stay routed on the others (their fused layers gated to 0).
+        paths = ctx.fuse_paths(gates)
+        ctx.enter(ctx.unet_router.fused(gates, paths))
+        adapted = {p for p, layer in ctx.unet_router.layers.items() if any(n in layer.factors for n in gates)}
+        if paths is None or adapted <= paths:
             self.routing = Routing.none()
         else:
             self.routing = Routing.uniform(gates)
+            self.layer_gates = {p: dict.fromkeys(gates, 0.0) for p in paths}
 
     def denoise(self, ctx: DenoiseContext, latents: torch.Tensor, step: Step) -> torch.Tensor:
-        eps_u, eps_c = ctx.predict(torch.cat([latents, latents]), step, self.cond, self.routing).chunk(2)
+        eps_u, eps_c = ctx.predict(torch.cat([latents, latents]), step, self.cond, self.routing,
+                                   layer_gates=self.layer_gates).chunk(2)
         return classifier_free_guidance(eps_u, eps_c, ctx.guidance_scale)

@@ -31,6 +31,11 @@ class FluxFamily:
     block_names = ("transformer_blocks", "single_transformer_blocks")
     max_sequence_length = 512  # FluxPipeline's default (T5 tokens)
 
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens the transformer's text stream carries (T5's), for `composition.fuse_cost`."""
+        return self.max_sequence_length
+
     default_scheduler = "default"  # the model's own FlowMatchEulerDiscreteScheduler
 
     @property

@@ -22,6 +22,11 @@ class SD3Family:
     block_names = ("transformer_blocks",)
     max_sequence_length = 256  # StableDiffusion3Pipeline's default (T5 tokens)
 
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens the transformer's context stream carries (CLIP's 77, then T5's), for `composition.fuse_cost`."""
+        return 77 + self.max_sequence_length
+
     default_steps = 28
     default_scheduler = "default"  # the model's own FlowMatchEulerDiscreteScheduler
 
