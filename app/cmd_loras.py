@@ -46,6 +46,7 @@ def _memory(factor_bytes: int, cache_bytes: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from loraloom.composition.library import scan_loras
+    from loraloom.composition.lora_file import lora_name
 
     entries = scan_loras(args.folder, recursive=not args.no_recursive, allow_pickle=args.allow_pickle)
     if args.json:
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [("name", "type", "family", "rank", "memory", "category", "triggers", "targets")]
     for e in entries:
         if e.info is None:
-            rows.append((e.path.stem, "ERROR", "", "", "", "", e.error or "", ""))
+            rows.append((lora_name(e.path), "ERROR", "", "", "", "", e.error or "", ""))
             continue
         i = e.info
         rows.append((i.name, i.kind, i.family or "?", str(i.rank) if i.rank else "-", _memory(i.factor_bytes, i.cache_bytes),

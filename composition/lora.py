@@ -12,7 +12,7 @@ import torch
 
 from .adapters import Adapter, AdapterPartsError, LoRALayer, build_adapter
 from .errors import LoRAFileError, UnsupportedLoRAFormat
-from .lora_file import read_header, read_tensors
+from .lora_file import lora_name, read_header, read_tensors
 from .lora_formats import Layers, convert_to_layers
 from .metadata import family_from_keys, family_from_metadata, read_sidecar, trigger_suggestions
 
@@ -152,7 +152,7 @@ def read_lora_info(path: str | os.PathLike, allow_pickle: bool = False, unet_con
                     for k, s in header.shapes.items()}
     layout, layers = convert_to_layers(meta_tensors, header.metadata, header.path, unet_config=unet_config)
     adapters = build_adapters(layers, header.path)
-    return describe_lora(header.path, Path(path).stem, layout, adapters, header.metadata, header.file_size, header.shapes,
+    return describe_lora(header.path, lora_name(path), layout, adapters, header.metadata, header.file_size, header.shapes,
                          tensor_element_size(meta_tensors))
 
 
@@ -237,9 +237,9 @@ def load_lora(
     check_finite(state_dict, path)
     layout, raw = convert_to_layers(state_dict, metadata, path, unet_config=unet_config)
     adapters = build_adapters(raw, path)
-    info = describe_lora(path, name or path.stem, layout, adapters, metadata, path.stat().st_size, state_dict,
+    info = describe_lora(path, name or lora_name(path), layout, adapters, metadata, path.stat().st_size, state_dict,
                          tensor_element_size(state_dict))
-    lora = LoRA(name=name or path.stem, layers=adapters, info=info)
+    lora = LoRA(name=name or lora_name(path), layers=adapters, info=info)
     if dtype is not None:
         lora.to(dtype=dtype)
     return lora

@@ -189,6 +189,14 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
 
 
 PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model"  # PEFT's save_pretrained: adapter_model.safetensors (or .bin) in the adapter's folder
+
+
+def lora_name(path: str | os.PathLike) -> str:
+    """The name a LoRA file goes by: its file name without the extension, or, for PEFT's `adapter_model.safetensors`
+    (every PEFT adapter's file is called that), the name of its folder."""
+    path = Path(path)
+    return path.parent.name if path.stem == PEFT_WEIGHTS and path.parent.name not in ("", ".", "/") else path.stem
 
 
 def peft_adapter_metadata(path: str | os.PathLike, metadata: dict[str, str], component: str) -> dict[str, str]:

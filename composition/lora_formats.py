@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoRAFileError, UnsupportedLoRAFormat
+from .lora_file import peft_adapter_metadata
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -203,6 +204,8 @@ class PeftLayout(KeyLayout):
 
     @staticmethod
     def convert(state_dict, metadata, path, unet_config=None):
+        if any(k.startswith("base_model.model.") for k in state_dict):  # PEFT's save_pretrained of a bare UNet
+            metadata = peft_adapter_metadata(path, metadata, "unet")
         state_dict = mixed_to_peft({k.removeprefix("base_model.model."): v for k, v in state_dict.items()})
         layers = _group_peft(state_dict, path)
         alphas_from_adapter_metadata(metadata, layers, path)

@@ -49,7 +49,7 @@ import torch
 from . import fused_lycoris
 from .errors import IncompatibleLoRA, LoRAFileError
 from .lora import LoRA, LoRAInfo, build_adapters, check_finite, describe_lora, read_lora_info, tensor_element_size
-from .lora_file import peft_adapter_metadata, read_header, read_tensors
+from .lora_file import lora_name, peft_adapter_metadata, read_header, read_tensors
 from .lora_formats import KOHYA_PARTS, RawLayer, alphas_from_adapter_metadata, mixed_to_peft
 from .metadata import FAMILY_NAMES, family_key
 
@@ -314,8 +314,7 @@ def load_transformer_lora(path: str | os.PathLike, family: str, name: str | None
         raise LoRAFileError(path, "holds no LoRA layers after conversion.", "check the file.")
     alphas_from_adapter_metadata(metadata, raw, path)
     adapters = build_adapters(raw, path)
-    # PEFT's save_pretrained names every file adapter_model.safetensors: its folder names the LoRA
-    stem = name or (path.parent.name if path.stem == "adapter_model" and path.parent.name else path.stem)
+    stem = name or lora_name(path)
     info = describe_lora(path, stem, layout_name(original_keys), adapters,
                          metadata, path.stat().st_size, (), tensor_element_size(state_dict))
     # The SD key clues (text-encoder widths) say nothing here: these families' own evidence replaces them.

@@ -23,6 +23,7 @@ from PIL import Image, PngImagePlugin
 from loraloom.composition.controls import LBW_PRESETS, ControlError, LoRAControls, Region, Schedule, block_spec
 from loraloom.composition.errors import SpecError
 from loraloom.composition.files import WritePolicy, write_file
+from loraloom.composition.lora_file import lora_name
 from loraloom.composition.metadata import CATEGORIES, FAMILY_NAMES
 from loraloom.composition.methods import make_method, params_to_dict
 from loraloom.composition.spatial import NAMED_REGIONS
@@ -316,7 +317,7 @@ class LoRARef:
 
     @property
     def adapter_name(self) -> str:
-        return self.name or Path(self.path).stem
+        return self.name or lora_name(self.path)
 
     @property
     def has_controls(self) -> bool:

@@ -221,3 +221,29 @@ def test_sd3_peft_save_pretrained_folder(tmp_path):
     out = cp(PROMPT, loras=["sd3-style"], method="merge", method_params={"lora_scale": 1.0}, num_inference_steps=STEPS,
              height=32, width=32, guidance_scale=5.0, seed=0, output_type="latent", progress_bar=False)
     assert (out.latents - ref).abs().max() <= TOL
+
+
+def test_sd_unet_peft_save_pretrained_folder(tmp_path):
+    """The same PEFT folder for an SD UNet (SimpleTuner and PEFT scripts save these): alpha from adapter_config.json,
+    named after its folder, equal to PEFT's own forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraloom.pipelines.tiny import build_tiny_sd
+
+    pipe = build_tiny_sd(0)
+    peft_model = get_peft_model(pipe.unet, LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v", "proj_out"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(str(tmp_path / "sd-style"))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, num_inference_steps=STEPS, height=32, width=32, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="latent").images
+    cp = ComposedPipeline(build_tiny_sd(0))
+    lora = cp.load_lora(tmp_path / "sd-style" / "adapter_model.safetensors")
+    assert lora.name == "sd-style" and next(iter(lora.layers["unet"].values())).scale == 0.5
+    out = cp(PROMPT, loras=["sd-style"], method="merge", method_params={"lora_scale": 1.0}, num_inference_steps=STEPS,
+             height=32, width=32, guidance_scale=5.0, seed=0, output_type="latent", progress_bar=False, scheduler="ddim")
+    assert (out.latents - ref).abs().max() <= 1e-4

@@ -25,7 +25,7 @@ from loraloom.composition.files import WritePolicy, WriteRefused, remove_stale_t
 from loraloom.composition.frequency import cache_folder
 from loraloom.composition.library import scan_loras
 from loraloom.composition.lora import LoRAInfo, read_lora_info
-from loraloom.composition.lora_file import file_digest, file_sha256
+from loraloom.composition.lora_file import file_digest, file_sha256, lora_name
 from loraloom.composition.metadata import normalise_sidecar, read_sidecar, sidecar_paths
 from loraloom.composition.methods import available_methods, make_method, written_paths
 from loraloom.pipelines.batch import PipelineCache, complete_lora_refs, expand_prompt, generate_image
@@ -237,7 +237,7 @@ class GenerationService:
         items = []
         for root in roots:
             for entry in scan_loras(root):
-                item = LibraryItem(name=entry.path.stem, path=entry.path, info=entry.info, error=entry.error)
+                item = LibraryItem(name=lora_name(entry.path), path=entry.path, info=entry.info, error=entry.error)
                 if not is_inside(entry.path, roots):
                     item.info, item.error = None, "refused: a symlink that points outside the LoRA folders"
                 else:
@@ -879,7 +879,7 @@ def library_names(paths: Sequence[Path], roots: Sequence[Path]) -> list[str]:
         return len(roots), Path(path.name)
 
     where = [place(Path(p)) for p in paths]
-    names = [Path(p).stem for p in paths]
+    names = [lora_name(p) for p in paths]
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
