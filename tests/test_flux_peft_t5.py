@@ -91,20 +91,27 @@ def test_fal_kontext_reading_equals_diffusers_fal_converter_at_flux_size():
         assert torch.equal(mine[k], v), k
 
 
-def test_peft_save_pretrained_folder_reads_alpha_from_adapter_config(tmp_path):
+def save_peft_folder(model, folder, std=0.1, **config):
+    """PEFT's own files for `model` (a diffusers transformer or UNet): `get_peft_model` with LoraConfig(r=4, **config),
+    random factors, `save_pretrained(folder)` (adapter_model.safetensors + adapter_config.json). The model keeps the
+    adapter, so the pipeline around it runs PEFT's LoRA forward."""
     from peft import LoraConfig, get_peft_model
 
-    pipe = build_tiny_flux(0)
-    targets = ["attn.to_q", "attn.to_v", "attn.add_k_proj", "ff.net.2", "proj_mlp"]
-    peft_model = get_peft_model(pipe.transformer, LoraConfig(r=4, lora_alpha=12, target_modules=targets,
-                                                                alpha_pattern={"proj_mlp": 2}))
+    peft_model = get_peft_model(model, LoraConfig(r=4, **config))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    peft_model.save_pretrained(str(folder))
+    return folder / "adapter_model.safetensors"
+
+
+def test_peft_save_pretrained_folder_reads_alpha_from_adapter_config(tmp_path):
+    pipe = build_tiny_flux(0)
     folder = tmp_path / "my-style"
-    peft_model.save_pretrained(str(folder))  # PEFT's own files: adapter_model.safetensors + adapter_config.json
+    save_peft_folder(pipe.transformer, folder, lora_alpha=12, alpha_pattern={"proj_mlp": 2},
+                     target_modules=["attn.to_q", "attn.to_v", "attn.add_k_proj", "ff.net.2", "proj_mlp"])
     keys = list(load_file(str(folder / "adapter_model.safetensors")))
     assert all(k.startswith("base_model.model.") for k in keys) and json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 12
     ref = diffusers_latents(pipe, PROMPT, STEPS, GUIDANCE)  # the pipeline runs PEFT's LoRA forward
@@ -202,18 +209,10 @@ def test_final_layer_is_applied_at_its_alpha(tmp_path):
 
 
 def test_sd3_peft_save_pretrained_folder(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     from loraloom.pipelines.tiny_dit import build_tiny_sd3
 
     pipe = build_tiny_sd3(0)
-    peft_model = get_peft_model(pipe.transformer, LoraConfig(r=4, lora_alpha=12, target_modules=["attn.to_q", "attn.add_k_proj", "ff.net.2"]))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    peft_model.save_pretrained(str(tmp_path / "sd3-style"))
+    save_peft_folder(pipe.transformer, tmp_path / "sd3-style", lora_alpha=12, target_modules=["attn.to_q", "attn.add_k_proj", "ff.net.2"])
     ref = diffusers_latents(pipe, PROMPT, STEPS, 5.0)
     cp = ComposedPipeline(build_tiny_sd3(0))
     lora = cp.load_lora(tmp_path / "sd3-style" / "adapter_model.safetensors")
@@ -226,18 +225,10 @@ def test_sd3_peft_save_pretrained_folder(tmp_path):
 def test_sd_unet_peft_save_pretrained_folder(tmp_path):
     """The same PEFT folder for an SD UNet (SimpleTuner and PEFT scripts save these): alpha from adapter_config.json,
     named after its folder, equal to PEFT's own forward."""
-    from peft import LoraConfig, get_peft_model
-
     from loraloom.pipelines.tiny import build_tiny_sd
 
     pipe = build_tiny_sd(0)
-    peft_model = get_peft_model(pipe.unet, LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v", "proj_out"]))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(str(tmp_path / "sd-style"))
+    save_peft_folder(pipe.unet, tmp_path / "sd-style", std=0.3, lora_alpha=2, target_modules=["to_q", "to_v", "proj_out"])
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(PROMPT, num_inference_steps=STEPS, height=32, width=32, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(0), output_type="latent").images
