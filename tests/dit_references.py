@@ -188,6 +188,12 @@ def unpack(pipe, latents, size=SIZE):
     return latents
 
 
+def our_latents(cp, loras, prompt, steps, guidance, method="merge", size=SIZE, **params):
+    """loraloom's latents for one generation on a tiny pipeline (`params`: the method's), seed 0, no progress bar."""
+    return cp(prompt, loras=list(loras), method=method, method_params=params, num_inference_steps=steps, height=size,
+              width=size, guidance_scale=guidance, seed=0, output_type="latent", progress_bar=False).latents
+
+
 def diffusers_latents(pipe, prompt, steps, guidance, seed=0, size=SIZE, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance,

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from dit_references import diffusers_latents
+from dit_references import diffusers_latents, our_latents
 from safetensors.torch import save_file
 
 from loraloom.composition.adapters import LoRABias, build_adapter
@@ -98,8 +98,7 @@ def flux_reference(modules, scale):
 
 
 def flux_ours(cp, loras, **params):
-    return cp(PROMPT, loras=loras, method="merge", method_params=params, num_inference_steps=STEPS, height=32, width=32,
-              guidance_scale=GUIDANCE, seed=0, output_type="latent", progress_bar=False).latents
+    return our_latents(cp, loras, PROMPT, STEPS, GUIDANCE, **params)
 
 
 @pytest.fixture(scope="module")

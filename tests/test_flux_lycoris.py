@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_references import diffusers_latents, write_kohya_lycoris_flux_lora
+from dit_references import diffusers_latents, our_latents, write_kohya_lycoris_flux_lora
 
 from loraloom.composition.adapters import FullDiff, LoHa, LoKr
 from loraloom.composition.errors import UnsupportedLoRAFormat
@@ -85,8 +85,7 @@ def reference(modules, scale):
 
 
 def ours(cp, loras, **params):
-    return cp(PROMPT, loras=loras, method="merge", method_params=params, num_inference_steps=STEPS, height=32, width=32,
-              guidance_scale=GUIDANCE, seed=0, output_type="latent", progress_bar=False).latents
+    return our_latents(cp, loras, PROMPT, STEPS, GUIDANCE, **params)
 
 
 @pytest.fixture(scope="module")

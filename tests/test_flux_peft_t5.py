@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from dit_references import _clip_modules, _pairs, diffusers_latents, write_comfyui_flux_lora, write_kohya_flux_lora
+from dit_references import _clip_modules, _pairs, diffusers_latents, our_latents, write_comfyui_flux_lora, write_kohya_flux_lora
 from safetensors.torch import load_file, save_file
 
 from loraloom.composition.errors import LoRAFileError
@@ -26,9 +26,7 @@ PROMPT, STEPS, GUIDANCE, TOL = "a red cat, ink wash", 2, 3.5, 1e-5
 
 def ours(cp, loras, method="merge", **params):
     params.setdefault("lora_scale", 1.0)  # diffusers' references apply the LoRAs at 1 (loraloom's default is 0.8)
-    out = cp(PROMPT, loras=list(loras), method=method, method_params=params, num_inference_steps=STEPS, height=32,
-             width=32, guidance_scale=GUIDANCE, seed=0, output_type="latent", progress_bar=False)
-    return out.latents
+    return our_latents(cp, loras, PROMPT, STEPS, GUIDANCE, method, **params)
 
 
 def _bfl(sd: dict, prefix: str) -> dict:
