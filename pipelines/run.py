@@ -38,6 +38,7 @@ from loraloom.composition.spatial import mask_from, resize_mask
 from .attention import StopForward, capture_cross_attention, token_positions
 from .denoise import denoise, guided
 from .joint_attention import capture_joint_attention
+from .joint_regions import regional_joint_attention
 from .regions import RegionLayout, regional_cross_attention
 from .unet_cache import check_feature_cache_support, full_pass, shallow_pass
 
@@ -76,16 +77,26 @@ class Run:
         self._stack = ExitStack()
         vsf = pipeline.pipe.vae_scale_factor
         has_masks = bool(regions) or any(a.controls.mask is not None for a in self.loras)
-        # On a diffusion transformer masked LoRAs gate the image tokens (`_token_gates`); regions' prompts are refused.
+        # On a diffusion transformer masked LoRAs gate the image tokens (`_token_gates`); with regions the conditioning
+        # holds a prompt copy per region and the joint attention blends them (`pipelines.joint_regions`).
         self.token_gates: dict[str, SpatialGate] = {}
-        if has_masks and arch.denoiser != "unet":
-            self.token_gates = self._token_gates(regions, base_weight)
-        self.layout = RegionLayout(self.loras, regions, (height // vsf, width // vsf), pipeline.pipe.tokenizer.model_max_length,
-                                   base_weight) if has_masks and arch.denoiser == "unet" else None
+        self.layout = None
+        if has_masks and arch.denoiser == "unet":
+            self.layout = RegionLayout(self.loras, regions, (height // vsf, width // vsf),
+                                       pipeline.pipe.tokenizer.model_max_length, base_weight)
+        elif has_masks:
+            if regions:
+                latent_hw = tuple(arch.latent_shape(height, width)[-2:])
+                self.layout = RegionLayout(self.loras, regions, latent_hw, int(arch.text_tokens), base_weight)
+            self.token_gates = self._token_gates(base_weight)
         self.schedules = {a.name: a.controls.schedule for a in self.loras if a.controls.schedule is not None}
         self._apply_controls()
-        if self.layout:
+        if self.layout and arch.denoiser == "unet":
             self.enter(regional_cross_attention(pipeline.pipe.unet, self.layout.spans, self.layout.weights))
+        elif self.layout:
+            grid = arch.attention_grid(tuple(arch.latent_shape(height, width)[-2:]))
+            self.enter(regional_joint_attention(pipeline.pipe.transformer, arch.name, self.layout.spans,
+                                                self.layout.weights, grid))
 
     def claim_fused(self, method) -> None:
         """Before `method.prepare`: weights kept fused from the last generation (`ComposedPipeline.keep_fused`) stay
@@ -113,8 +124,9 @@ class Run:
     # --- per-LoRA controls (composition.controls) ------------------------------------------------------------------
     @property
     def regional(self) -> bool:
-        """True when some LoRA is bound to a region or mask (on a UNet the conditioning then holds several prompt
-        copies; on a diffusion transformer masked LoRAs gate the image tokens)."""
+        """True when some LoRA is bound to a region or mask (on a UNet, and with regions on a diffusion transformer,
+        the conditioning then holds several prompt copies; on a diffusion transformer masked LoRAs gate the image
+        tokens)."""
         return bool(self.layout) or bool(self.token_gates)
 
     @property
@@ -124,32 +136,26 @@ class Run:
         weights move between devices (or are reloaded from accelerate's CPU copy) at every call."""
         return not self.regional and not self.schedules and getattr(self.pipeline, "offload", None) is None
 
-    def _token_gates(self, regions: Sequence[Region], base_weight: float) -> dict[str, SpatialGate]:
-        """The spatial gates of the masked LoRAs on a diffusion transformer (FLUX.1, SD 3/3.5): each LoRA's mask at the
-        latent's size, on the family's image token grid (`attention_grid`: FLUX's 2x2-packed tokens, SD3's patches), and
-        on the text tokens the smallest value of the mask on that grid (`SpatialGate`: a text token reaches every image
-        token; a mask with an outside leaves the text side as the base model's, a full mask acts fully). Regions with
-        prompts are refused: the UNet blends each region's prompt in its own cross-attention, and the joint attention
-        (text and image tokens in one attention) has no separate cross-attention to blend per region."""
+    def _token_gates(self, base_weight: float) -> dict[str, SpatialGate]:
+        """The spatial gates of the masked LoRAs on a diffusion transformer (FLUX.1, SD 3/3.5): each LoRA's mask (with
+        regions: its region's mask, `RegionLayout`) at the latent's size, on the family's image token grid
+        (`attention_grid`: FLUX's 2x2-packed tokens, SD3's patches), and on the text tokens the smallest value of the
+        mask on that grid (`SpatialGate`: a text token reaches every image token; a mask with an outside leaves the text
+        side as the base model's, a full mask acts fully). With regions, a region's LoRAs act in the text encoders on
+        their region's prompt copy only (`RegionLayout.copy_gates`)."""
         arch = self.pipeline.arch
-        if regions:
-            raise GenerationError(f"regions (prompts per part of the image) are not implemented on {arch.name} models: a "
-                                  "region's prompt is blended per region in a UNet's cross-attention, and the joint attention "
-                                  "of these transformers (text and image tokens in one attention) has no separate "
-                                  "cross-attention to blend. Fix: leave out the regions; to confine a LoRA to a part of the "
-                                  "image, give it a mask.")
-        if base_weight:
-            raise GenerationError(f"base_weight mixes the run's prompt into regions' prompts; {arch.name} models have no "
-                                  "regions, and a masked LoRA uses the run's prompt. Fix: leave out base_weight.")
+        if base_weight and not self.layout:
+            raise GenerationError(f"base_weight mixes the run's prompt into regions' prompts; on {arch.name} models it "
+                                  "needs regions (a masked LoRA alone uses the run's prompt). Fix: leave out base_weight, "
+                                  "or give regions.")
         latent_hw = tuple(arch.latent_shape(self.height, self.width)[-2:])
         grid = arch.attention_grid(latent_hw)
-        gates = {}
-        for a in self.loras:
-            if a.controls.mask is None:
-                continue
-            mask = mask_from(a.controls.mask, *latent_hw, feather=a.controls.feather)
-            gates[a.name] = SpatialGate(mask, grid=grid, text=float(resize_mask(mask, *grid).min()))
-        return gates
+        if self.layout:
+            masks = {name: self.layout.masks[r] for name, r in self.layout.region_of.items()}
+        else:
+            masks = {a.name: mask_from(a.controls.mask, *latent_hw, feather=a.controls.feather)
+                     for a in self.loras if a.controls.mask is not None}
+        return {name: SpatialGate(mask, grid=grid, text=float(resize_mask(mask, *grid).min())) for name, mask in masks.items()}
 
     @property
     def feature_cache(self) -> bool:
@@ -177,7 +183,7 @@ class Run:
                 scales[a.name] = {p: factor * w for p, w in per.items()}
             gates = None
             if comp == arch.denoiser:
-                gates = self.layout.gates() if self.layout else (dict(self.token_gates) or None)
+                gates = self.layout.gates() if self.layout and arch.denoiser == "unet" else (dict(self.token_gates) or None)
             if scales or gates:
                 router.set_controls(scales, gates)
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from dit_references import FLUX_TARGETS, SD3_TARGETS, write_peft_lora
 
 from loraloom.composition import Routing
-from loraloom.composition.controls import Region
 from loraloom.composition.errors import GenerationError
 from loraloom.pipelines import ComposedPipeline
 from loraloom.pipelines.tiny_dit import build_tiny_flux, build_tiny_sd3
@@ -161,10 +160,9 @@ def test_schedules_act_on_their_steps(cp, monkeypatch):
     assert (first - whole).abs().max() > 1e-4 and (first - generate(cp, [])).abs().max() > 1e-4
 
 
-def test_regions_base_weight_and_block_weights_are_refused(cp):
-    with pytest.raises(GenerationError, match=f"regions .*not implemented on {cp.family} models.*joint attention.*Fix: "):
-        generate(cp, ["b"], regions=[Region("left", prompt="a dog", loras=("b",))])
-    with pytest.raises(GenerationError, match="base_weight.*Fix: leave out base_weight"):
+def test_base_weight_without_regions_and_block_weights_are_refused(cp):
+    # regions themselves run on these models: tests/test_dit_regions.py
+    with pytest.raises(GenerationError, match="base_weight.*needs regions.*Fix: leave out base_weight"):
         generate(cp, [{"name": "b", "mask": "left"}], base_weight=0.3)
     with pytest.raises(GenerationError, match=r"block weights OUTD: a preset of the SD UNet's blocks .*Fix: .*ALL, NONE, "
                                               r"ALL0.5"):  # the UNet presets; the transformers' blocks work (test_dit_block_weights)

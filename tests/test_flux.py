@@ -132,8 +132,9 @@ def test_other_families_methods_and_samplers_are_refused(tmp_path, files):
         ours(cp, ["a"], "ziplora")
     with pytest.raises(SpecError, match="does not sample FLUX.1 models"):
         cp(PROMPT, loras=["a"], scheduler="dpmsolver++", num_inference_steps=1, height=32, width=32)
-    with pytest.raises(GenerationError, match="regions \\(prompts per part of the image\\) are not implemented on flux"):
-        cp(PROMPT, loras=["a"], regions=[Region("left", prompt="a dog", loras=("a",))], num_inference_steps=1, height=32, width=32)
+    with pytest.raises(GenerationError, match="method 'klora' has no meaning for regions"):  # regions: tests/test_dit_regions.py
+        cp(PROMPT, loras=["a"], method="klora", regions=[Region("left", prompt="a dog", loras=("a",))], num_inference_steps=1,
+           height=32, width=32)
     sd_cp = ComposedPipeline(build_tiny_sd())
     with pytest.raises(IncompatibleLoRA, match="was made for FLUX.1 \\(header ss_base_model_version\\), but the loaded model is Stable Diffusion 1.x"):
         sd_cp.load_lora(files["kohya"])
