@@ -274,6 +274,8 @@ def test_6_batch_history_and_reuse_seed(page):
     assert "2 images" in status
     expect(page.locator("#gallery .thumbnail-item")).to_have_count(2, timeout=WAIT)
     page.locator("#reuse-seed").click()
+    # the click's update reaches the box through a server round trip: wait for it (under load it takes a while)
+    expect(page.locator("#seed input")).not_to_have_value("-1", timeout=WAIT)
     seed = value(page, "#seed")
     assert seed not in ("", "-1") and int(seed) >= 0
     page.get_by_role("tab", name="History").click()
