@@ -24,8 +24,9 @@ def test_the_inequality_at_flux_widths():
     # 256², 4 steps (bench_dit's flux-shape): 256 image tokens; the image-stream attention projections stay routed
     short = token_rows("image", 256, 512, calls=4, rows=1)
     assert short == 1024 and not fusing_pays(3072, 3072, 48, short)
-    joint = token_rows("joint", 256, 512, calls=4, rows=1)  # single-stream: 768 tokens; to_q just pays, proj_mlp not
-    assert fusing_pays(3072, 3072, 48, joint) and not fusing_pays(12288, 3072, 48, joint)
+    joint = token_rows("joint", 256, 512, calls=4, rows=1)  # single-stream: 768 tokens, not enough either
+    assert not fusing_pays(3072, 3072, 48, joint) and not fusing_pays(12288, 3072, 48, joint)
+    assert fusing_pays(3072, 3072, 48, token_rows("joint", 1024, 512, calls=4, rows=1))  # 512²: 1536 tokens
     # the modulations see one vector per row: never worth fusing, however long the run
     assert token_rows(None, 4096, 512, calls=50, rows=2) == 100 and not fusing_pays(18432, 3072, 48, 100)
     assert token_rows("joint", 10, 20, calls=3, rows=2) == 180 and token_rows("text", 10, 20, calls=3, rows=2) == 120
