@@ -64,6 +64,16 @@ MODELS = {  # name: (builder, family, size, steps, rank, LoRA std)
     "sd35-shape": (_shape("sd3"), "sd3", 256, 4, 16, 0.01),
 }
 GUIDANCE = {"flux": 3.5, "sd3": 4.5}
+# The generations each ratio line times (`--lines` runs only those).
+LINE_NEEDS = {
+    "single_vs_diffusers": ("single", "diffusers_single"),
+    "switch_vs_single": ("switch", "single"),
+    "composite_vs_reference": ("composite", "reference_composite"),
+    "composite_vs_limit": ("composite", "single"),
+    "merge_vs_base": ("merge_fused", "base"),
+    "lora_memory_ratio": (),
+    "klora_vs_single": ("klora", "single"),
+}
 
 
 def memory_bytes(device) -> int:
@@ -95,6 +105,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--full", action="store_true", help="the real block counts and text-encoder depths (GPU)")
     ap.add_argument("--text-tokens", type=int, help="T5 tokens (default: the family's, FLUX 512, SD3 256)")
+    ap.add_argument("--lines", help="comma-separated ratio lines to measure (default: all); only the generations they "
+                                    "need are timed, e.g. --lines merge_vs_base")
     ap.add_argument("--shared-weights", action="store_true",
                     help="one copy of the model: time ours first, then load the LoRAs into it through PEFT for the "
                          "diffusers references (for models two copies of which do not fit)")
@@ -145,7 +157,13 @@ def main() -> None:
     ours_fns = {"base": our("merge", []), "single": our("merge", names[:1], fuse=False), "switch": our("switch", names),
                 "composite": our("composite", names), "merge_fused": our("merge", names),
                 "klora": our("klora", names[:2], roles="given")}
-    our_composite = ours_fns["composite"]().latents
+    lines = args.lines.split(",") if args.lines else list(LINE_NEEDS)
+    unknown = sorted(set(lines) - set(LINE_NEEDS))
+    if unknown:
+        ap.error(f"--lines: unknown {unknown}; the lines are {', '.join(LINE_NEEDS)}")
+    needed = {f for line in lines for f in LINE_NEEDS[line]}
+    ours_fns = {k: f for k, f in ours_fns.items() if k in needed}
+    our_composite = ours_fns["composite"]().latents if "composite" in needed else None
 
     reference = base
     encode = {"max_sequence_length": tokens}
@@ -164,32 +182,39 @@ def main() -> None:
         for name, p in zip(names, paths):
             reference.load_lora_weights(str(p), adapter_name=name)
 
-    ref_fns = {"reference_composite": reference_composite, "diffusers_single": diffusers_single}
+    ref_fns = {k: f for k, f in {"reference_composite": reference_composite, "diffusers_single": diffusers_single}.items()
+               if k in needed}
     if torch.device(args.device).type == "cuda":  # time the work, not its launch
         ours_fns, ref_fns = ({k: synced(f) for k, f in fns.items()} for fns in (ours_fns, ref_fns))
     if args.shared_weights:
         timings = interleaved_medians(ours_fns, repeats=repeats)
         for name in names:
             ours.remove_lora(name)
-        load_reference()
-        timings.update(interleaved_medians(ref_fns, repeats=repeats))
+        if ref_fns:
+            load_reference()
+            timings.update(interleaved_medians(ref_fns, repeats=repeats))
     else:
-        load_reference()
+        if ref_fns:
+            load_reference()
         timings = interleaved_medians({**ours_fns, **ref_fns}, repeats=repeats)
-    with torch.no_grad():
-        agree = (reference_composite().float() - our_composite.float()).abs().max().item()
-    print(f"check: |our composite - reference loop| max = {agree:.2e} (latents up to {our_composite.abs().max().item():.2f})")
+    if our_composite is not None and "reference_composite" in ref_fns:
+        with torch.no_grad():
+            agree = (reference_composite().float() - our_composite.float()).abs().max().item()
+        print(f"check: |our composite - reference loop| max = {agree:.2e} (latents up to {our_composite.abs().max().item():.2f})")
     for name, t in timings.items():
         print(f"time {name:20s} wall {t.wall:8.3f} s  cpu {t.cpu:8.3f} s  wall runs {[round(x, 3) for x in t.walls]}")
     res = {name: t.get(clock) for name, t in timings.items()}
-    single = res["single"]
-    print(f"info single_vs_diffusers {single / res['diffusers_single']:.3f}")
-    print(f"switch_vs_single {res['switch'] / single:.3f}")
-    print(f"composite_vs_reference {res['composite'] / res['reference_composite']:.3f}")
-    print(f"composite_vs_limit {res['composite'] / (args.n * single):.3f}")
-    print(f"merge_vs_base {res['merge_fused'] / res['base']:.3f}")
-    print(f"lora_memory_ratio {(after - before) / file_bytes:.3f}")
-    print(f"klora_vs_single {res['klora'] / single:.3f}")
+    values = {
+        "single_vs_diffusers": lambda: res["single"] / res["diffusers_single"],
+        "switch_vs_single": lambda: res["switch"] / res["single"],
+        "composite_vs_reference": lambda: res["composite"] / res["reference_composite"],
+        "composite_vs_limit": lambda: res["composite"] / (args.n * res["single"]),
+        "merge_vs_base": lambda: res["merge_fused"] / res["base"],
+        "lora_memory_ratio": lambda: (after - before) / file_bytes,
+        "klora_vs_single": lambda: res["klora"] / res["single"],
+    }
+    for line in lines:
+        print(f"{'info ' if line == 'single_vs_diffusers' else ''}{line} {values[line]():.3f}")
 
 
 if __name__ == "__main__":
