@@ -222,6 +222,20 @@ def capture_layers(unet, latent_hw: tuple[int, int], side: int | None = None) ->
 
 
 @contextmanager
+def processors_installed(modules, make):
+    """Within the block, each attention module runs `make(its processor)` instead of its processor; the original
+    processors are put back on exit, also on error."""
+    saved = [(m, m.processor) for m in modules]
+    for m, p in saved:
+        m.set_processor(make(p))
+    try:
+        yield
+    finally:
+        for m, p in saved:
+            m.set_processor(p)
+
+
+@contextmanager
 def capture_cross_attention(unet, tokens: torch.Tensor, latent_hw: tuple[int, int], side: int | None = None,
                             stop_after_last: bool = False):
     """Within the block, UNet calls record the cross-attention maps of the chosen tokens at one resolution.
@@ -232,14 +246,8 @@ def capture_cross_attention(unet, tokens: torch.Tensor, latent_hw: tuple[int, in
     layers = capture_layers(unet, latent_hw, side)
     store = AttentionMapStore(tokens, len(layers.modules), layers.size, stop_after_last)
     processor = CrossAttentionCaptureProcessor(store)
-    saved = [(m, m.processor) for _, m in layers.modules]
-    for m, _ in saved:
-        m.set_processor(processor)
-    try:
+    with processors_installed([m for _, m in layers.modules], lambda _: processor):
         yield store
-    finally:
-        for m, p in saved:
-            m.set_processor(p)
 
 
 def token_positions(tokenizer, prompt: str, words: Sequence[str], max_length: int | None = None) -> list[list[int]]:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .attention import AttentionMapStore
+from .attention import AttentionMapStore, processors_installed
 
 
 def joint_attention_modules(transformer, family: str) -> list[tuple[str, torch.nn.Module]]:
@@ -98,14 +98,8 @@ def capture_joint_attention(transformer, family: str, tokens: torch.Tensor, grid
                          f"{grid[0]}x{grid[1]}); got {side}. Fix: use 0 (auto) or {grid[1]}.")
     modules = joint_attention_modules(transformer, family)
     store = AttentionMapStore(tokens, len(modules), grid, stop_after_last)
-    saved = [(m, m.processor) for _, m in modules]
-    for m, p in saved:
-        m.set_processor(JointAttentionCaptureProcessor(p, store, family))
-    try:
+    with processors_installed([m for _, m in modules], lambda p: JointAttentionCaptureProcessor(p, store, family)):
         yield store
-    finally:
-        for m, p in saved:
-            m.set_processor(p)
 
 
 __all__ = ["JointAttentionCaptureProcessor", "capture_joint_attention", "image_text_probs", "joint_attention_modules"]

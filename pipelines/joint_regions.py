@@ -47,6 +47,8 @@ import torch.nn.functional as F
 
 from loraloom.composition.spatial import resize_mask
 
+from .attention import processors_installed
+
 
 def _attend(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
@@ -212,14 +214,8 @@ def regional_joint_attention(transformer, family: str, spans: Sequence[slice], w
     """Within the block, the transformer's joint attention blends per-prompt attention by region (processors restored
     after); yields the processor."""
     processor = RegionalJointAttention(family, spans, weights, grid)
-    saved = [(m, m.processor) for m in regional_joint_modules(transformer, family)]
-    for m, _ in saved:
-        m.set_processor(processor)
-    try:
+    with processors_installed(regional_joint_modules(transformer, family), lambda _: processor):
         yield processor
-    finally:
-        for m, p in saved:
-            m.set_processor(p)
 
 
 __all__ = ["RegionalJointAttention", "regional_joint_attention", "regional_joint_modules"]

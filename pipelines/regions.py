@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from loraloom.composition.spatial import resize_mask, token_grid
 
+from .attention import processors_installed
+
 
 class RegionalCrossAttention:
     """Attention processor for cross-attention layers (`attn2`) over a conditioning of concatenated prompts.
@@ -93,14 +95,8 @@ def cross_attention_modules(unet) -> list:
 def regional_cross_attention(unet, spans: Sequence[slice], weights: Sequence[torch.Tensor]):
     """Within the block, the UNet's cross-attention blends per-prompt attention by region (processors restored after)."""
     processor = RegionalCrossAttention(spans, weights)
-    saved = [(m, m.processor) for m in cross_attention_modules(unet)]
-    for m, _ in saved:
-        m.set_processor(processor)
-    try:
+    with processors_installed(cross_attention_modules(unet), lambda _: processor):
         yield processor
-    finally:
-        for m, p in saved:
-            m.set_processor(p)
 
 
 class RegionLayout:
