@@ -292,3 +292,28 @@ def test_keep_fused_reuses_the_same_merge_and_restores_for_anything_else(tiny_sd
     # outside the block nothing is kept
     tiny_sd("a star", loras=names, method="merge", seed=1, **kw)
     assert not router.kept_fused and weights_hash(tiny_sd.pipe.unet) == before
+
+
+def test_large_layers_stack_up_to_a_share_of_their_weight():
+    """On a wide layer the stacking limit grows with the layer (`Stacked.MAX_SHARE` of its weight): three rank-16
+    LoRAs on a 2048-wide linear are stacked (196 K factor elements, above the fixed 131 K) and equal the per-term
+    loop; three rank-64 ones (786 K, above a sixteenth of the 4.2 M weight) are not stacked, so no large copy."""
+    from torch import nn
+
+    from loraloom.composition.routing import RoutedLayer, Stacked
+
+    g = torch.Generator().manual_seed(0)
+    module = nn.Linear(2048, 2048)
+    x = torch.randn(2, 5, 2048, generator=g)
+    for rank, stacks in ((16, True), (64, False)):
+        terms = [(torch.randn(rank, 2048, generator=g) / 40, torch.randn(2048, rank, generator=g) / 40, 0.3 + 0.2 * i,
+                  None, None) for i in range(3)]
+        assert sum(t[0].numel() + t[1].numel() for t in terms) > Stacked.MAX_ELEMENTS
+        layer = RoutedLayer(module, "proj")
+        with torch.no_grad():
+            layer.set_terms(terms)
+            assert (layer.stacked is not None) == stacks
+            out = layer(x)
+            expected = layer.base_forward(x) + sum(w * (x @ d.t()) @ u.t() for d, u, w, _, _ in terms)
+            torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+            layer.set_terms([])
