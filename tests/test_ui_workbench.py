@@ -78,12 +78,20 @@ def pick(page, selector: str, option: str) -> None:
 
 
 def type_into(page, selector: str, text) -> None:
-    """Replace a textbox's or number box's text the way a person does (Gradio reacts to key input)."""
+    """Replace a textbox's or number box's text the way a person does (Gradio reacts to key input).
+
+    A number box can change under the keys: "0.5" typed key by key once left 50.0 under load (presumably a
+    re-render of "0." between keystrokes), so its new text goes in as one input event (`fill`, as pasting does) and
+    the box must then hold it."""
     box = page.locator(f"{selector} textarea, {selector} input").first
     box.click()
-    box.press("Control+a")
-    box.press("Delete")
-    box.press_sequentially(str(text))
+    if box.get_attribute("type") == "number":
+        box.fill(str(text))
+        expect(box).to_have_value(str(text))
+    else:
+        box.press("Control+a")
+        box.press("Delete")
+        box.press_sequentially(str(text))
     box.blur()
 
 
