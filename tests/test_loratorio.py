@@ -202,7 +202,9 @@ def test_controls_keep_working(loaded):
     ours = loaded(PROMPT, loras=[entry], method="loratorio", method_params={"recenter": 0.0, "max_batch": 2}, **KW)
     alone = loaded(PROMPT, loras=[entry], method="merge", method_params={"fuse": False}, **KW)
     plain = loaded(PROMPT, loras=["char"], method="merge", method_params={"fuse": False}, **KW)
-    assert (ours.latents - alone.latents).abs().max().item() < 1e-5
+    # 3e-5: LoRAtorio's branch runs in another batch than Merge's, whose kernels round differently (1.26e-5 once in a
+    # full run under load); the controls' own effect is over 1e-4
+    assert (ours.latents - alone.latents).abs().max().item() < 3e-5
     assert (ours.latents - plain.latents).abs().max().item() > 1e-4
 
 
