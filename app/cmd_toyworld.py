@@ -165,12 +165,10 @@ def run_check(args) -> int:
     settings = CheckSettings(workers=args.workers)
     if args.quick:
         settings = CheckSettings(base_seeds=1, lora_images=8, leak_images=8, merge2_seeds=1, merge4_sets=12, merge4_seeds=1,
-                                 class_images=8, others_images=6, order_images=6, foreign_images=12, checker_images=500,
-                                 workers=args.workers)
+                                 checker_images=500, workers=args.workers)
     if args.smoke:
         settings = CheckSettings(base_seeds=1, lora_images=1, leak_images=1, merge2_seeds=1, merge4_sets=1, merge4_seeds=1,
-                                 class_images=1, others_images=1, order_images=1, foreign_images=1, checker_images=50,
-                                 workers=args.workers)
+                                 checker_images=50, workers=args.workers)
     check(args.assets, settings, steps=args.steps, guidance_scale=args.guidance_scale, progress=not args.no_progress,
           out_dir=Path(args.images) if args.images else None)
     return 0

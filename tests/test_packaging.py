@@ -78,10 +78,8 @@ def test_installed_package_runs_from_any_folder(installed, tmp_path):
 
     check = _loraloom(installed, tmp_path, "toyworld", "check", "--smoke", "--steps", "4", "--workers", "1", "--no-progress")
     assert check.returncode == 0, check.stderr[-2000:]
-    lines = check.stdout.strip().splitlines()[-10:]
+    lines = check.stdout.strip().splitlines()[-6:]
     assert [line.split()[0] for line in lines] == ["checker_accuracy_min", "base_prompt_accuracy", "lora_alone_min",
-                                                   "lora_leak_max", "class_agreement_min", "lora_with_other_triggers_min",
-                                                   "prompt_order_min", "base_foreign_triggers", "merge_all_concepts_2",
-                                                   "merge_all_concepts_4"]
+                                                   "lora_leak_max", "merge_all_concepts_2", "merge_all_concepts_4"]
     assert float(lines[0].split()[1]) > 0.9  # the shipped checker was found and works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing else written into the folder

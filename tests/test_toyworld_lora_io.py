@@ -78,7 +78,7 @@ def test_kohya_twin_has_the_same_factors_and_alpha(tmp_path, peft_unet):
         assert float(f.get_tensor(next(k for k in keys if k.endswith(".alpha")))) == 2.0
     assert all(k.startswith("lora_unet_") for k in keys)
     a, b = load_lora(path), load_lora(twin)
-    assert b.info.layout == "kohya" and b.info.family == "sd1" and b.triggers == ["stellu star"]
+    assert b.info.layout == "kohya" and b.info.family == "sd1" and b.triggers == ["stellu"]
     assert set(a.layers["unet"]) == set(b.layers["unet"])
     for m, la in a.layers["unet"].items():
         lb = b.layers["unet"][m]

@@ -28,7 +28,7 @@ def test_plain_shape_colour_and_background_pixels():
 
 
 def test_each_shape_has_its_own_silhouette():
-    masks = {s: S.shape_mask(s, 16, 17, 7) for s in S.BASE_SHAPES}
+    masks = {s: S.shape_mask(s, 16, 17, 7) for s in S.ATTRIBUTES["shape"]}
     for a in masks:
         for b in masks:
             if a < b:
@@ -75,43 +75,13 @@ def test_clothing_style_and_objects_are_where_the_labels_say():
     assert close(px(box, 5, 27), S.RGB["box"])
 
 
-def test_a_character_is_its_kind_with_a_face():
-    for character, kind in S.CHARACTER_KIND.items():
-        scene = S.Scene(character, "green", "white", cx=16, cy=17.5, r=8)
-        assert np.array_equal(S.shape_mask(character, 16, 17.5, 8), S.shape_mask(kind, 16, 17.5, 8))
-        face, plain = S.render_large(scene), S.render_large(scene.with_(shape=kind))
-        white, pupil = S.face_masks(scene)
-        assert white.any() and pupil.any() and not (white & pupil).any()
-        differ = (face != plain).any(axis=-1)
-        assert np.array_equal(differ, white | pupil)  # the face is the only difference from the plain kind
-        assert (face[white] == S.RGB["white"]).all() and (face[pupil] == S.PUPIL_RGB).all()
-        assert not S.face_masks(scene.with_(shape=kind))[0].any()
-        assert S.kind_of(character) == kind and S.kind_of(kind) == kind
-
-
-def test_the_face_fits_inside_every_kind_wherever_the_world_draws_it():
-    import itertools
-
-    lo_hi = [S.GEOMETRY_RANGES[k] for k in ("cx", "cy", "r")]
-    for character, kind in S.CHARACTER_KIND.items():
-        for cx, cy, r in itertools.product(*lo_hi):
-            scene = S.Scene(character, "red", "white", cx=cx, cy=cy, r=r)
-            white, pupil = S.face_masks(scene)
-            shape = S.shape_mask(kind, cx, cy, r)
-            assert not ((white | pupil) & ~shape).any(), (character, cx, cy, r)
-            assert (white | pupil).sum() >= 0.12 * shape.sum(), (character, cx, cy, r)  # a mark the size of a hat
-
-
 def test_base_sampling_never_shows_a_concept_and_lora_scenes_always_do():
     rng = np.random.default_rng(0)
-    kinds = set()
     for _ in range(200):
         s = S.sample_scene(rng)
-        kinds.add(s.shape)
         assert s.shape in S.BASE_SHAPES and s.background in S.BASE_BACKGROUNDS
         assert (s.clothing, s.style, s.object) == ("none", "plain", "none")
         assert not any(l.trigger in S.caption(s).split() for l in S.LORAS)
-    assert set(S.CHARACTER_KIND.values()) <= kinds  # the base model learns every character's kind
     for spec in S.LORAS:
         s = S.lora_scene(rng, spec)
         assert getattr(s, spec.attribute) == spec.value
@@ -124,32 +94,17 @@ def test_paired_prior_scene_differs_only_in_the_concept_and_its_trigger():
         s = S.lora_scene(rng, spec)
         p = S.without_concept(s, spec, rng)
         assert getattr(p, spec.attribute) in S.BASE_VALUES[spec.attribute]
-        if spec.category == "character":  # the class prior: the plain figure of the character's kind
-            assert p.shape == S.CHARACTER_KIND[spec.value] and spec.phrase == f"{spec.trigger} {p.shape}"
         changed = {k for k, v in s.to_dict().items() if p.to_dict()[k] != v}
         assert changed == {spec.attribute}
         assert spec.trigger not in S.caption(p).replace(",", " ").split()
 
 
 def test_captions_follow_the_composlora_order():
-    s = S.Scene("stellu", "red", "sunset", clothing="hat", style="striped", object="moon")
-    assert S.caption(s) == "a red stellu star, topha, stripo, sunseta, moona"
+    s = S.Scene("star", "red", "sunset", clothing="hat", style="striped", object="moon")
+    assert S.caption(s) == "a red stellu, topha, stripo, sunseta, moona"
     assert S.trigger_text(s) == "stellu, topha, stripo, sunseta, moona"
-    assert S.caption(s.with_(shape="star")) == "a red star, topha, stripo, sunseta, moona"
     assert S.caption(S.Scene("circle", "green", "black")) == "a green circle, black background"
     assert S.caption(S.Scene("circle", "green", "black"), background=False) == "a green circle"
-
-
-def test_shuffled_captions_keep_every_phrase_and_shuffle_at_the_given_rate():
-    s = S.Scene("hartu", "red", "white", clothing="hat", style="shaded", object="box")
-    canonical = S.caption(s)
-    rng = np.random.default_rng(3)
-    out = [S.shuffled_caption(s, rng, shuffle=0.5) for _ in range(400)]
-    assert all(sorted(c.split(", ")) == sorted(canonical.split(", ")) for c in out)
-    moved = sum(c != canonical for c in out) / len(out)
-    assert 0.5 * (1 - 1 / 120) - 0.08 < moved < 0.5 * (1 - 1 / 120) + 0.08  # 5 phrases: 1 of 120 orders is the canonical
-    assert any(c.startswith("white background") for c in out) and any(c.endswith("a red hartu heart") for c in out)
-    assert all(S.shuffled_caption(s, rng, shuffle=0.0) == canonical for _ in range(20))
 
 
 def test_every_word_is_one_token(tmp_path):
@@ -159,10 +114,8 @@ def test_every_word_is_one_token(tmp_path):
     tok = write_tokenizer(tmp_path, words)
     for w in words:
         assert len(tok.tokenize(w)) == 1, w
-    ids = tok("a red hartu heart, topha, stripo, sunseta, moona").input_ids
-    assert len(ids) == 12 + 2 <= tok.model_max_length
-    ids = tok("a yellow hartu heart, topha, moona, stripo, black background").input_ids  # the check's longest prompt
-    assert len(ids) == 13 + 2 <= tok.model_max_length
+    ids = tok("a red stellu, topha, stripo, sunseta, moona").input_ids
+    assert len(ids) == 11 + 2 <= tok.model_max_length
 
 
 def test_naive_merge_chains_would_split_words_but_ours_do_not():
@@ -186,8 +139,8 @@ def test_composlora_sets():
             assert [order[c] for c in cats] == sorted(order[c] for c in cats)
     sets = benchmark_sets()
     assert sets[0]["id"] == "n2-000" and sets[0]["loras"] == ["character_1", "clothing_1"]
-    assert sets[0]["prompt"] == "a red stellu star, topha" and sets[0]["scoring_text"] == "stellu, topha"
-    assert sets[0]["expected"] == {"colour": "red", "shape": "stellu", "clothing": "hat"}
+    assert sets[0]["prompt"] == "a red stellu, topha" and sets[0]["scoring_text"] == "stellu, topha"
+    assert sets[0]["expected"] == {"colour": "red", "shape": "star", "clothing": "hat"}
 
 
 def test_sampler_defaults_come_from_the_worlds_manifest(tmp_path):

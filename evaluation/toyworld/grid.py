@@ -49,7 +49,7 @@ def make_grid(assets: str | Path, out: str | Path, seeds: int = 6, method: str =
 
     gen = ComposedGenerator(assets)
     plan: list[tuple[str, str, tuple[str, ...]]] = []
-    for shape, colour, bg in (("circle", "red", "white"), ("square", "blue", "black"), ("star", "yellow", "white")):
+    for shape, colour, bg in (("circle", "red", "white"), ("square", "blue", "black"), ("triangle", "yellow", "white")):
         plan.append(("base", S.caption(S.Scene(shape, colour, bg)), ()))
     for spec in S.LORAS:
         scene = S.Scene("circle" if spec.attribute != "shape" else spec.value, "red", "white")

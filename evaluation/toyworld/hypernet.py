@@ -94,7 +94,7 @@ def pair_image(cp, out: Path, method: str, c: str, s: str, seed: int, colour: st
     image_path = out / method / f"{c}+{s}_s{seed}.png"
     if not image_path.exists():
         spec_c, spec_s = S.LORA_BY_ID[c], S.LORA_BY_ID[s]
-        img = cp(f"a {colour} {spec_c.phrase}, {spec_s.phrase}", loras=[c, s], method=method,
+        img = cp(f"a {colour} {spec_c.trigger}, {spec_s.trigger}", loras=[c, s], method=method,
                  method_params=pair_params(method, spec_c, spec_s, out, f"{c}+{s}", checkpoint),
                  num_inference_steps=sampler["steps"], guidance_scale=sampler["guidance_scale"], scheduler="default",
                  seed=seed, progress_bar=False).images[0]

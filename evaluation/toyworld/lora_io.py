@@ -33,7 +33,7 @@ def lora_header(spec: ConceptLoRA, configs: dict, extra: dict | None = None) -> 
         "modelspec.architecture": ARCHITECTURE,
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": f"toyworld {spec.id}: {spec.name}",
-        "modelspec.trigger_phrase": spec.phrase,
+        "modelspec.trigger_phrase": spec.trigger,
         "modelspec.description": f"Toy-world concept LoRA ({spec.category}): {spec.attribute} = {spec.value}.",
         "lora_adapter_metadata": adapter_metadata(configs),
         "loraloom.toyworld.category": spec.category,
@@ -43,7 +43,7 @@ def lora_header(spec: ConceptLoRA, configs: dict, extra: dict | None = None) -> 
 
 
 def sidecar(spec: ConceptLoRA) -> dict:
-    return {"category": spec.category, "triggers": [spec.phrase], "name": spec.name,
+    return {"category": spec.category, "triggers": [spec.trigger], "name": spec.name,
             "concept": {spec.attribute: spec.value}}
 
 

@@ -36,9 +36,8 @@ def set_colour(index: int) -> str:
 
 
 def set_prompt(loras: list[S.ConceptLoRA], colour: str) -> str:
-    """ComposLoRA's rule, base prompt + comma-joined trigger phrases; the toy base prompt is `a <colour>`, and a
-    character's phrase is its identifier with its kind ("a red stellu star, topha")."""
-    return f"a {colour} " + ", ".join(l.phrase for l in loras)
+    """ComposLoRA's rule, base prompt + comma-joined trigger words; the toy base prompt is `a <colour>`."""
+    return f"a {colour} " + ", ".join(l.trigger for l in loras)
 
 
 def benchmark_sets(sizes=(2, 3, 4, 5)) -> list[dict]:
@@ -71,7 +70,7 @@ def manifest(recipe: Recipe | None = None) -> dict:
         "clip": "clip",
         "defaults": {"base_model": "toyworld", "steps": steps, "guidance_scale": cfg, "scheduler": "default",
                      "height": S.SIZE, "width": S.SIZE, "lora_scale": 1.0, "negative_prompt": "", "seeds": [0, 1, 2, 3]},
-        "loras": [{"id": l.id, "name": l.name, "category": l.category, "triggers": [l.phrase],
+        "loras": [{"id": l.id, "name": l.name, "category": l.category, "triggers": [l.trigger],
                    "file": f"loras/{l.id}.safetensors", "concept": {l.attribute: l.value}} for l in S.LORAS],
         "sets": benchmark_sets(),
     }
@@ -97,7 +96,7 @@ model: ../toyworld/model
 loras:
   - {{path: ../toyworld/loras/character_1.safetensors, weight: 1.0}}   # category/triggers come from the sidecar
   - {{path: ../toyworld/loras/style_1.safetensors, weight: 1.0}}
-prompts: ["a red {{triggers}}"]   # {{triggers}} expands to the LoRAs' trigger phrases -> "a red stellu star, stripo"
+prompts: ["a red {{triggers}}"]   # {{triggers}} expands to the LoRAs' trigger words -> "a red stellu, stripo"
 negative_prompt: ""
 methods: [merge, switch, composite]
 method_params: {{merge: {{lora_scale: 1.0}}, switch: {{lora_scale: 1.0}}, composite: {{lora_scale: 1.0}}}}

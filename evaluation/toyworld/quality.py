@@ -33,10 +33,9 @@ class Probe:
     method: str = ""  # the composition method ("" = the generator's)
     regions: dict = field(default_factory=dict)  # {LoRA id: region} (`regions.py`); empty = every LoRA everywhere
     set_id: str = ""  # the benchmark set the probe comes from (`benchmark.yaml`'s ids)
-    kind: str = ""  # the base shape the image's shape must be a figure of (the plain shape or a character of it)
 
 
-def base_probes(seeds_per_prompt: int = 2) -> list[Probe]:
+def base_probes(seeds_per_prompt: int = 4) -> list[Probe]:
     """shape x colour x background prompts of the base world."""
     out = []
     seed = CHECK_SEED
@@ -85,102 +84,11 @@ def merge_probes(n: int, seeds_per_set: int, max_sets: int | None = None, seed: 
     return out
 
 
-# --- the composition regime: what a branch, a turn or a prompt without a LoRA draws ------------------------------
-def class_probes(spec: S.ConceptLoRA, n: int = 24, seed: int = CHECK_SEED + 40_000) -> list[Probe]:
-    """A character's benchmark-set prompts (every size, evenly spaced) with no LoRA loaded: the base model must draw
-    the character's kind (a branch or a turn without the character's LoRA draws the same kind of subject)."""
-    sets = [(n_, i, loras) for n_ in (2, 3, 4, 5) for i, loras in enumerate(composition_sets(n_)) if spec in loras]
-    pick = np.linspace(0, len(sets) - 1, n).round().astype(int)
-    out = []
-    for k, j in enumerate(pick):
-        size, index, loras = sets[int(j)]
-        out.append(Probe(set_prompt(loras, set_colour(index)), seed + 100 * S.LORAS.index(spec) + k,
-                         kind=S.kind_of(spec.value), group=f"class:{spec.id}", set_id=f"n{size}-{index:03d}"))
-    return out
-
-
-def foreign_loras(rng: np.random.Generator, k: int, exclude: tuple[str, ...] = ()) -> list[S.ConceptLoRA]:
-    """`k` LoRAs of distinct categories not in `exclude`, picked at random (one instance per category)."""
-    cats = [c for c in S.CATEGORY_ORDER if c not in exclude]
-    chosen = [cats[i] for i in sorted(rng.choice(len(cats), size=k, replace=False))]
-    out = []
-    for c in chosen:
-        inst = [l for l in S.LORAS if l.category == c]
-        out.append(inst[rng.integers(len(inst))])
-    return out
-
-
-def prompt_with_foreign(scene: S.Scene, foreign: list[S.ConceptLoRA], rng: np.random.Generator,
-                        background: bool = True) -> tuple[S.Scene, str]:
-    """(the scene a model that ignores `foreign`'s triggers should draw, the scene's caption with those triggers
-    added): a foreign character's identifier goes before the shape word (the scene's shape becomes its kind), any
-    other trigger is inserted after the subject phrase at a random place."""
-    for spec in foreign:
-        if spec.attribute == "shape":
-            scene = scene.with_(shape=S.kind_of(spec.value))
-    parts = S.phrases(scene, background)
-    for spec in foreign:
-        if spec.attribute == "shape":
-            parts[0] = parts[0].replace(f" {S.kind_of(spec.value)}", f" {spec.phrase}")
-        else:
-            parts.insert(1 + int(rng.integers(len(parts))), spec.trigger)
-    return scene, ", ".join(parts)
-
-
-def other_trigger_probes(spec: S.ConceptLoRA, n: int = 24, seed: int = CHECK_SEED + 50_000) -> list[Probe]:
-    """The LoRA loaded, its trigger plus 1-3 other LoRAs' triggers (those LoRAs absent): its concept must appear and
-    nothing else may change (every other attribute as the scene has it; the background when the prompt names it: a
-    foreign background trigger replaces the background phrase)."""
-    rng = np.random.default_rng([seed, S.LORAS.index(spec)])
-    out = []
-    for i in range(n):
-        foreign = foreign_loras(rng, 1 + i % 3, (spec.category,))
-        named = i % 3 != 2 and all(f.category != "background" for f in foreign)  # never "white background, checko"
-        scene, prompt = prompt_with_foreign(S.lora_scene(rng, spec), foreign, rng, named)
-        expect = {a: v for a, v in scene.labels().items() if named or a != "background" or a == spec.attribute}
-        out.append(Probe(prompt, seed + 100 * S.LORAS.index(spec) + i, (spec.id,), expect=expect,
-                         group=f"others:{spec.id}"))
-    return out
-
-
-def order_probes(spec: S.ConceptLoRA, n: int = 24, seed: int = CHECK_SEED + 60_000) -> list[Probe]:
-    """The LoRA loaded, its phrase first, between and last among the prompt's phrases (subject, trigger, background
-    phrase; a character's phrase is the subject and a background LoRA's trigger the background, so those two have
-    one other phrase: first or last): its concept must appear."""
-    rng = np.random.default_rng([seed, S.LORAS.index(spec)])
-    out = []
-    for i in range(n):
-        scene = S.lora_scene(rng, spec)
-        parts = S.phrases(scene)
-        mine = 0 if spec.attribute == "shape" else parts.index(spec.trigger)
-        rest = parts[:mine] + parts[mine + 1:]
-        place = sorted({0, min(1, len(rest)), len(rest)})  # first, between (where there are two others), last
-        at = place[i % len(place)]
-        prompt = ", ".join(rest[:at] + [parts[mine]] + rest[at:])
-        out.append(Probe(prompt, seed + 100 * S.LORAS.index(spec) + i, (spec.id,), expect={spec.attribute: spec.value},
-                         group=f"order:{spec.id}"))
-    return out
-
-
-def foreign_base_probes(n: int = 48, seed: int = CHECK_SEED + 70_000) -> list[Probe]:
-    """Base prompts with 1-4 LoRAs' triggers added and no LoRA loaded: every attribute as the scene has it (a foreign
-    background trigger replaces the background phrase, and the background is then not judged)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        foreign = foreign_loras(rng, 1 + i % 4)
-        named = all(f.category != "background" for f in foreign)
-        scene, prompt = prompt_with_foreign(S.sample_scene(rng), foreign, rng, named)
-        expect = {a: v for a, v in scene.labels().items() if named or a != "background"}
-        out.append(Probe(prompt, seed + i, (), expect=expect, group="foreign"))
-    return out
-
-
 def judge(probes: list[Probe], predictions: list[dict[str, str]]) -> list[bool]:
     ok = []
     for p, pred in zip(probes, predictions):
         good = all(pred[a] == v for a, v in p.expect.items()) and not any(pred[a] == v for a, v in p.absent.items())
-        ok.append(good and (not p.kind or S.kind_of(pred["shape"]) == p.kind))
+        ok.append(good)
     return ok
 
 
@@ -253,16 +161,12 @@ def generate_probes(assets, probes: list[Probe], steps: int | None = None, guida
 
 @dataclass
 class CheckSettings:
-    base_seeds: int = 2  # per shape x colour x background prompt (48 prompts)
+    base_seeds: int = 4  # per shape x colour x background prompt (24 prompts)
     lora_images: int = 48  # per LoRA, with its trigger (24 gave a spread of about ±0.06 around a bar of 0.90)
     leak_images: int = 48  # per LoRA, without its trigger
     merge2_seeds: int = 4  # per 2-LoRA set (24 sets)
     merge4_sets: int = 48  # of the 96 4-LoRA sets (evenly spaced)
     merge4_seeds: int = 2
-    class_images: int = 24  # per character: base model on its benchmark-set prompts
-    others_images: int = 24  # per LoRA: its trigger plus 1-3 foreign triggers
-    order_images: int = 24  # per LoRA: its phrase first / between / last
-    foreign_images: int = 48  # base prompts with 1-4 foreign triggers
     checker_images: int = 2000
     workers: int = 2
 
@@ -270,7 +174,7 @@ class CheckSettings:
 def run_check(assets, settings: CheckSettings | None = None, steps: int | None = None,
               guidance_scale: float | None = None, progress: bool = True, out_dir: Path | None = None,
               printer=print) -> dict[str, float]:
-    """Compute the quality bars; prints details, then the result lines last. Returns the numbers.
+    """Compute the quality bars; prints details, then the six result lines last. Returns the numbers.
 
     `steps` and `guidance_scale` default to the world's own sampler settings (`sampler_defaults`)."""
     from .checker import Checker
@@ -299,10 +203,6 @@ def run_check(assets, settings: CheckSettings | None = None, steps: int | None =
     probes = base_probes(settings.base_seeds)
     for spec in S.LORAS:
         probes += lora_probes(spec, settings.lora_images) + leak_probes(spec, settings.leak_images)
-        probes += other_trigger_probes(spec, settings.others_images) + order_probes(spec, settings.order_images)
-        if spec.category == "character":
-            probes += class_probes(spec, settings.class_images)
-    probes += foreign_base_probes(settings.foreign_images)
     probes += merge_probes(2, settings.merge2_seeds) + merge_probes(4, settings.merge4_seeds, settings.merge4_sets)
     images = generate_probes(assets, probes, steps, guidance_scale, settings.workers, progress)
     preds = checker.predict(images)
@@ -315,10 +215,8 @@ def run_check(assets, settings: CheckSettings | None = None, steps: int | None =
     for attr in ("shape", "colour", "background"):
         printer(f"base {attr} accuracy {np.mean([preds[i][attr] == probes[i].expect[attr] for i in base]):.3f}")
     for spec in S.LORAS:
-        klass = f"  class {rate[f'class:{spec.id}']:.3f}" if f"class:{spec.id}" in rate else ""
         printer(f"{spec.id:13s} {spec.trigger:8s} {spec.attribute}={spec.value:12s} alone {rate[f'alone:{spec.id}']:.3f}  "
-                f"leak {1 - rate[f'leak:{spec.id}']:.3f}  with others {rate[f'others:{spec.id}']:.3f}  "
-                f"order {rate[f'order:{spec.id}']:.3f}{klass}")
+                f"leak {1 - rate[f'leak:{spec.id}']:.3f}")
     for n in (2, 4):
         idx = groups[f"merge{n}"]
         hits = {a: [preds[i][a] == probes[i].expect[a] for i in idx if a in probes[i].expect]
@@ -332,10 +230,6 @@ def run_check(assets, settings: CheckSettings | None = None, steps: int | None =
         "base_prompt_accuracy": rate["base"],
         "lora_alone_min": min(rate[f"alone:{l.id}"] for l in S.LORAS),
         "lora_leak_max": max(1 - rate[f"leak:{l.id}"] for l in S.LORAS),
-        "class_agreement_min": min(rate[f"class:{l.id}"] for l in S.LORAS if l.category == "character"),
-        "lora_with_other_triggers_min": min(rate[f"others:{l.id}"] for l in S.LORAS),
-        "prompt_order_min": min(rate[f"order:{l.id}"] for l in S.LORAS),
-        "base_foreign_triggers": rate["foreign"],
         "merge_all_concepts_2": rate["merge2"],
         "merge_all_concepts_4": rate["merge4"],
     }

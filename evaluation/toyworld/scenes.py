@@ -3,10 +3,6 @@ corner object; drawn at 4x and box-downsampled to 32x32, with exact labels and c
 
 The base world (what the base model is trained on) is shape x colour x plain background. Every other value
 is a concept held out for one LoRA (`LORAS`), one concept family per ComposLoRA category.
-
-A character is what a character LoRA is in practice: a particular figure of a kind the base model draws. Here
-it is one of the base shapes with a face (two eyes), prompted DreamBooth-style as identifier + kind
-("a red stellu star"), so a model without the character's LoRA still draws the right kind of subject.
 """
 
 from __future__ import annotations
@@ -22,15 +18,13 @@ SIZE = 32  # output resolution
 SCALE = 4  # drawn at SIZE * SCALE, then box-downsampled (anti-aliased edges)
 
 # --- attribute values ------------------------------------------------------------------------------------
-BASE_SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
-# each character (the identifier its LoRA's trigger is) and the base shape it is a particular figure of
-CHARACTER_KIND = {"stellu": "star", "crux": "cross", "hartu": "heart"}
+BASE_SHAPES = ("circle", "square", "triangle")
 BASE_COLOURS = ("red", "green", "blue", "yellow")
 BASE_BACKGROUNDS = ("white", "black")
 
 # Every attribute (a checker head) with its values; index 0 of the concept attributes means "absent".
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": BASE_SHAPES + tuple(CHARACTER_KIND),
+    "shape": BASE_SHAPES + ("star", "cross", "heart"),
     "colour": BASE_COLOURS,
     "background": BASE_BACKGROUNDS + ("sunset", "checkerboard"),
     "clothing": ("none", "hat", "halo"),
@@ -65,19 +59,12 @@ class ConceptLoRA:
     trigger: str
     name: str
 
-    @property
-    def phrase(self) -> str:
-        """The words that ask for the concept in a prompt: a character's identifier with its kind ("stellu star",
-        DreamBooth-style), any other concept's trigger word."""
-        kind = CHARACTER_KIND.get(self.value) if self.attribute == "shape" else None
-        return f"{self.trigger} {kind}" if kind else self.trigger
-
 
 # ComposLoRA's 11 LoRAs per style: 3 characters, 2 each of clothing, style, background, object.
 LORAS: tuple[ConceptLoRA, ...] = (
-    ConceptLoRA("character_1", "character", "shape", "stellu", "stellu", "Stellu, a star with a face"),
-    ConceptLoRA("character_2", "character", "shape", "crux", "crux", "Crux, a cross with a face"),
-    ConceptLoRA("character_3", "character", "shape", "hartu", "hartu", "Hartu, a heart with a face"),
+    ConceptLoRA("character_1", "character", "shape", "star", "stellu", "Stellu the star"),
+    ConceptLoRA("character_2", "character", "shape", "cross", "crux", "Crux the cross"),
+    ConceptLoRA("character_3", "character", "shape", "heart", "hartu", "Hartu the heart"),
     ConceptLoRA("clothing_1", "clothing", "clothing", "hat", "topha", "orange top hat"),
     ConceptLoRA("clothing_2", "clothing", "clothing", "halo", "halox", "cyan halo ring"),
     ConceptLoRA("style_1", "style", "style", "striped", "stripo", "diagonal striped fill"),
@@ -155,29 +142,19 @@ def lora_scene(rng: np.random.Generator, lora: ConceptLoRA) -> Scene:
 
 
 def without_concept(scene: Scene, lora: ConceptLoRA, rng: np.random.Generator) -> Scene:
-    """The same scene with one LoRA's concept replaced by a base-world value (its paired prior scene); a character
-    becomes the plain figure of its kind (the same shape without the face), as a DreamBooth class prior is."""
-    if lora.attribute == "shape" and lora.value in CHARACTER_KIND:
-        return scene.with_(shape=CHARACTER_KIND[lora.value])
+    """The same scene with one LoRA's concept replaced by a base-world value (its paired prior scene)."""
     base = BASE_VALUES[lora.attribute]
     return scene.with_(**{lora.attribute: str(base[rng.integers(len(base))])})
 
 
-def kind_of(shape: str) -> str:
-    """The base shape a shape value draws: a character's kind, a base shape itself."""
-    return CHARACTER_KIND.get(shape, shape)
-
-
 # --- captions --------------------------------------------------------------------------------------------
-def phrases(scene: Scene, background: bool = True) -> list[str]:
-    """The caption's phrases: `a <colour> <shape>` then one per category in ComposLoRA's set order.
+def caption(scene: Scene, background: bool = True) -> str:
+    """ComposLoRA-style caption: `a <colour> <shape>` then one phrase per category in set order.
 
-    A character is written as its identifier and kind ("a red stellu star"); other concept values as their LoRA's
-    trigger word; a plain background is named only if `background` (a concept background is always named, as a
-    trigger is)."""
-    shape = scene.shape
-    if shape in CHARACTER_KIND:
-        shape = f"{TRIGGER_OF[('shape', shape)]} {CHARACTER_KIND[shape]}"
+    Concept values are written as their LoRA's trigger word; a plain background is named only if
+    `background` (a concept background is always named, as a trigger is).
+    """
+    shape = TRIGGER_OF.get(("shape", scene.shape), scene.shape)
     parts = [f"a {scene.colour} {shape}"]
     for attr in ("clothing", "style"):
         value = getattr(scene, attr)
@@ -190,21 +167,6 @@ def phrases(scene: Scene, background: bool = True) -> list[str]:
         parts.append(TRIGGER_OF[("background", scene.background)])
     if scene.object != "none":
         parts.append(TRIGGER_OF[("object", scene.object)])
-    return parts
-
-
-def caption(scene: Scene, background: bool = True) -> str:
-    """ComposLoRA-style caption: the scene's `phrases` comma-joined in set order."""
-    return ", ".join(phrases(scene, background))
-
-
-def shuffled_caption(scene: Scene, rng: np.random.Generator, background: bool = True, shuffle: float = 0.0) -> str:
-    """`caption`, with its phrases in a random order with probability `shuffle` (training captions: real captions do
-    not keep one phrase order, and a LoRA trained on one order only missed its concept when the background phrase
-    came first)."""
-    parts = phrases(scene, background)
-    if len(parts) > 1 and rng.random() < shuffle:
-        parts = [parts[i] for i in rng.permutation(len(parts))]
     return ", ".join(parts)
 
 
@@ -251,8 +213,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, scale: int = SCALE) -> np.ndarray:
-    """Boolean mask of the filled shape at `SIZE * scale` resolution (a character's: its kind's)."""
-    shape = kind_of(shape)
+    """Boolean mask of the filled shape at `SIZE * scale` resolution."""
     n = SIZE * scale
     img = Image.new("L", (n, n), 0)
     draw = ImageDraw.Draw(img)
@@ -289,33 +250,11 @@ def background_image(name: str, phase: float = 0.0, scale: int = SCALE) -> np.nd
     raise ValueError(f"unknown background {name!r}; known: {ATTRIBUTES['background']}")
 
 
-# A character's face: two white eyes with dark pupils, per kind (eye radius, pupil radius, horizontal offset of
-# each eye from the centre, height above the centre; all in units of the shape's radius r). The heart's face is
-# larger and higher, where the heart is widest: at the star's size it was the faintest mark of the three.
-FACE = {"star": (0.25, 0.13, 0.28, 0.05), "cross": (0.25, 0.13, 0.28, 0.05), "heart": (0.32, 0.17, 0.36, 0.15)}
-PUPIL_RGB = (25, 25, 25)
-
-
-def face_masks(scene: Scene, scale: int = SCALE) -> tuple[np.ndarray, np.ndarray]:
-    """(eye whites, pupils) of a character's face at `SIZE * scale` (empty masks for a plain shape)."""
-    x, y = _grid(SIZE * scale, scale)
-    white, pupil = np.zeros(x.shape, bool), np.zeros(x.shape, bool)
-    if scene.shape not in CHARACTER_KIND:
-        return white, pupil
-    eye_r, pupil_r, dx, dy = FACE[CHARACTER_KIND[scene.shape]]
-    r = scene.r
-    for side in (-1.0, 1.0):
-        d = np.hypot(x - (scene.cx + side * dx * r), y - (scene.cy - dy * r))
-        white |= d <= eye_r * r
-        pupil |= d <= pupil_r * r
-    return white & ~pupil, pupil
-
-
 def halo_mask(scene: Scene, scale: int = SCALE) -> np.ndarray:
     """The halo ring around the shape (drawn under it) at `SIZE * scale`, whatever `scene.clothing` is."""
     x, y = _grid(SIZE * scale, scale)
     d = np.hypot(x - scene.cx, y - scene.cy)
-    return np.abs(d - 1.25 * scene.r) <= 1.1  # 0.85 until 2026-12-08: the thin ring faded into blue shapes
+    return np.abs(d - 1.25 * scene.r) <= 0.85
 
 
 def hat_mask(scene: Scene, shape: np.ndarray | None = None, scale: int = SCALE) -> np.ndarray:
@@ -364,10 +303,6 @@ def render_large(scene: Scene, scale: int = SCALE) -> np.ndarray:
         img[mask & dark] = colour * DARK_SHADE
     else:
         raise ValueError(f"unknown style {scene.style!r}; known: {ATTRIBUTES['style']}")
-    if scene.shape in CHARACTER_KIND:  # the character's face, over its fill
-        white, pupil = face_masks(scene, scale)
-        img[white] = RGB["white"]
-        img[pupil] = PUPIL_RGB
     if scene.clothing == "hat":  # a top hat sitting on the shape's highest point
         img[hat_mask(scene, mask, scale)] = RGB["hat"]
     if scene.object != "none":

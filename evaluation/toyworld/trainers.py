@@ -212,13 +212,11 @@ def stage_checker(paths: Paths, recipe: Recipe, vae=None, progress: bool = True)
 
 
 # --- base model ------------------------------------------------------------------------------------------
-def base_captions(scenes_, rng: np.random.Generator, dropout: float, omit: float, shuffle: float = 0.0) -> list[str]:
-    """Base training captions: empty with probability `dropout` (for CFG), without the background phrase with
-    probability `omit`, phrases shuffled with probability `shuffle` (`S.shuffled_caption`)."""
+def base_captions(scenes_, rng: np.random.Generator, dropout: float, omit: float) -> list[str]:
     out = []
     for s in scenes_:
         u, v = rng.random(), rng.random()
-        out.append("" if u < dropout else S.shuffled_caption(s, rng, background=v >= omit, shuffle=shuffle))
+        out.append("" if u < dropout else S.caption(s, background=v >= omit))
     return out
 
 
@@ -305,8 +303,7 @@ def base_step(step: int, *, unet, te, tokenizer, sched, pool: LatentPool, recipe
     seed = SEEDS["base"] + recipe.seed
     rng, g = step_rng(seed, step), step_generator(seed, step)
     idx = torch.from_numpy(rng.integers(0, len(pool), B))
-    caps = base_captions([pool.scenes[i] for i in idx.tolist()], rng, recipe.caption_dropout, recipe.background_omit,
-                         recipe.caption_shuffle)
+    caps = base_captions([pool.scenes[i] for i in idx.tolist()], rng, recipe.caption_dropout, recipe.background_omit)
     z = pool.draw(idx[rows], step_generator(seed + rank + 1, step))
     enc = te(tokenize(tokenizer, caps[rows]))[0]
     return {"loss": v_loss(unet, sched, z, enc, g, B, rows)}
@@ -419,16 +416,15 @@ def lora_pools(vae, spec: S.ConceptLoRA, recipe: Recipe, seed: int) -> tuple[Lat
 
 
 def lora_batch(pools: tuple[LatentPool, LatentPool], rng: np.random.Generator, g: torch.Generator, batch: int,
-               prior: float, omit: float, shuffle: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+               prior: float, omit: float) -> tuple[torch.Tensor, list[str]]:
     """Latents and captions of one LoRA step: positives (concept + trigger) then prior-preservation base scenes
-    with their base captions (which keeps the LoRA from acting without its trigger); phrases shuffled with
-    probability `shuffle`."""
+    with their base captions (which keeps the LoRA from acting without its trigger)."""
     n_prior = int(round(batch * prior))
     pos, base = pools
     i_pos = torch.from_numpy(rng.integers(0, len(pos), batch - n_prior))
     i_base = torch.from_numpy(rng.integers(0, len(base), n_prior))
     scenes_ = [pos.scenes[i] for i in i_pos.tolist()] + [base.scenes[i] for i in i_base.tolist()]
-    caps = [S.shuffled_caption(s, rng, background=rng.random() >= omit, shuffle=shuffle) for s in scenes_]
+    caps = [S.caption(s, background=rng.random() >= omit) for s in scenes_]
     z = torch.cat([pos.draw(i_pos, g), base.draw(i_base, g)])
     return z, caps
 
@@ -451,8 +447,7 @@ def lora_step(step: int, *, unet, te, tokenizer, sched, pools: tuple[LatentPool,
     the graph only when it has LoRA layers."""
     B = recipe.lora_batch
     rng, g = step_rng(seed, step), step_generator(seed, step)
-    z, caps = lora_batch(pools, rng, step_generator(seed + 1, step), B, recipe.lora_prior, recipe.lora_background_omit,
-                       recipe.caption_shuffle)
+    z, caps = lora_batch(pools, rng, step_generator(seed + 1, step), B, recipe.lora_prior, recipe.lora_background_omit)
     with torch.set_grad_enabled(recipe.lora_text_encoder):
         enc = te(tokenize(tokenizer, caps))[0]
     return {"loss": v_loss(unet, sched, z, enc, g, B, slice(0, B), recipe.lora_timestep_power)}
